@@ -1,0 +1,13 @@
+"""The `gpu-session` console script: the same commands as `invoke` in a checkout."""
+
+from __future__ import annotations
+
+from invoke import Program
+
+from . import __version__, tasks
+
+program = Program(namespace=tasks.ns, version=__version__, name="gpu-session", binary="gpu-session")
+
+
+def main() -> None:
+    program.run()

@@ -1,0 +1,314 @@
+"""What every cloud client offers, the data that crosses module lines, typed errors, and the
+policy shared by all clouds: retries with backoff and jitter, launches that are never retried
+blindly, and waiting for SSH.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+log = logging.getLogger("gpu_session.clouds")
+
+T = TypeVar("T")
+
+# Names we give instances and keys: safe for every cloud's API and for the RunPod SDK, which
+# inlines strings into GraphQL documents without escaping them.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class CloudError(Exception):
+    """A cloud API call failed. `retryable` says whether the same call may succeed later."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None):
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class AuthError(CloudError):
+    """The API key is missing, wrong, or its account cannot act."""
+
+
+class InvalidRequest(CloudError, ValueError):
+    """The request would be (or was) rejected as malformed: nothing was changed."""
+
+
+class NotFound(CloudError):
+    """The instance or key does not exist (or no longer does)."""
+
+
+class RateLimited(CloudError):
+    retryable = True
+
+
+class CapacityError(CloudError):
+    """No capacity for the request; `available` names what does have capacity, when known."""
+
+    def __init__(self, message: str, available: list[str] | None = None):
+        self.available = available or []
+        if self.available:
+            message = f"{message} Available now: {', '.join(self.available)}."
+        super().__init__(message)
+
+
+class NotReady(CloudError):
+    """The instance did not become reachable over SSH before the deadline, or stopped being alive."""
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+class Status:
+    PENDING = "pending"  # launched, not reachable yet
+    RUNNING = "running"  # SSH endpoint known
+    UNHEALTHY = "unhealthy"  # billed, not serving
+    STOPPED = "stopped"  # RunPod EXITED: storage still billed, must still be terminated
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+
+    ALIVE = (PENDING, RUNNING, UNHEALTHY, STOPPED)  # costs money: must be terminated
+
+
+@dataclass(frozen=True)
+class Offer:
+    cloud: str
+    gpu_name: str  # as the cloud names it: "H100", "RTX 4090"
+    instance_type: str  # the id to launch: Lambda instance type, RunPod GPU type id
+    gpu_count: int
+    vram_gb: int  # per GPU
+    price_per_hour: float  # USD, the whole instance
+    regions: tuple[str, ...]  # with capacity now; empty when none
+    spot: bool = False
+
+    @property
+    def total_vram_gb(self) -> int:
+        return self.vram_gb * self.gpu_count
+
+
+@dataclass(frozen=True)
+class SshEndpoint:
+    host: str
+    port: int
+    user: str
+
+
+@dataclass
+class Instance:
+    id: str
+    name: str
+    status: str  # a Status value
+    raw_status: str  # what the cloud said
+    instance_type: str
+    gpu_name: str
+    gpu_count: int
+    region: str
+    price_per_hour: float
+    endpoint: SshEndpoint | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.status in Status.ALIVE
+
+
+@dataclass
+class LaunchSpec:
+    name: str  # deterministic: the launch is looked up by it before any retry
+    instance_type: str
+    region: str | None = None  # None: any region with capacity
+    gpu_count: int = 1
+    ssh_public_key: str = ""  # RunPod: goes in as PUBLIC_KEY
+    ssh_key_name: str | None = None  # Lambda: a registered key's name
+    image: str | None = None
+    disk_gb: int | None = None
+    user_data: str | None = None  # Lambda: cloud-init
+    env: dict[str, str] = field(default_factory=dict)  # RunPod: container environment (not for secrets)
+    spot: bool = False
+    bid_per_gpu: float | None = None  # RunPod spot
+
+
+@dataclass(frozen=True)
+class SshKeyInfo:
+    id: str
+    name: str
+    public_key: str
+
+
+# --- retries ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: base·2^n capped at cap, each sleep drawn from [d/2, d]."""
+
+    attempts: int = 6
+    base: float = 1.0
+    cap: float = 30.0
+
+    def delays(self) -> Iterator[float]:
+        for n in range(self.attempts - 1):
+            d = min(self.cap, self.base * 2**n)
+            yield d / 2 + random.uniform(0, d / 2)
+
+
+def with_retries(call: Callable[[], T], policy: RetryPolicy, what: str) -> T:
+    """Run `call`, retrying only errors marked retryable (429, 5xx, timeouts, dropped connections)."""
+    delays = policy.delays()
+    while True:
+        try:
+            return call()
+        except CloudError as e:
+            if not e.retryable:
+                raise
+            delay = next(delays, None)
+            if delay is None:
+                raise
+            log.info("%s: %s; retrying in %.1fs", what, e, delay)
+            time.sleep(delay)
+
+
+def validate_name(name: str, what: str = "name") -> None:
+    if not NAME_RE.match(name or ""):
+        raise InvalidRequest(
+            f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+
+
+def ssh_banner(host: str, port: int, timeout: float = 3.0) -> bool:
+    """True when an SSH server answers on host:port (it sends its banner first)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+# --- the interface ----------------------------------------------------------------------------
+
+
+class Cloud(ABC):
+    """One cloud. Subclasses implement the wire calls (each public call retries what is safe to
+    retry); the policy above them lives here."""
+
+    name: str
+    ssh_user: str
+    has_ssh_keys: bool  # whether keys are registered with the account (Lambda) or passed per launch
+
+    def __init__(self, retry: RetryPolicy | None = None, poll_interval: float = 2.0):
+        self.retry = retry or RetryPolicy()
+        self.poll_interval = poll_interval
+
+    @abstractmethod
+    def offers(self) -> list[Offer]: ...
+
+    @abstractmethod
+    def get(self, instance_id: str) -> Instance:
+        """The instance; NotFound when the cloud no longer knows it."""
+
+    @abstractmethod
+    def list(self, name_prefix: str = "") -> list[Instance]: ...
+
+    @abstractmethod
+    def terminate(self, instance_id: str) -> None:
+        """Ask for termination; NotFound when it is already gone."""
+
+    @abstractmethod
+    def _launch_once(self, spec: LaunchSpec) -> str:
+        """One launch request, no retries: the id, or an error."""
+
+    def _check_launch(self, spec: LaunchSpec) -> LaunchSpec:
+        """Refuse what the API would reject, and resolve defaults, before any call. May call offers()."""
+        validate_name(spec.name)
+        return spec
+
+    # --- SSH keys (clouds without account keys keep the defaults) ---
+
+    def list_ssh_keys(self) -> list[SshKeyInfo]:
+        return []
+
+    def register_ssh_key(self, name: str, public_key: str) -> SshKeyInfo:
+        raise InvalidRequest(f"{self.name} takes the SSH key per launch; nothing to register")
+
+    def delete_ssh_key(self, key_id: str) -> None:
+        raise NotFound(f"{self.name} has no account SSH keys")
+
+    # --- policy ---
+
+    def find_by_name(self, name: str) -> Instance | None:
+        """The live instance with exactly this name, if any."""
+        return next((i for i in self.list(name) if i.name == name and i.alive), None)
+
+    def launch(self, spec: LaunchSpec) -> str:
+        """Launch idempotently: adopt a live instance of the same name; after an ambiguous failure
+        (timeout, dropped connection, 5xx, 429) look the name up again before trying another launch."""
+        spec = self._check_launch(spec)
+        existing = self.find_by_name(spec.name)
+        if existing is not None:
+            log.info("%s: adopting %s, already launched as %s", self.name, existing.id, spec.name)
+            return existing.id
+        delays = self.retry.delays()
+        while True:
+            try:
+                return self._launch_once(spec)
+            except CloudError as e:
+                if not e.retryable:
+                    raise
+                delay = next(delays, None)
+                log.info("%s: launch of %s failed (%s); checking whether it happened", self.name, spec.name, e)
+                time.sleep(delay if delay is not None else 0)
+                found = self.find_by_name(spec.name)
+                if found is not None:
+                    log.info("%s: the launch went through after all: %s", self.name, found.id)
+                    return found.id
+                if delay is None:
+                    raise
+
+    def wait_ready(self, instance_id: str, deadline: float) -> SshEndpoint:
+        """Until the instance runs and its sshd answers; deadline is a time.monotonic() value."""
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                inst = self.get(instance_id)
+            except NotFound:
+                raise NotReady(f"{self.name} instance {instance_id} disappeared while starting") from None
+            if inst.status in (Status.TERMINATING, Status.TERMINATED, Status.STOPPED):
+                raise NotReady(f"{self.name} instance {instance_id} is {inst.raw_status} instead of starting")
+            ep = inst.endpoint
+            if inst.status == Status.RUNNING and ep is not None and ssh_banner(ep.host, ep.port):
+                return ep
+            last = inst.raw_status
+            time.sleep(self.poll_interval)
+        raise NotReady(f"{self.name} instance {instance_id} not reachable over SSH in time (last status: {last})")
+
+    def wait_terminated(self, instance_id: str, deadline: float) -> None:
+        """Until the cloud says the instance is terminated or no longer knows it."""
+        while time.monotonic() < deadline:
+            try:
+                inst = self.get(instance_id)
+            except NotFound:
+                return
+            if inst.status == Status.TERMINATED:
+                return
+            time.sleep(self.poll_interval)
+        raise CloudError(f"{self.name} instance {instance_id} still not terminated: check the console")
+
+    def terminate_and_wait(self, instance_id: str, deadline: float) -> None:
+        """Terminate, treating "already gone" as success, and wait until the API confirms."""
+        try:
+            self.terminate(instance_id)
+        except NotFound:
+            return
+        self.wait_terminated(instance_id, deadline)

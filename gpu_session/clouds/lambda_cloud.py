@@ -1,0 +1,223 @@
+"""Lambda Cloud over its public REST API v1 (research/cloud-apis.md §1).
+
+Quirks kept here: instance types come as an object keyed by name; `ip` is absent until `active`;
+errors carry a `code` we branch on (never the message); launches are rate-limited to one per 12 s,
+so capacity is checked with /instance-types before a launch is spent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import requests
+
+from .base import (
+    AuthError,
+    CapacityError,
+    Cloud,
+    CloudError,
+    Instance,
+    InvalidRequest,
+    LaunchSpec,
+    NotFound,
+    Offer,
+    RateLimited,
+    RetryPolicy,
+    SshEndpoint,
+    SshKeyInfo,
+    Status,
+    validate_name,
+    with_retries,
+)
+
+DEFAULT_BASE = "https://cloud.lambda.ai/api/v1"
+STATUS = {
+    "booting": Status.PENDING,
+    "active": Status.RUNNING,
+    "unhealthy": Status.UNHEALTHY,
+    "terminating": Status.TERMINATING,
+    "terminated": Status.TERMINATED,
+    "preempted": Status.TERMINATED,
+}
+VRAM_RE = re.compile(r"\((\d+) GB")
+
+
+class LambdaCloud(Cloud):
+    name = "lambda"
+    ssh_user = "ubuntu"
+    has_ssh_keys = True
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        poll_interval: float = 2.0,
+    ):
+        super().__init__(retry, poll_interval)
+        key = api_key or os.environ.get("LAMBDA_API_KEY")
+        if not key:
+            raise AuthError(
+                "no Lambda Cloud API key: set LAMBDA_API_KEY or `lambdaApiKey` in the config "
+                "(create one at https://cloud.lambda.ai/api-keys)"
+            )
+        self.base = (base_url or os.environ.get("LAMBDA_API_BASE") or DEFAULT_BASE).rstrip("/")
+        self.timeout = timeout
+        self._http = requests.Session()
+        self._http.headers["Authorization"] = f"Bearer {key}"
+
+    # --- transport -------------------------------------------------------------------------
+
+    def _once(self, method: str, path: str, body: dict | None = None):
+        try:
+            resp = self._http.request(method, self.base + path, json=body, timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise CloudError(f"Lambda API {method} {path}: {type(e).__name__}", retryable=True) from None
+        try:
+            payload = resp.json()
+        except ValueError:
+            payload = None
+        if resp.ok and isinstance(payload, dict) and "data" in payload:
+            return payload["data"]
+        err = (payload or {}).get("error") if isinstance(payload, dict) else None
+        err = err if isinstance(err, dict) else {}
+        code, message = err.get("code", ""), err.get("message") or resp.reason
+        text = f"Lambda API {method} {path}: {code or resp.status_code}: {message}"
+        if err.get("suggestion"):
+            text += f" ({err['suggestion']})"
+        if resp.status_code == 429:
+            raise RateLimited(text)
+        if resp.status_code >= 500:
+            raise CloudError(text, retryable=True)
+        if resp.status_code == 401 or code in ("global/invalid-api-key", "global/account-inactive", "global/invalid-address"):
+            raise AuthError(text + ". Check LAMBDA_API_KEY.")
+        if code == "instance-operations/launch/insufficient-capacity":
+            raise CapacityError(text)
+        if resp.status_code == 404 or code in ("global/object-does-not-exist", "global/not-found"):
+            raise NotFound(text)
+        if resp.status_code == 400:
+            raise InvalidRequest(text)
+        raise CloudError(text)
+
+    def _call(self, method: str, path: str, body: dict | None = None):
+        return with_retries(lambda: self._once(method, path, body), self.retry, f"Lambda {method} {path}")
+
+    # --- offers ----------------------------------------------------------------------------
+
+    def offers(self) -> list[Offer]:
+        out = []
+        for name, entry in self._call("GET", "/instance-types").items():
+            t = entry["instance_type"]
+            vram = VRAM_RE.search(t.get("gpu_description", ""))
+            out.append(
+                Offer(
+                    cloud=self.name,
+                    gpu_name=t.get("gpu_description", name).split(" (")[0],
+                    instance_type=name,
+                    gpu_count=int(t["specs"]["gpus"]),
+                    vram_gb=int(vram.group(1)) if vram else 0,
+                    price_per_hour=t["price_cents_per_hour"] / 100,
+                    regions=tuple(r["name"] for r in entry.get("regions_with_capacity_available") or []),
+                )
+            )
+        return out
+
+    # --- instances -------------------------------------------------------------------------
+
+    def _instance(self, d: dict) -> Instance:
+        t = d.get("instance_type") or {}
+        status = d.get("status", "")
+        endpoint = None
+        if status == "active" and d.get("ip"):  # ip is unusable (or absent) until active
+            endpoint = SshEndpoint(d["ip"], int(d.get("ssh_port", 22)), self.ssh_user)
+        return Instance(
+            id=d["id"],
+            name=d.get("name") or "",
+            status=STATUS.get(status, Status.PENDING),
+            raw_status=status,
+            instance_type=t.get("name", ""),
+            gpu_name=t.get("gpu_description", "").split(" (")[0],
+            gpu_count=int((t.get("specs") or {}).get("gpus", 0)),
+            region=(d.get("region") or {}).get("name", ""),
+            price_per_hour=t.get("price_cents_per_hour", 0) / 100,
+            endpoint=endpoint,
+        )
+
+    def get(self, instance_id: str) -> Instance:
+        return self._instance(self._call("GET", f"/instances/{instance_id}"))
+
+    def list(self, name_prefix: str = "") -> list[Instance]:
+        return [i for i in map(self._instance, self._call("GET", "/instances")) if i.name.startswith(name_prefix)]
+
+    def _check_launch(self, spec: LaunchSpec) -> LaunchSpec:
+        validate_name(spec.name)
+        if not spec.ssh_key_name:
+            raise InvalidRequest("Lambda launches need exactly one registered SSH key: register_ssh_key() first")
+        if spec.spot:
+            raise InvalidRequest("Lambda Cloud has no spot instances: leave spot off")
+        if spec.user_data is not None and len(spec.user_data.encode()) > 1_000_000:
+            raise InvalidRequest("user_data is larger than Lambda's 1 MB limit")
+        offers = {o.instance_type: o for o in self.offers()}
+        offer = offers.get(spec.instance_type)
+        if offer is None:
+            raise InvalidRequest(f"unknown Lambda instance type {spec.instance_type!r}; valid: {', '.join(sorted(offers))}")
+        # Spending the launch rate limit on a launch that cannot succeed helps nobody: check first.
+        if not offer.regions or (spec.region and spec.region not in offer.regions):
+            elsewhere = [
+                f"{o.instance_type} in {', '.join(o.regions)} (${o.price_per_hour:.2f}/h)"
+                for o in offers.values()
+                if o.regions and o.total_vram_gb >= offer.total_vram_gb
+            ]
+            if offer.regions:
+                elsewhere.insert(0, f"{offer.instance_type} in {', '.join(offer.regions)}")
+            where = f" in {spec.region}" if spec.region else ""
+            raise CapacityError(f"Lambda has no {spec.instance_type} capacity{where}.", elsewhere)
+        region = spec.region or offer.regions[0]
+        return LaunchSpec(**{**vars(spec), "region": region})
+
+    def _launch_once(self, spec: LaunchSpec) -> str:
+        body = {
+            "region_name": spec.region,
+            "instance_type_name": spec.instance_type,
+            "ssh_key_names": [spec.ssh_key_name],
+            "name": spec.name,
+        }
+        if spec.user_data:
+            body["user_data"] = spec.user_data
+        if spec.image:
+            body["image"] = {"family": spec.image}
+        ids = self._once("POST", "/instance-operations/launch", body)["instance_ids"]
+        return ids[0]
+
+    def terminate(self, instance_id: str) -> None:
+        self._call("POST", "/instance-operations/terminate", {"instance_ids": [instance_id]})
+
+    # --- SSH keys --------------------------------------------------------------------------
+
+    def list_ssh_keys(self) -> list[SshKeyInfo]:
+        return [SshKeyInfo(k["id"], k["name"], k.get("public_key", "")) for k in self._call("GET", "/ssh-keys")]
+
+    def register_ssh_key(self, name: str, public_key: str) -> SshKeyInfo:
+        """Register, or adopt a key already registered under this name with the same public key."""
+        validate_name(name, "SSH key name")
+        existing = next((k for k in self.list_ssh_keys() if k.name == name), None)
+        if existing is not None:
+            if existing.public_key.split()[:2] == public_key.split()[:2]:
+                return existing
+            raise InvalidRequest(f"a different Lambda SSH key is already registered as {name!r}")
+        try:
+            k = self._once("POST", "/ssh-keys", {"name": name, "public_key": public_key.strip()})
+        except CloudError as e:
+            if not e.retryable:
+                raise
+            # Ambiguous: maybe it was registered. Look, then try once more.
+            again = next((k for k in self.list_ssh_keys() if k.name == name), None)
+            if again is not None:
+                return again
+            k = self._call("POST", "/ssh-keys", {"name": name, "public_key": public_key.strip()})
+        return SshKeyInfo(k["id"], k["name"], k.get("public_key", ""))
+
+    def delete_ssh_key(self, key_id: str) -> None:
+        self._call("DELETE", f"/ssh-keys/{key_id}")

@@ -1,0 +1,172 @@
+"""The cloud simulator: Lambda Cloud and RunPod APIs and a Hugging Face Hub subset on loopback,
+whose instances are real hosts. Independent of gpu_session.clouds by design (DESIGN.md): a
+misreading of the wire contract in a client cannot be mirrored here and pass unnoticed.
+
+    with Simulator(state_dir) as sim:
+        os.environ.update(sim.env())
+        ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+from . import hf_hub, lambda_api, runpod_api
+from .http import Request, Router, Server, json_response
+from .world import Fault, SimConfig, World
+
+__all__ = ["Fault", "SimConfig", "Simulator", "default_state_dir"]
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "gpu-session" / "sim"
+
+
+class Simulator:
+    def __init__(self, state_dir: Path | None = None, config: SimConfig | None = None, port: int = 0):
+        self.state_dir = Path(state_dir or default_state_dir())
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.world = World(self.state_dir, config)
+        self.admin_token = secrets.token_urlsafe(24)
+        router = Router()
+        lambda_api.mount(router, self.world)
+        runpod_api.mount(router, self.world)
+        self._mount_admin(router)
+        self.hub = hf_hub.mount(router, self.world, self.state_dir / "models")  # last: its routes are broad
+        addresses = ["127.0.0.1"] + ([self.world.hosts.gateway] if self.world.hosts.isolated else [])
+        self.server = Server(router, addresses, port)
+        self.world.host_api_base = self.host_url  # what pods use to reach the RunPod API
+        self.server.start()
+        self._write_info()
+
+    # --- addresses and keys ----------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def host_url(self) -> str:
+        """The simulator as its hosts reach it (also reachable from the controller)."""
+        return f"http://{self.world.hosts.gateway}:{self.server.port}"
+
+    @property
+    def lambda_key(self) -> str:
+        return next(iter(self.world.lambda_keys))
+
+    @property
+    def runpod_key(self) -> str:
+        return next(iter(self.world.runpod_keys))
+
+    @property
+    def hf_token(self) -> str:
+        return next(iter(self.world.hf_tokens))
+
+    def env(self) -> dict[str, str]:
+        """What points every client at the simulator. HF_ENDPOINT uses the address hosts can reach."""
+        return {
+            "LAMBDA_API_BASE": f"{self.url}/api/v1",
+            "RUNPOD_API_BASE_URL": self.url,
+            "HF_ENDPOINT": self.host_url,
+            "LAMBDA_API_KEY": self.lambda_key,
+            "RUNPOD_API_KEY": self.runpod_key,
+            "HF_TOKEN": self.hf_token,
+        }
+
+    # --- knobs (Python API; the same over HTTP under /_sim) ---------------------------------
+
+    def inject(self, target: str, kind: str, times: int = 1, delay: float = 5.0) -> None:
+        self.world.inject(Fault(target, kind, times, delay))
+
+    def set_capacity(self, cloud: str, type_name: str, slots: int, region: str | None = None) -> None:
+        self.world.set_capacity(cloud, type_name, region, slots)
+
+    def kill_instance(self, instance_id: str) -> None:
+        self.world.kill_instance(instance_id)
+
+    def make_unhealthy(self, instance_id: str) -> None:
+        self.world.make_unhealthy(instance_id)
+
+    def instances(self, cloud: str | None = None) -> list[dict]:
+        return [i for i in self.world.snapshot()["instances"] if cloud in (None, i["cloud"])]
+
+    def ssh_keys(self) -> list[dict]:
+        return self.world.snapshot()["ssh_keys"]
+
+    def host_pids(self, instance_id: str) -> list[int]:
+        return self.world.hosts.pids(instance_id)
+
+    def host_dir(self, instance_id: str) -> Path:
+        return self.world.hosts.dir / instance_id
+
+    def wait_gone(self, instance_id: str, timeout: float = 30.0) -> None:
+        """Until the instance has left the API and its host's processes and files are gone."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listed = any(i["id"] == instance_id for i in self.instances())
+            if not listed and not self.host_pids(instance_id) and not self.host_dir(instance_id).exists():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"instance {instance_id} still present after {timeout}s")
+
+    # --- admin over HTTP -------------------------------------------------------------------
+
+    def _mount_admin(self, router: Router) -> None:
+        def guarded(fn):
+            def handler(req: Request):
+                if req.headers.get("x-sim-admin") != self.admin_token:
+                    return json_response({"error": "admin token required (X-Sim-Admin)"}, 403)
+                return fn(req)
+
+            return handler
+
+        def state(req):
+            return json_response(self.world.snapshot())
+
+        def fault(req):
+            body = req.json() or {}
+            try:
+                self.inject(body["target"], body["kind"], int(body.get("times", 1)), float(body.get("delay", 5.0)))
+            except (KeyError, ValueError) as e:
+                return json_response({"error": str(e)}, 400)
+            return json_response({"ok": True})
+
+        def capacity(req):
+            body = req.json() or {}
+            self.set_capacity(body["cloud"], body["type"], int(body["slots"]), body.get("region"))
+            return json_response({"ok": True})
+
+        def instance_fault(req):
+            action = {"kill": self.kill_instance, "unhealthy": self.make_unhealthy}.get(req.params["action"])
+            if action is None or req.params["id"] not in self.world.instances:
+                return json_response({"error": "unknown instance or action"}, 404)
+            action(req.params["id"])
+            return json_response({"ok": True})
+
+        router.add("GET", "/_sim/state", guarded(state))
+        router.add("POST", "/_sim/faults", guarded(fault))
+        router.add("POST", "/_sim/capacity", guarded(capacity))
+        router.add("POST", "/_sim/instances/{id}/{action}", guarded(instance_fault))
+
+    def _write_info(self) -> None:
+        """sim.json (0600): how `invoke sim --list` and other processes find this simulator."""
+        info = self.state_dir / "sim.json"
+        fd = os.open(info, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "url": self.url, "admin_token": self.admin_token, "env": self.env()}, f)
+
+    def close(self) -> None:
+        self.server.close()
+        self.world.close()
+        (self.state_dir / "sim.json").unlink(missing_ok=True)
+
+    def __enter__(self) -> Simulator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,166 @@
+"""`python -m gpu_session.sim` (and `invoke sim`): run the simulator in the foreground, list its
+state, inject faults into a running one, or clean up after one that died."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import requests
+
+from . import SimConfig, Simulator, default_state_dir
+from .world import FAULT_KINDS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpu-session sim", description=__doc__)
+    p.add_argument("--state-dir", type=Path, default=None, help="where hosts, models and sim.json live")
+    p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
+    p.add_argument("--boot-delay", type=float, default=3.0, help="seconds from launch until a host starts")
+    p.add_argument("--no-rate-limits", action="store_true", help="turn off Lambda's 1 request/s and 1 launch/12 s")
+    p.add_argument("--loopback", action="store_true", help="sshd on loopback ports instead of isolated hosts")
+    p.add_argument(
+        "--capacity",
+        action="append",
+        default=[],
+        metavar="CLOUD:TYPE[:REGION]=N",
+        help="free slots, e.g. lambda:gpu_1x_a10=0 or 'runpod:NVIDIA L40S:EU-RO-1=2'",
+    )
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="API:OP:KIND[:TIMES]",
+        help=f"inject a fault, e.g. lambda:instance-operations/launch:503:2 (kinds: {', '.join(FAULT_KINDS)})",
+    )
+    p.add_argument("--list", action="store_true", help="print the state of the running simulator and exit")
+    p.add_argument("--json", action="store_true", help="with --list: JSON")
+    p.add_argument("--cleanup", action="store_true", help="remove networks and hosts left by a simulator that died")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def _info(state_dir: Path) -> dict:
+    path = state_dir / "sim.json"
+    if not path.exists():
+        sys.exit(f"no simulator is running for {state_dir} (start one with `invoke sim`)")
+    return json.loads(path.read_text())
+
+
+def _admin(state_dir: Path, method: str, path: str, body: dict | None = None) -> dict:
+    info = _info(state_dir)
+    try:
+        resp = requests.request(method, info["url"] + path, json=body, headers={"X-Sim-Admin": info["admin_token"]}, timeout=10)
+    except requests.ConnectionError:
+        sys.exit(f"the simulator at {info['url']} does not answer; if it died, run `invoke sim --cleanup`")
+    if not resp.ok:
+        sys.exit(f"simulator: {resp.status_code} {resp.text}")
+    return resp.json()
+
+
+def parse_fault(spec: str) -> dict:
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or parts[2] not in FAULT_KINDS:
+        raise SystemExit(f"bad --fault {spec!r}: API:OP:KIND[:TIMES] with KIND one of {', '.join(FAULT_KINDS)}")
+    return {"target": f"{parts[0]}:{parts[1]}", "kind": parts[2], "times": int(parts[3]) if len(parts) == 4 else 1}
+
+
+def parse_capacity(spec: str) -> dict:
+    where, _, slots = spec.rpartition("=")
+    parts = where.split(":")
+    if len(parts) not in (2, 3) or not slots.isdigit() or parts[0] not in ("lambda", "runpod"):
+        raise SystemExit(f"bad --capacity {spec!r}: CLOUD:TYPE[:REGION]=N, CLOUD lambda or runpod")
+    return {"cloud": parts[0], "type": parts[1], "region": parts[2] if len(parts) == 3 else None, "slots": int(slots)}
+
+
+def print_state(state: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(state, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="simulated instances")
+    for col in ("cloud", "id", "name", "type", "region", "status", "ssh"):
+        table.add_column(col)
+    for i in state["instances"]:
+        ssh = f"{i['address']}:{i['ssh_port']}" if i["address"] else "-"
+        table.add_row(i["cloud"], i["id"], i["name"], i["type"], i["region"], i["status"], ssh)
+    console = Console()
+    console.print(table)
+    console.print(f"SSH keys (Lambda): {', '.join(k['name'] for k in state['ssh_keys']) or 'none'}")
+    if state["faults"]:
+        console.print(f"pending faults: {state['faults']}")
+    if not state["hosts_isolated"]:
+        console.print("[yellow]hosts are loopback sshd processes (not isolated)[/yellow]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    state_dir = args.state_dir or default_state_dir()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="sim: %(message)s", stream=sys.stderr)
+    if args.list:
+        print_state(_admin(state_dir, "GET", "/_sim/state"), args.json)
+        return 0
+    if args.cleanup:
+        from .hosts import RUN_DIR, cleanup_network
+
+        for k in range(50):
+            pidfile = RUN_DIR / f"net{k}.pid"
+            if pidfile.exists():
+                try:
+                    import os
+
+                    os.kill(int(pidfile.read_text()), 0)
+                    continue  # alive: not ours to clean
+                except (ProcessLookupError, ValueError):
+                    pidfile.unlink(missing_ok=True)
+            cleanup_network(k)
+        print("removed the networks and hosts of simulators that are no longer running", file=sys.stderr)
+        return 0
+    faults = [parse_fault(f) for f in args.fault]
+    capacity = [parse_capacity(c) for c in args.capacity]
+    if (faults or capacity) and (state_dir / "sim.json").exists():
+        try:  # a simulator is running: change it instead of starting another
+            for f in faults:
+                _admin(state_dir, "POST", "/_sim/faults", f)
+            for c in capacity:
+                _admin(state_dir, "POST", "/_sim/capacity", c)
+            return 0
+        except SystemExit:
+            pass
+    config = SimConfig(boot_delay=args.boot_delay, isolate_hosts=False if args.loopback else None)
+    if args.no_rate_limits:
+        config.lambda_rate = config.lambda_launch_rate = 0
+    sim = Simulator(state_dir, config, port=args.port)
+    for f in faults:
+        sim.inject(**f)
+    for c in capacity:
+        sim.set_capacity(c["cloud"], c["type"], c["slots"], c["region"])
+    for k, v in sim.env().items():
+        print(f"export {k}={shlex.quote(v)}")
+    sys.stdout.flush()
+    print(
+        f"# simulator on {sim.url} ({'isolated hosts' if sim.world.hosts.isolated else 'loopback hosts'}); "
+        "Ctrl-C stops it and removes its hosts",
+        file=sys.stderr,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,485 @@
+"""Real hosts for simulated instances.
+
+As root, each instance gets its own network namespace on a private bridge (so its 127.0.0.1 is its
+own, reachable from the controller only through SSH, as on a cloud), its own mount namespace with
+private /opt, /home, /root, /etc/ssh, /usr/local/bin and tmpfs /tmp, /run, /dev/shm, its own PID
+namespace (host_init.py is PID 1), and an sshd. Terminate kills PID 1, which ends every process of
+the host, deletes the namespace and removes the host's files.
+
+Without root, hosts fall back to sshd on loopback ports running as the current user: no isolation,
+and the simulator says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("gpu_session.sim.hosts")
+
+RUN_DIR = Path("/run/gpu-session-sim")
+PREFIX = "gss"  # names of our namespaces, bridges and veths: gss<k>...
+SSHD = "/usr/sbin/sshd"
+# Where a host may write through cloud-init: its private mounts. Anything else is the shared root.
+PRIVATE_ROOTS = ("/opt", "/home", "/root", "/etc/ssh", "/usr/local/bin", "/tmp", "/run", "/dev/shm")
+
+
+class HostError(RuntimeError):
+    """A simulated host failed to start."""
+
+
+@dataclass
+class HostSpec:
+    host_id: str
+    user: str  # "ubuntu" (Lambda) or "root" (RunPod)
+    authorized_keys: list[str]
+    gpus: list[tuple[str, int]]  # (name, memory MiB) per GPU, for the simulated nvidia-smi
+    env: dict[str, str] = field(default_factory=dict)  # PID 1's environment, also set for SSH sessions
+    extra_ports: list[int] = field(default_factory=list)  # more ports sshd listens on (RunPod mapping)
+    files: list[dict] = field(default_factory=list)  # cloud-init write_files, content decoded
+    hostname: str | None = None
+
+
+@dataclass
+class Host:
+    host_id: str
+    address: str
+    user: str
+    dir: Path
+    netns: str | None
+    proc: subprocess.Popen | None = None
+    port: int = 22
+
+
+def can_isolate() -> bool:
+    return os.geteuid() == 0 and all(shutil.which(t) for t in ("ip", "unshare", "mount")) and Path(SSHD).exists()
+
+
+def _run(*args: str) -> str:
+    res = subprocess.run(args, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise HostError(f"{' '.join(args)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def _wait_port(address: str, port: int, deadline: float, proc: subprocess.Popen | None, logfile: Path) -> None:
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        try:
+            with socket.create_connection((address, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
+    raise HostError(f"sshd on {address}:{port} did not come up:\n{tail}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def nvidia_smi_script(gpus: list[tuple[str, int]]) -> str:
+    """A stand-in nvidia-smi that reports the instance type's GPUs and says it is simulated."""
+    return f"""#!/usr/bin/env python3
+# SIMULATED nvidia-smi (gpu-session simulator): no GPU is attached to this host.
+import sys
+GPUS = {gpus!r}
+FIELDS = {{
+    "index": lambda i, g: str(i), "name": lambda i, g: g[0], "uuid": lambda i, g: f"GPU-sim-{{i:08d}}",
+    "memory.total": lambda i, g: str(g[1]), "memory.used": lambda i, g: "0", "memory.free": lambda i, g: str(g[1]),
+    "utilization.gpu": lambda i, g: "0", "driver_version": lambda i, g: "000.00-simulated",
+    "count": lambda i, g: str(len(GPUS)), "compute_cap": lambda i, g: "9.0",
+}}
+UNITS = {{"memory.total": " MiB", "memory.used": " MiB", "memory.free": " MiB", "utilization.gpu": " %"}}
+args = sys.argv[1:]
+query = next((a.split("=", 1)[1] for a in args if a.startswith("--query-gpu=")), None)
+fmt = next((a.split("=", 1)[1] for a in args if a.startswith("--format=")), "")
+if "-L" in args or "--list-gpus" in args:
+    for i, g in enumerate(GPUS):
+        print(f"GPU {{i}}: {{g[0]}} (UUID: GPU-sim-{{i:08d}})")
+elif query:
+    names = [q.strip() for q in query.split(",")]
+    bad = [n for n in names if n not in FIELDS]
+    if bad:
+        sys.exit(f'Field "{{bad[0]}}" is not a valid field to query.')
+    if "noheader" not in fmt:
+        print(", ".join(names))
+    for i, g in enumerate(GPUS):
+        vals = [FIELDS[n](i, g) + ("" if "nounits" in fmt else UNITS.get(n, "")) for n in names]
+        print(", ".join(vals))
+else:
+    print("+-- NVIDIA-SMI (SIMULATED by the gpu-session simulator: no real GPU) --+")
+    for i, g in enumerate(GPUS):
+        print(f"| {{i}}  {{g[0]:<40}} {{0:>6}}MiB / {{g[1]:>6}}MiB   0% |")
+    print("+----------------------------------------------------------------------+")
+"""
+
+
+class Hosts:
+    """Starts and tears down the simulator's hosts."""
+
+    def __init__(self, state_dir: Path, isolate: bool | None = None, boot_timeout: float = 20.0):
+        self.dir = state_dir / "hosts"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.isolated = can_isolate() if isolate is None else isolate
+        self.boot_timeout = boot_timeout
+        self._hosts: dict[str, Host] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+        self._net_index: int | None = None
+        if self.isolated:
+            self._net_index = self._claim_network()
+            self._uid = self._free_id()
+        else:
+            log.warning(
+                "simulator is not running as root: hosts are sshd processes on loopback ports, "
+                "logging in as the current user, with no network, mount or process isolation"
+            )
+
+    # --- network ---------------------------------------------------------------------------
+
+    @property
+    def gateway(self) -> str:
+        """The controller's address as hosts see it (where the simulator's APIs are reachable from a host)."""
+        return f"10.{200 + self._net_index}.0.1" if self.isolated else "127.0.0.1"
+
+    @property
+    def _bridge(self) -> str:
+        return f"{PREFIX}{self._net_index}br"
+
+    def _claim_network(self) -> int:
+        """Pick a free bridge index; reclaim those whose simulator died without cleaning up."""
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        for k in range(50):
+            pidfile = RUN_DIR / f"net{k}.pid"
+            try:
+                fd = os.open(pidfile, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except FileExistsError:
+                try:
+                    owner = int(pidfile.read_text() or "0")
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and _pid_alive(owner):
+                    continue
+                cleanup_network(k)
+                pidfile.unlink(missing_ok=True)
+                try:
+                    fd = os.open(pidfile, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                except FileExistsError:
+                    continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            cleanup_network(k)  # leftovers with no pidfile at all
+            self._net_index = k
+            br = self._bridge
+            _run("ip", "link", "add", br, "type", "bridge")
+            _run("ip", "addr", "add", f"{self.gateway}/16", "dev", br)
+            _run("ip", "link", "set", br, "up")
+            return k
+        raise HostError("no free simulator network (50 in use): run `invoke sim --cleanup`")
+
+    @staticmethod
+    def _free_id() -> int:
+        used = {int(line.split(":")[2]) for line in Path("/etc/passwd").read_text().splitlines() if line.count(":") >= 3}
+        used |= {int(line.split(":")[2]) for line in Path("/etc/group").read_text().splitlines() if line.count(":") >= 3}
+        return next(i for i in range(1001, 60000) if i not in used)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self, spec: HostSpec) -> Host:
+        with self._lock:
+            self._next += 1
+            n = self._next
+        hd = self.dir / spec.host_id
+        hd.mkdir(mode=0o700, parents=True)
+        try:
+            host = self._start_isolated(spec, hd, n) if self.isolated else self._start_loopback(spec, hd)
+        except BaseException:
+            self._teardown(Host(spec.host_id, "", spec.user, hd, self._netns_name(spec.host_id) if self.isolated else None))
+            raise
+        with self._lock:
+            self._hosts[spec.host_id] = host
+        return host
+
+    def stop(self, host_id: str) -> None:
+        with self._lock:
+            host = self._hosts.pop(host_id, None)
+        if host is not None:
+            self._teardown(host)
+
+    def get(self, host_id: str) -> Host | None:
+        with self._lock:
+            return self._hosts.get(host_id)
+
+    def pids(self, host_id: str) -> list[int]:
+        """Every process of the host (for tests that prove a terminate left nothing running)."""
+        if self.isolated:
+            ns = self._netns_name(host_id)
+            if not (Path("/run/netns") / ns).exists():
+                return []
+            return [int(p) for p in _run("ip", "netns", "pids", ns).split()]
+        return _marked_pids(host_id)
+
+    def close(self) -> None:
+        for host_id in list(self._hosts):
+            self.stop(host_id)
+        if self.isolated and self._net_index is not None:
+            cleanup_network(self._net_index)
+            (RUN_DIR / f"net{self._net_index}.pid").unlink(missing_ok=True)
+            self._net_index = None
+
+    # --- isolated hosts --------------------------------------------------------------------
+
+    def _netns_name(self, host_id: str) -> str:
+        return f"{PREFIX}{self._net_index}-{host_id[:12]}"
+
+    def _prepare_fs(self, spec: HostSpec, hd: Path, home: str) -> None:
+        for d in ("opt", "home", "root", "etc-ssh", "bin", "sudoers.d"):
+            (hd / d).mkdir(mode=0o755)
+        (hd / "root").chmod(0o700)
+        passwd = Path("/etc/passwd").read_text()
+        group = Path("/etc/group").read_text()
+        shadow = Path("/etc/shadow").read_text() if Path("/etc/shadow").exists() else ""
+        uid = gid = 0
+        if spec.user != "root":
+            uid = gid = self._uid
+            passwd += f"{spec.user}:x:{uid}:{gid}:{spec.user}:{home}:/bin/bash\n"
+            group += f"{spec.user}:x:{gid}:\n"
+            shadow += f"{spec.user}:*:19000:0:99999:7:::\n"
+            sudoers = hd / "sudoers.d" / spec.user
+            sudoers.write_text(f"{spec.user} ALL=(ALL) NOPASSWD:ALL\n")
+            sudoers.chmod(0o440)
+        # The host's own name resolves locally, as on cloud images (sudo looks it up on every call).
+        hosts = Path("/etc/hosts").read_text() + f"127.0.1.1 {spec.hostname or spec.host_id[:12]}\n"
+        files = (("passwd", passwd, 0o644), ("group", group, 0o644), ("shadow", shadow, 0o640), ("hosts", hosts, 0o644))
+        for name, text, mode in files:
+            (hd / name).write_text(text)
+            (hd / name).chmod(mode)
+        # The user's home, on the private mount that will be /home or /root.
+        home_dir = hd / ("root" if spec.user == "root" else f"home/{spec.user}")
+        ssh_dir = home_dir / ".ssh"
+        ssh_dir.mkdir(parents=True, mode=0o700)
+        (ssh_dir / "authorized_keys").write_text("".join(k.strip() + "\n" for k in spec.authorized_keys))
+        (ssh_dir / "authorized_keys").chmod(0o600)
+        for p in (home_dir, ssh_dir, ssh_dir / "authorized_keys"):
+            os.chown(p, uid, gid)
+        # sshd configuration and host key in the host's private /etc/ssh.
+        etc_ssh = hd / "etc-ssh"
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", spec.host_id, "-f", str(etc_ssh / "ssh_host_ed25519_key"))
+        if Path("/etc/ssh/ssh_config").exists():
+            shutil.copy("/etc/ssh/ssh_config", etc_ssh / "ssh_config")
+        ports = "".join(f"Port {p}\n" for p in [22, *spec.extra_ports])
+        setenv = " ".join(f'"{k}={v}"' for k, v in spec.env.items())
+        (etc_ssh / "sshd_config").write_text(
+            f"{ports}ListenAddress 0.0.0.0\n"
+            "HostKey /etc/ssh/ssh_host_ed25519_key\n"
+            "PidFile /run/sshd.pid\n"
+            "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\nAuthorizedKeysFile .ssh/authorized_keys\n"
+            "AllowTcpForwarding yes\nPrintMotd no\nMaxStartups 50:30:100\n"
+            "Subsystem sftp internal-sftp\n" + (f"SetEnv {setenv}\n" if setenv else "")
+        )
+        (etc_ssh / "sshd_config").chmod(0o600)
+        smi = hd / "bin" / "nvidia-smi"
+        smi.write_text(nvidia_smi_script(spec.gpus))
+        smi.chmod(0o755)
+
+    def _start_isolated(self, spec: HostSpec, hd: Path, n: int) -> Host:
+        home = "/root" if spec.user == "root" else f"/home/{spec.user}"
+        self._prepare_fs(spec, hd, home)
+        ns = self._netns_name(spec.host_id)
+        address = f"10.{200 + self._net_index}.{1 + n // 250}.{2 + n % 250}"
+        veth, peer = f"{PREFIX}{self._net_index}v{n}", f"{PREFIX}{self._net_index}p{n}"
+        _run("ip", "netns", "add", ns)
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", peer, "netns", ns)
+        _run("ip", "link", "set", veth, "master", self._bridge, "up")
+        _run("ip", "-n", ns, "addr", "add", f"{address}/16", "dev", peer)
+        _run("ip", "-n", ns, "link", "set", peer, "up")
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ip", "-n", ns, "route", "add", "default", "via", self.gateway)
+        uid = 0 if spec.user == "root" else self._uid
+        files = []
+        for f in spec.files:
+            if not f["path"].startswith(tuple(p + "/" for p in PRIVATE_ROOTS)):
+                log.warning(
+                    "host %s: write_files path %s is outside the host's private filesystem; skipped", spec.host_id, f["path"]
+                )
+                continue
+            files.append({**f, "owner": f.get("owner") or [uid if f["path"].startswith(home) else 0] * 2})
+        cfg = {
+            "host_id": spec.host_id,
+            "hostname": spec.hostname or spec.host_id[:12],
+            "log": str(hd / "host.log"),
+            "dir": str(hd),
+            "binds": [
+                ["etc-ssh", "/etc/ssh"],
+                ["passwd", "/etc/passwd"],
+                ["group", "/etc/group"],
+                ["shadow", "/etc/shadow"],
+                ["hosts", "/etc/hosts"],
+                ["sudoers.d", "/etc/sudoers.d"],
+                ["bin", "/usr/local/bin"],
+                ["opt", "/opt"],
+                ["home", "/home"],
+                ["root", "/root"],
+            ],
+            "tmpfs": [["/tmp", "1777"], ["/run", "0755"], ["/dev/shm", "1777"]],
+            "files": files,
+            "sshd": [SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"],
+        }
+        (hd / "init.json").write_text(json.dumps(cfg))
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": home, **spec.env}
+        init = Path(__file__).with_name("host_init.py")
+        proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "unshare",
+                "--mount",
+                "--uts",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--propagation",
+                "private",
+                "/usr/bin/python3",
+                str(init),
+                str(hd / "init.json"),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        host = Host(spec.host_id, address, spec.user, hd, ns, proc)
+        try:
+            _wait_port(address, 22, time.monotonic() + self.boot_timeout, proc, hd / "host.log")
+        except BaseException:
+            self._teardown(host)
+            raise
+        return host
+
+    # --- loopback fallback -----------------------------------------------------------------
+
+    def _start_loopback(self, spec: HostSpec, hd: Path) -> Host:
+        port = spec.extra_ports[0] if spec.extra_ports else _free_port()
+        key = hd / "ssh_host_ed25519_key"
+        for f in spec.files:  # honour host keys delivered by cloud-init; nothing else can be placed
+            if f["path"] == "/etc/ssh/ssh_host_ed25519_key":
+                key.write_text(f["content"])
+                key.chmod(0o600)
+        if not key.exists():
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", spec.host_id, "-f", str(key))
+        (hd / "authorized_keys").write_text("".join(k.strip() + "\n" for k in spec.authorized_keys))
+        (hd / "authorized_keys").chmod(0o600)
+        env = {**spec.env, "GPU_SESSION_SIM_HOST": spec.host_id}
+        setenv = " ".join(f'"{k}={v}"' for k, v in env.items())
+        (hd / "sshd_config").write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {key}\nPidFile {hd}/sshd.pid\n"
+            f"AuthorizedKeysFile {hd}/authorized_keys\nStrictModes no\nUsePAM no\n"
+            "PasswordAuthentication no\nAllowTcpForwarding yes\nSubsystem sftp internal-sftp\n"
+            f"SetEnv {setenv}\n"
+        )
+        logf = open(hd / "host.log", "ab")  # noqa: SIM115 - handed to sshd, closed below
+        proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(hd / "sshd_config")],
+            env={**os.environ, **env},
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+        )
+        logf.close()
+        import getpass
+
+        host = Host(spec.host_id, "127.0.0.1", getpass.getuser(), hd, None, proc, port)
+        try:
+            _wait_port("127.0.0.1", port, time.monotonic() + self.boot_timeout, proc, hd / "host.log")
+        except BaseException:
+            self._teardown(host)
+            raise
+        return host
+
+    # --- teardown --------------------------------------------------------------------------
+
+    def _teardown(self, host: Host) -> None:
+        if host.netns:
+            for _ in range(50):
+                if not (Path("/run/netns") / host.netns).exists():
+                    break
+                pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True).stdout.split()
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.02)
+            subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
+        else:
+            for pid in _marked_pids(host.host_id):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if host.proc is not None:
+            try:
+                host.proc.kill()
+                host.proc.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        shutil.rmtree(host.dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _marked_pids(host_id: str) -> list[int]:
+    """Processes that carry the host's marker in their environment (loopback hosts only)."""
+    marker = f"GPU_SESSION_SIM_HOST={host_id}".encode()
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker in (p / "environ").read_bytes().split(b"\0"):
+                    found.append(int(p.name))
+            except OSError:
+                pass
+    return found
+
+
+def cleanup_network(k: int) -> None:
+    """Remove every namespace and the bridge of simulator network k (a dead simulator's leftovers)."""
+    netns = Path("/run/netns")
+    for ns in netns.iterdir() if netns.exists() else []:
+        if ns.name.startswith(f"{PREFIX}{k}-"):
+            pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+    subprocess.run(["ip", "link", "del", f"{PREFIX}{k}br"], capture_output=True)

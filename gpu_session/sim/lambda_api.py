@@ -1,0 +1,351 @@
+"""Lambda Cloud public API v1 (research/cloud-apis.md §1): envelopes, error codes, rate limits."""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+import subprocess
+import tempfile
+from pathlib import Path
+
+from . import catalog
+from .faults import with_faults
+from .http import Request, Response, Router, json_response
+from .world import SimInstance, SshKey, World
+
+PREFIX = "/api/v1"
+HOSTNAME_RE = re.compile(r"^[a-z0-9][0-9a-z-]{0,62}$")
+PUBKEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com) [A-Za-z0-9+/=]+( .*)?$")
+
+MESSAGES = {
+    "global/invalid-api-key": (
+        "API key was invalid, expired, or deleted.",
+        "Check your API key or create a new one, then try again.",
+    ),
+    "global/account-inactive": (
+        "Your account is inactive.",
+        "Make sure you have verified your email address and have a valid payment method. Contact Support if problems continue.",
+    ),
+    "global/internal-error": ("An internal server error occurred.", "Try again later. Contact Support if the problem persists."),
+    "instance-operations/launch/insufficient-capacity": ("Not enough capacity to fulfill launch request.", None),
+    "global/rate-limited": ("Too many requests.", "Slow down and try again."),
+}
+
+
+def error(status: int, code: str, message: str | None = None, suggestion: str | None = None) -> Response:
+    default_msg, default_sugg = MESSAGES.get(code, ("Invalid request data.", None))
+    body = {"code": code, "message": message or default_msg}
+    if suggestion or default_sugg:
+        body["suggestion"] = suggestion or default_sugg
+    return json_response({"error": body}, status)
+
+
+def data(payload, status: int = 200) -> Response:
+    return json_response({"data": payload}, status)
+
+
+def status_error(status: int) -> Response:
+    if status == 429:
+        return error(429, "global/rate-limited")
+    if status == 500:
+        return error(500, "global/internal-error")
+    return error(status, "provider/internal-unavailable", "Provider unavailable", "Try again shortly")
+
+
+def capacity_error() -> Response:
+    return error(400, "instance-operations/launch/insufficient-capacity")
+
+
+def region_json(name: str) -> dict:
+    return {"name": name, "description": catalog.LAMBDA_REGIONS[name]}
+
+
+def type_json(t: catalog.LambdaType) -> dict:
+    return {
+        "name": t.name,
+        "description": t.description,
+        "gpu_description": t.gpu_description,
+        "price_cents_per_hour": t.price_cents_per_hour,
+        "specs": {"vcpus": t.vcpus, "memory_gib": t.memory_gib, "storage_gib": t.storage_gib, "gpus": t.gpus},
+    }
+
+
+def instance_json(inst: SimInstance, loopback: bool) -> dict:
+    t = catalog.lambda_type(inst.type_name)
+    available = inst.status == "active"
+    reason = {"booting": "vm-has-not-launched", "terminating": "vm-is-terminating"}.get(inst.status, "vm-action-in-progress")
+    action = (
+        {"available": True}
+        if available
+        else {"available": False, "reason_code": reason, "reason_description": f"Instance is {inst.status}."}
+    )
+    out = {
+        "id": inst.id,
+        "status": inst.status,
+        "ssh_key_names": inst.ssh_key_names,
+        "file_system_names": [],
+        "region": region_json(inst.region),
+        "instance_type": type_json(t),
+        "actions": {k: action for k in ("migrate", "rebuild", "restart", "cold_reboot")}
+        | {"terminate": {"available": inst.status in ("booting", "active", "unhealthy")}},
+        "is_reserved": False,
+        "tags": inst.tags,
+    }
+    if inst.name:
+        out["name"] = inst.name
+    if inst.status == "active" and inst.address:
+        token = inst.id[:32]
+        out |= {
+            "ip": inst.address,
+            "private_ip": inst.address,
+            "hostname": inst.hostname or inst.address,
+            "jupyter_token": token,
+            "jupyter_url": f"https://jupyter-{inst.id[:12]}.lambdaspaces.com/?token={token}",
+        }
+        if loopback:  # simulator-only: unprivileged hosts cannot listen on port 22
+            out["ssh_port"] = inst.ssh_port
+    return out
+
+
+def mount(router: Router, world: World) -> None:
+    loopback = not world.hosts.isolated
+
+    def auth_key(req: Request) -> str | None:
+        header = req.headers.get("authorization", "")
+        scheme, _, cred = header.partition(" ")
+        if scheme.lower() == "bearer":
+            return cred.strip()
+        if scheme.lower() == "basic":
+            try:
+                user = base64.b64decode(cred, validate=True).decode().split(":", 1)
+                if len(user) == 2:
+                    return user[0]
+            except (ValueError, UnicodeDecodeError):
+                pass
+            return cred.strip()  # the spec also lists a raw key after "Basic"
+        return None
+
+    def route(method: str, pattern: str, handler, limited: str = "general") -> None:
+        op = pattern.strip("/")
+        inner = with_faults(world, "lambda", op, handler, status_error, capacity_error)
+
+        def guarded(req: Request) -> Response:
+            key = auth_key(req)
+            if not key or key not in world.lambda_keys | world.inactive_keys:
+                return error(401, "global/invalid-api-key")
+            if key in world.inactive_keys:
+                return error(403, "global/account-inactive")
+            cfg = world.config
+            if not world.limiter.allow(("lambda", key), cfg.lambda_rate, cfg.lambda_burst):
+                return status_error(429)
+            if limited == "launch" and not world.limiter.allow(
+                ("lambda-launch", key), cfg.lambda_launch_rate, cfg.lambda_launch_burst
+            ):
+                return status_error(429)
+            return inner(req)
+
+        router.add(method, PREFIX + pattern, guarded)
+
+    def list_instances(req: Request) -> Response:
+        return data([instance_json(i, loopback) for i in world.listing("lambda") if i.status != "terminated"])
+
+    def get_instance(req: Request) -> Response:
+        inst = world.find("lambda", req.params["id"])
+        if inst is None:
+            return error(404, "global/object-does-not-exist", "Specified instance does not exist.")
+        return data(instance_json(inst, loopback))
+
+    def rename_instance(req: Request) -> Response:
+        inst = world.find("lambda", req.params["id"])
+        if inst is None:
+            return error(404, "global/object-does-not-exist", "Specified instance does not exist.")
+        body = req.json()
+        name = body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or len(name) > 64:
+            return error(400, "global/invalid-parameters", "name: must be a string of at most 64 characters")
+        inst.name = name
+        return data(instance_json(inst, loopback))
+
+    def launch(req: Request) -> Response:
+        body = req.json()
+        if not isinstance(body, dict):
+            return error(400, "global/invalid-parameters", "Request body must be a JSON object.")
+        missing = [f for f in ("region_name", "instance_type_name", "ssh_key_names") if f not in body]
+        if missing:
+            return error(400, "global/invalid-parameters", f"Missing required field(s): {', '.join(missing)}.")
+        keys = body["ssh_key_names"]
+        if not isinstance(keys, list) or len(keys) != 1 or not isinstance(keys[0], str):
+            return error(400, "global/invalid-parameters", "ssh_key_names: Currently, exactly one SSH key must be specified.")
+        name = body.get("name")
+        if name is not None and (not isinstance(name, str) or len(name) > 64):
+            return error(400, "global/invalid-parameters", "name: must be a string of at most 64 characters.")
+        hostname = body.get("hostname")
+        if hostname is not None and not (isinstance(hostname, str) and HOSTNAME_RE.match(hostname)):
+            return error(400, "global/invalid-parameters", f"hostname: must match {HOSTNAME_RE.pattern}.")
+        user_data = body.get("user_data")
+        if user_data is not None and (not isinstance(user_data, str) or len(user_data.encode()) > 1_000_000):
+            return error(400, "global/invalid-parameters", "user_data: must be a string of at most 1 MB.")
+        quantity = body.get("quantity", 1)
+        if not isinstance(quantity, int) or quantity < 1:
+            return error(400, "global/invalid-parameters", "quantity: must be a positive integer.")
+        t = catalog.lambda_type(body["instance_type_name"])
+        if t is None:
+            return error(
+                404,
+                "global/object-does-not-exist",
+                f"Specified instance type {body['instance_type_name']!r} does not exist.",
+                "Use GET /instance-types for the valid names.",
+            )
+        region = body["region_name"]
+        if region not in catalog.LAMBDA_REGIONS:
+            return error(
+                404,
+                "global/object-does-not-exist",
+                f"Specified region {region!r} does not exist.",
+                "Use GET /regions for the valid names.",
+            )
+        key = next((k for k in world.ssh_keys.values() if k.name == keys[0]), None)
+        if key is None:
+            return error(
+                404,
+                "global/object-does-not-exist",
+                f"Specified SSH key {keys[0]!r} does not exist.",
+                "Add the key with POST /ssh-keys first.",
+            )
+        with world.lock:
+            if world.free_slots("lambda", t.name, region) < quantity:
+                return capacity_error()
+            for _ in range(quantity):
+                world.take_slot("lambda", t.name, region)
+        ids = []
+        for _ in range(quantity):
+            inst = world.new_instance(
+                "lambda",
+                name=name or "",
+                type_name=t.name,
+                region=region,
+                gpu_count=t.gpus,
+                price_per_hour=t.price_cents_per_hour / 100,
+                status="booting",
+                ssh_key_names=[key.name],
+                authorized_keys=[key.public_key],
+                user_data=user_data,
+                image=str(body.get("image") or ""),
+                hostname=hostname,
+                tags=body.get("tags") or [],
+            )
+            ids.append(inst.id)
+        return data({"instance_ids": ids})
+
+    def _ids(req: Request) -> tuple[list[SimInstance] | None, Response | None]:
+        body = req.json()
+        ids = body.get("instance_ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            return None, error(400, "global/invalid-parameters", "instance_ids: a non-empty list of instance ids is required.")
+        found = [world.find("lambda", i) for i in ids]
+        missing = [i for i, f in zip(ids, found) if f is None]
+        if missing:
+            return None, error(404, "global/object-does-not-exist", f"Specified instance(s) do not exist: {', '.join(missing)}.")
+        return found, None
+
+    def terminate(req: Request) -> Response:
+        insts, err = _ids(req)
+        if err:
+            return err
+        for inst in insts:
+            if inst.status in ("booting", "active", "unhealthy", "preempted"):
+                world.terminate(inst)
+        return data({"terminated_instances": [instance_json(i, loopback) for i in insts]})
+
+    def restart(req: Request) -> Response:
+        insts, err = _ids(req)
+        if err:
+            return err
+        busy = [i.id for i in insts if i.status != "active"]
+        if busy:
+            return error(409, "global/conflict", f"Instance(s) not active: {', '.join(busy)}.")
+        for inst in insts:
+            world.restart(inst)
+        return data({"restarted_instances": [instance_json(i, loopback) for i in insts]})
+
+    def instance_types(req: Request) -> Response:
+        out = {}
+        for t in catalog.LAMBDA_TYPES:
+            regions = [region_json(r) for r in catalog.LAMBDA_REGIONS if world.free_slots("lambda", t.name, r) > 0]
+            out[t.name] = {"instance_type": type_json(t), "regions_with_capacity_available": regions}
+        return data(out)
+
+    def key_json(k: SshKey) -> dict:
+        return {"id": k.id, "name": k.name, "public_key": k.public_key}
+
+    def list_keys(req: Request) -> Response:
+        return data([key_json(k) for k in world.ssh_keys.values()])
+
+    def add_key(req: Request) -> Response:
+        body = req.json()
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not 1 <= len(body["name"]) <= 64:
+            return error(400, "global/invalid-parameters", "name: a string of 1 to 64 characters is required.")
+        if any(k.name == body["name"] for k in world.ssh_keys.values()):
+            return error(400, "global/invalid-parameters", f"An SSH key named {body['name']!r} already exists.")
+        public = body.get("public_key")
+        private = None
+        if public is None:
+            public, private = _generate_key(body["name"])
+        elif not isinstance(public, str) or len(public) > 4096 or not PUBKEY_RE.match(public.strip()):
+            return error(400, "global/invalid-parameters", "public_key: not a valid SSH public key.")
+        key = SshKey(secrets.token_hex(16), body["name"], public.strip())
+        with world.lock:
+            world.ssh_keys[key.id] = key
+        world.record("ssh_key_added", id=key.id, name=key.name)
+        return data(key_json(key) | ({"private_key": private} if private else {}))
+
+    def delete_key(req: Request) -> Response:
+        with world.lock:
+            key = world.ssh_keys.pop(req.params["id"], None)
+        if key is None:
+            return error(404, "global/not-found", "The requested resource was not found.")
+        world.record("ssh_key_deleted", id=key.id, name=key.name)
+        return data({})
+
+    def regions(req: Request) -> Response:
+        return data([region_json(r) for r in catalog.LAMBDA_REGIONS])
+
+    def images(req: Request) -> Response:
+        return data(
+            [
+                {
+                    "id": f"00000000-0000-4000-8000-{i:012d}",
+                    "created_time": "2025-01-01T00:00:00Z",
+                    "updated_time": "2025-01-01T00:00:00Z",
+                    "name": img["name"],
+                    "description": img["name"],
+                    "family": img["family"],
+                    "version": img["version"],
+                    "architecture": "x86_64",
+                    "region": region_json(r),
+                }
+                for i, (img, r) in enumerate((img, r) for img in catalog.LAMBDA_IMAGES for r in catalog.LAMBDA_REGIONS)
+            ]
+        )
+
+    route("GET", "/instances", list_instances)
+    route("GET", "/instances/{id}", get_instance)
+    route("POST", "/instances/{id}", rename_instance)
+    route("POST", "/instance-operations/launch", launch, limited="launch")
+    route("POST", "/instance-operations/terminate", terminate)
+    route("POST", "/instance-operations/restart", restart)
+    route("GET", "/instance-types", instance_types)
+    route("GET", "/ssh-keys", list_keys)
+    route("POST", "/ssh-keys", add_key)
+    route("DELETE", "/ssh-keys/{id}", delete_key)
+    route("GET", "/regions", regions)
+    route("GET", "/images", images)
+    route("GET", "/file-systems", lambda req: data([]))
+
+
+def _generate_key(name: str) -> tuple[str, str]:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(path)], check=True)
+        return path.with_suffix(".pub").read_text().strip(), path.read_text()

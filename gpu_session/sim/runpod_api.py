@@ -1,0 +1,462 @@
+"""RunPod GraphQL (research/cloud-apis.md §2a), parsed and executed by graphql-core.
+
+Business errors come back as HTTP 200 with `errors[]` carrying `path`; a bad key is HTTP 401;
+a document that does not parse or validate is HTTP 400. Pods are RUNNING with `runtime: null`
+until their host is up.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from graphql import GraphQLError, build_schema, execute_sync, parse, validate
+from graphql.error import GraphQLSyntaxError
+
+from . import catalog
+from .faults import with_faults
+from .http import Request, Response, Router, json_response
+from .world import SimInstance, World
+
+SDL = """
+scalar Void
+enum CloudTypeEnum { ALL SECURE COMMUNITY }
+enum PodStatus { CREATED RUNNING RESTARTING EXITED PAUSED DEAD TERMINATED }
+enum PodType { INTERRUPTABLE RESERVED }
+
+type LowestPrice {
+  minimumBidPrice: Float
+  uninterruptablePrice: Float
+  minVcpu: Float
+  minMemory: Float
+  stockStatus: String
+  maxUnreservedGpuCount: Int
+  availableGpuCounts: [Int]
+}
+input GpuLowestPriceInput {
+  gpuCount: Int
+  minDisk: Int
+  minMemoryInGb: Int
+  minVcpuCount: Int
+  secureCloud: Boolean
+  supportPublicIp: Boolean
+  dataCenterId: String
+  countryCode: String
+}
+type GpuType {
+  id: String
+  displayName: String
+  manufacturer: String
+  memoryInGb: Int
+  cudaCores: Int
+  secureCloud: Boolean
+  communityCloud: Boolean
+  securePrice: Float
+  communityPrice: Float
+  oneMonthPrice: Float
+  threeMonthPrice: Float
+  oneWeekPrice: Float
+  communitySpotPrice: Float
+  secureSpotPrice: Float
+  maxGpuCount: Int
+  lowestPrice(input: GpuLowestPriceInput): LowestPrice
+}
+input GpuTypeFilter { id: String }
+
+type PodRuntimePorts { ip: String isIpPublic: Boolean privatePort: Int publicPort: Int type: String }
+type PodRuntime { uptimeInSeconds: Int ports: [PodRuntimePorts] }
+type PodMachineInfo { gpuDisplayName: String podHostId: String dataCenterId: String location: String }
+type Pod {
+  id: String!
+  name: String
+  containerDiskInGb: Int
+  costPerHr: Float
+  desiredStatus: PodStatus
+  dockerArgs: String
+  dockerId: String
+  env: [String]
+  gpuCount: Int
+  imageName: String
+  lastStatusChange: String
+  machineId: String
+  memoryInGb: Float
+  podType: PodType
+  port: Int
+  ports: String
+  uptimeSeconds: Int
+  vcpuCount: Float
+  volumeInGb: Float
+  volumeMountPath: String
+  runtime: PodRuntime
+  machine: PodMachineInfo
+}
+type NetworkVolume { id: String name: String size: Int dataCenterId: String }
+type User { id: String pubKey: String pods: [Pod] networkVolumes: [NetworkVolume] }
+input PodFilter { podId: String! }
+input EnvironmentVariableInput { key: String! value: String! }
+input PodFindAndDeployOnDemandInput {
+  name: String
+  imageName: String
+  cloudType: CloudTypeEnum
+  startSsh: Boolean
+  startJupyter: Boolean
+  gpuTypeId: String
+  gpuTypeIdList: [String]
+  supportPublicIp: Boolean
+  gpuCount: Int
+  volumeInGb: Int
+  minVcpuCount: Int
+  minMemoryInGb: Int
+  dataCenterId: String
+  countryCode: String
+  dockerArgs: String
+  containerDiskInGb: Int
+  ports: String
+  volumeMountPath: String
+  env: [EnvironmentVariableInput]
+  templateId: String
+  networkVolumeId: String
+  allowedCudaVersions: [String]
+  minDownload: Int
+  minUpload: Int
+  instanceId: String
+}
+input PodRentInterruptableInput {
+  bidPerGpu: Float!
+  name: String
+  imageName: String
+  cloudType: CloudTypeEnum
+  startSsh: Boolean
+  gpuTypeId: String
+  supportPublicIp: Boolean
+  gpuCount: Int
+  volumeInGb: Int
+  minVcpuCount: Int
+  minMemoryInGb: Int
+  dataCenterId: String
+  countryCode: String
+  dockerArgs: String
+  containerDiskInGb: Int
+  ports: String
+  volumeMountPath: String
+  env: [EnvironmentVariableInput]
+  templateId: String
+  networkVolumeId: String
+}
+input PodStopInput { podId: String! incrementVersion: Boolean }
+input PodResumeInput { podId: String! gpuCount: Int }
+input PodTerminateInput { podId: String! }
+input UserSettingsInput { pubKey: String }
+
+type Query {
+  gpuTypes(input: GpuTypeFilter): [GpuType]
+  pod(input: PodFilter!): Pod
+  myself: User
+}
+type Mutation {
+  podFindAndDeployOnDemand(input: PodFindAndDeployOnDemandInput): Pod
+  podRentInterruptable(input: PodRentInterruptableInput!): Pod
+  podStop(input: PodStopInput!): Pod
+  podResume(input: PodResumeInput!): Pod
+  podTerminate(input: PodTerminateInput!): Void
+  updateUserSettings(input: UserSettingsInput): User
+}
+"""
+
+NO_CAPACITY = "There are no longer any instances available with the requested specifications. Please refresh and try again."
+SOMETHING_WRONG = "Something went wrong. Please try again later or contact support."
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PORTS_RE = re.compile(r"^\d{1,5}/(tcp|http)$")
+
+SCHEMA = build_schema(SDL)  # podTerminate's Void resolves to null, as RunPod answers
+
+
+def _errors(message: str, code: str, status: int = 200) -> Response:
+    return json_response({"errors": [{"message": message, "extensions": {"code": code}}]}, status)
+
+
+def status_error(status: int) -> Response:
+    if status == 429:
+        return _errors("Too many requests. Please slow down and try again later.", "TOO_MANY_REQUESTS", 429)
+    if status == 500:
+        return _errors(SOMETHING_WRONG, "INTERNAL_SERVER_ERROR", 500)
+    # Gateways in front of the API answer 502/503 with HTML, which the SDK cannot parse.
+    return Response(status, f"<html><body><h1>{status} Bad Gateway</h1></body></html>".encode(), {"Content-Type": "text/html"})
+
+
+def capacity_error() -> Response:
+    return _errors(NO_CAPACITY, "BAD_USER_INPUT")
+
+
+def stock_status(free: int) -> str | None:
+    return None if free <= 0 else "Low" if free == 1 else "Medium" if free == 2 else "High"
+
+
+class Api:
+    """Resolvers over the world. The caller's key travels in the execution context."""
+
+    def __init__(self, world: World):
+        self.world = world
+
+    # --- shapes ----------------------------------------------------------------------------
+
+    def gpu_json(self, g: catalog.RunpodGpu) -> dict:
+        def lowest_price(info, input=None):
+            count = (input or {}).get("gpuCount") or 1
+            dc = (input or {}).get("dataCenterId")
+            dcs = [dc] if dc else catalog.RUNPOD_DATA_CENTERS
+            free = sum(self.world.free_slots("runpod", g.id, d) for d in dcs)
+            return {
+                "minimumBidPrice": round(g.community_spot_price * count, 3),
+                "uninterruptablePrice": round(g.community_price * count, 3),
+                "minVcpu": 2 * count,
+                "minMemory": 8 * count,
+                "stockStatus": stock_status(free) if count <= g.max_gpu_count else None,
+                "maxUnreservedGpuCount": g.max_gpu_count if free else 0,
+                "availableGpuCounts": [c for c in (1, 2, 4, 8) if c <= g.max_gpu_count] if free else [],
+            }
+
+        return {
+            "id": g.id,
+            "displayName": g.display_name,
+            "manufacturer": "Nvidia",
+            "memoryInGb": g.memory_gb,
+            "cudaCores": g.cuda_cores,
+            "secureCloud": True,
+            "communityCloud": True,
+            "securePrice": g.secure_price,
+            "communityPrice": g.community_price,
+            "oneMonthPrice": round(g.secure_price * 0.9, 2),
+            "threeMonthPrice": round(g.secure_price * 0.85, 2),
+            "oneWeekPrice": round(g.secure_price * 0.95, 2),
+            "communitySpotPrice": g.community_spot_price,
+            "secureSpotPrice": g.secure_spot_price,
+            "maxGpuCount": g.max_gpu_count,
+            "lowestPrice": lowest_price,
+        }
+
+    def pod_json(self, inst: SimInstance) -> dict:
+        g = catalog.runpod_gpu(inst.type_name)
+        runtime = None
+        if inst.host_up and inst.status == "RUNNING":
+            ports = []
+            for spec in filter(None, inst.ports.split(",")):
+                port, _, kind = spec.partition("/")
+                if port == "22" and kind == "tcp":
+                    ports.append(
+                        {"ip": inst.address, "isIpPublic": True, "privatePort": 22, "publicPort": inst.ssh_port, "type": "tcp"}
+                    )
+                else:
+                    ports.append(
+                        {
+                            "ip": "100.65.0.2",
+                            "isIpPublic": False,
+                            "privatePort": int(port),
+                            "publicPort": 60000 + int(port) % 5000,
+                            "type": kind,
+                        }
+                    )
+            runtime = {"uptimeInSeconds": int(time.time() - (inst.booted_at or time.time())), "ports": ports}
+        return {
+            "id": inst.id,
+            "name": inst.name,
+            "containerDiskInGb": inst.disk_gb,
+            "costPerHr": inst.price_per_hour,
+            "desiredStatus": inst.status,
+            "dockerArgs": "",
+            "dockerId": None,
+            "env": [f"{k}={v}" for k, v in inst.env.items() if not k.startswith("RUNPOD_")],
+            "gpuCount": inst.gpu_count,
+            "imageName": inst.image,
+            "lastStatusChange": time.strftime("Rented by User: %a %b %d %Y", time.gmtime(inst.last_status_change)),
+            "machineId": "sim" + inst.id[:9],
+            "memoryInGb": 8 * inst.gpu_count,
+            "podType": "INTERRUPTABLE" if inst.spot else "RESERVED",
+            "port": None,
+            "ports": inst.ports,
+            "uptimeSeconds": runtime["uptimeInSeconds"] if runtime else 0,
+            "vcpuCount": 2 * inst.gpu_count,
+            "volumeInGb": 0,
+            "volumeMountPath": "/runpod-volume",
+            "runtime": runtime,
+            "machine": {
+                "gpuDisplayName": g.display_name,
+                "podHostId": f"{inst.id}-64410065",
+                "dataCenterId": inst.region,
+                "location": inst.region,
+            },
+        }
+
+    # --- access ----------------------------------------------------------------------------
+
+    def _pod_for(self, info, pod_id: str, missing: str | None) -> SimInstance | None:
+        """The pod, if the caller may act on it (a pod-scoped key reaches its own pod only)."""
+        key = info.context["key"]
+        inst = self.world.find("runpod", pod_id)
+        if key not in self.world.runpod_keys and (inst is None or inst.pod_key != key):
+            raise GraphQLError("You are not authorized to perform this action on this pod.", extensions={"code": "FORBIDDEN"})
+        if inst is None and missing:
+            raise GraphQLError(missing, extensions={"code": "NOT_FOUND"})
+        return inst
+
+    @staticmethod
+    def _account_only(info) -> None:
+        if info.context["key"] not in info.context["account_keys"]:
+            raise GraphQLError("This API key is scoped to a single pod.", extensions={"code": "FORBIDDEN"})
+
+    # --- resolvers -------------------------------------------------------------------------
+
+    def gpu_types(self, info, input=None):
+        self._account_only(info)
+        wanted = (input or {}).get("id")
+        return [self.gpu_json(g) for g in catalog.RUNPOD_GPUS if wanted is None or g.id == wanted]
+
+    def pod(self, info, input):
+        inst = self._pod_for(info, input["podId"], None)
+        return self.pod_json(inst) if inst else None
+
+    def myself(self, info):
+        self._account_only(info)
+        return {
+            "id": "sim-user",
+            "pubKey": "\n".join(self.world.runpod_pub_keys),
+            "pods": [self.pod_json(i) for i in self.world.listing("runpod")],
+            "networkVolumes": [],
+        }
+
+    def deploy(self, info, input=None, spot: bool = False):
+        self._account_only(info)
+        input = input or {}
+        gpu_id = input.get("gpuTypeId") or next(iter(input.get("gpuTypeIdList") or []), None)
+        if not gpu_id:
+            raise GraphQLError("gpuTypeId is required.", extensions={"code": "BAD_USER_INPUT"})
+        if not input.get("imageName") and not input.get("templateId"):
+            raise GraphQLError("imageName is required when no templateId is given.", extensions={"code": "BAD_USER_INPUT"})
+        for item in input.get("env") or []:
+            if not ENV_KEY_RE.match(item["key"]):
+                raise GraphQLError(f"Invalid environment variable name: {item['key']}", extensions={"code": "BAD_USER_INPUT"})
+        ports = (input.get("ports") or "").replace(" ", "")
+        if ports and not all(PORTS_RE.match(p) for p in ports.split(",")):
+            raise GraphQLError(
+                f"Invalid ports: {ports}. Use a comma-separated list like 22/tcp,8888/http.",
+                extensions={"code": "BAD_USER_INPUT"},
+            )
+        g = catalog.runpod_gpu(gpu_id)
+        count = input.get("gpuCount") or 1
+        if g is None or count > g.max_gpu_count or count < 1:
+            raise GraphQLError(NO_CAPACITY, extensions={"code": "BAD_USER_INPUT"})
+        cloud = input.get("cloudType") or "ALL"
+        per_gpu = g.community_price if cloud == "COMMUNITY" else g.secure_price
+        if spot:
+            floor = g.community_spot_price if cloud == "COMMUNITY" else g.secure_spot_price
+            if input["bidPerGpu"] < floor:
+                raise GraphQLError(
+                    f"Your bid price is below the minimum bid price of ${floor}/hr per GPU.",
+                    extensions={"code": "BAD_USER_INPUT"},
+                )
+            per_gpu = input["bidPerGpu"]
+        dcs = [input["dataCenterId"]] if input.get("dataCenterId") else catalog.RUNPOD_DATA_CENTERS
+        world = self.world
+        with world.lock:
+            dc = next((d for d in dcs if d in catalog.RUNPOD_DATA_CENTERS and world.take_slot("runpod", g.id, d)), None)
+        if dc is None:
+            raise GraphQLError(NO_CAPACITY, extensions={"code": "BAD_USER_INPUT"})
+        env = {item["key"]: item["value"] for item in input.get("env") or []}
+        if input.get("startSsh") and "PUBLIC_KEY" not in env:
+            env["PUBLIC_KEY"] = "\n".join(world.runpod_pub_keys)
+        inst = world.new_instance(
+            "runpod",
+            name=input.get("name") or "",
+            type_name=g.id,
+            region=dc,
+            gpu_count=count,
+            price_per_hour=round(per_gpu * count, 3),
+            status="RUNNING",
+            image=input.get("imageName") or "",
+            env=env,
+            ports=ports,
+            spot=spot,
+            disk_gb=input.get("containerDiskInGb") or 10,
+        )
+        return self.pod_json(inst)
+
+    def terminate(self, info, input):
+        inst = self._pod_for(info, input["podId"], "pod not found to terminate")
+        self.world.terminate(inst)
+        return None
+
+    def stop(self, info, input):
+        inst = self._pod_for(info, input["podId"], "pod not found to stop")
+        self.world.stop_pod(inst)
+        return {"id": inst.id, "desiredStatus": "EXITED"}
+
+    def resume(self, info, input):
+        self._account_only(info)
+        inst = self._pod_for(info, input["podId"], "pod not found to resume")
+        if inst.status == "RUNNING":
+            raise GraphQLError("Pod is already running.", extensions={"code": "BAD_USER_INPUT"})
+        self.world.restart(inst)
+        return self.pod_json(inst)
+
+    def update_user(self, info, input=None):
+        self._account_only(info)
+        self.world.runpod_pub_keys = [k for k in ((input or {}).get("pubKey") or "").split("\n") if k.strip()]
+        return self.myself(info)
+
+    def root(self) -> dict:
+        return {
+            "gpuTypes": self.gpu_types,
+            "pod": self.pod,
+            "myself": self.myself,
+            "podFindAndDeployOnDemand": self.deploy,
+            "podRentInterruptable": lambda info, input: self.deploy(info, input, spot=True),
+            "podStop": self.stop,
+            "podResume": self.resume,
+            "podTerminate": self.terminate,
+            "updateUserSettings": self.update_user,
+        }
+
+
+def mount(router: Router, world: World) -> None:
+    api = Api(world)
+    root = api.root()
+
+    def handle(req: Request) -> Response:
+        auth = req.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else req.query.get("api_key")
+        pod_keys = {i.pod_key for i in world.listing("runpod")}
+        if not key or key not in world.runpod_keys | pod_keys:
+            return _errors("Unauthorized", "UNAUTHENTICATED", 401)
+        body = req.json()
+        if req.method == "GET":
+            body = {"query": req.query.get("query", "")}
+        if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+            return _errors("Must provide query string.", "BAD_REQUEST", 400)
+        try:
+            doc = parse(body["query"])
+        except GraphQLSyntaxError as e:
+            return json_response({"errors": [e.formatted]}, 400)
+        op = next((d for d in doc.definitions if d.kind == "operation_definition"), None)
+        field = op.selection_set.selections[0].name.value if op and op.selection_set.selections else "*"
+
+        invalid = validate(SCHEMA, doc)
+        if invalid:
+            return json_response({"errors": [e.formatted for e in invalid]}, 400)
+
+        def execute(_req: Request) -> Response:
+            result = execute_sync(
+                SCHEMA,
+                doc,
+                root_value=root,
+                variable_values=body.get("variables"),
+                context_value={"key": key, "account_keys": world.runpod_keys},
+            )
+            out = {"data": result.data}
+            if result.errors:
+                out["errors"] = [e.formatted for e in result.errors]
+            return json_response(out)
+
+        return with_faults(world, "runpod", field, execute, status_error, capacity_error)(req)
+
+    router.add("POST", "/graphql", handle)
+    router.add("GET", "/graphql", handle)

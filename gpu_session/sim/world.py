@@ -1,0 +1,413 @@
+"""The simulator's state: accounts, instances, SSH keys, capacity, faults and rate limits.
+
+Both cloud APIs are views over this one world. Instances move through their cloud's status
+timeline on background threads; their hosts are real (hosts.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import string
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import catalog
+from .hosts import HostError, Hosts, HostSpec
+
+log = logging.getLogger("gpu_session.sim")
+
+FAULT_KINDS = ("429", "500", "502", "503", "slow", "timeout", "capacity", "error_after_create", "drop")
+
+
+@dataclass
+class Fault:
+    """One injected fault.
+
+    target is "<api>:<operation>" where api is lambda, runpod or hf and operation is the Lambda path
+    after /api/v1 with ids replaced by {id} (e.g. "instance-operations/launch", "instances/{id}"),
+    the RunPod GraphQL root field (e.g. "podFindAndDeployOnDemand"), or the Hub route ("model_info",
+    "resolve"); "*" matches any operation. kind is one of FAULT_KINDS:
+    429/500/502/503 answer that status; slow sleeps `delay` and then answers normally; timeout
+    sleeps `delay` after doing the work (so a client that gave up cannot know whether it happened);
+    capacity answers the cloud's capacity error; error_after_create does the work and answers 500;
+    drop does the work and closes the connection without an answer.
+    """
+
+    target: str
+    kind: str
+    times: int = 1
+    delay: float = 5.0
+
+    def matches(self, api: str, op: str) -> bool:
+        want_api, _, want_op = self.target.partition(":")
+        return want_api == api and want_op in ("*", op)
+
+
+@dataclass
+class SimInstance:
+    id: str
+    cloud: str  # "lambda" | "runpod"
+    name: str
+    type_name: str  # Lambda instance type, or RunPod GPU type id
+    region: str
+    gpu_count: int
+    price_per_hour: float
+    status: str  # Lambda: booting/active/unhealthy/terminating/terminated/preempted; RunPod: desiredStatus
+    created_at: float
+    ssh_key_names: list[str] = field(default_factory=list)
+    authorized_keys: list[str] = field(default_factory=list)
+    user_data: str | None = None
+    image: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    ports: str = ""
+    spot: bool = False
+    disk_gb: int = 0
+    hostname: str | None = None
+    tags: list[dict] = field(default_factory=list)
+    address: str | None = None  # set once the host is up
+    ssh_port: int = 22  # the port the controller dials (RunPod: the mapped public port)
+    pod_key: str | None = None  # RunPod pod-scoped API key
+    booted_at: float | None = None
+    last_status_change: float = 0.0
+
+    @property
+    def host_up(self) -> bool:
+        return self.address is not None
+
+
+@dataclass
+class SshKey:
+    id: str
+    name: str
+    public_key: str
+
+
+class RateLimiter:
+    """Token buckets per (key, bucket). rate is tokens per second, burst the bucket size."""
+
+    def __init__(self):
+        self._buckets: dict[tuple, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: tuple, rate: float, burst: int) -> bool:
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, [float(burst), now])
+            tokens = min(float(burst), tokens + (now - last) * rate)
+            if tokens < 1.0:
+                self._buckets[key] = [tokens, now]
+                return False
+            self._buckets[key] = [tokens - 1.0, now]
+            return True
+
+
+@dataclass
+class SimConfig:
+    """Knobs. Defaults are what a person rehearsing would want; tests shorten the delays."""
+
+    boot_delay: float = 3.0  # launch → host starting
+    terminate_delay: float = 1.0  # Lambda: terminating → terminated
+    gone_after: float = 10.0  # Lambda: terminated → 404
+    lambda_rate: float = 1.0  # requests per second (documented: 1/s)
+    lambda_burst: int = 10
+    lambda_launch_rate: float = 1 / 12  # documented: 1 launch per 12 s, 5 per minute
+    lambda_launch_burst: int = 5
+    isolate_hosts: bool | None = None  # None: when root
+
+
+def _hex_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _pod_id() -> str:
+    return "".join(random.choices(string.ascii_lowercase + string.digits, k=14))
+
+
+class World:
+    def __init__(self, state_dir: Path, config: SimConfig | None = None):
+        self.config = config or SimConfig()
+        self.state_dir = state_dir
+        self.lock = threading.RLock()
+        self.hosts = Hosts(state_dir, isolate=self.config.isolate_hosts)
+        self.lambda_keys: set[str] = {"sim-lambda-" + secrets.token_hex(12)}
+        self.runpod_keys: set[str] = {"sim-runpod-" + secrets.token_hex(12)}
+        self.hf_tokens: set[str] = {"hf_sim" + secrets.token_hex(12)}
+        self.inactive_keys: set[str] = set()  # Lambda: valid key of an inactive account → 403
+        self.instances: dict[str, SimInstance] = {}
+        self.ssh_keys: dict[str, SshKey] = {}
+        self.runpod_pub_keys: list[str] = []  # account-level keys (myself.pubKey)
+        self.capacity: dict[tuple[str, str, str], int] = {}  # (cloud, type, region) → free slots
+        self.faults: list[Fault] = []
+        self.limiter = RateLimiter()
+        self.events: list[dict] = []  # what happened, for tests and `sim --list`
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._ports = iter(range(20000 + random.randrange(0, 20000), 65000))
+        self.host_api_base = ""  # set by the Simulator: the API as pods reach it
+
+    # --- knobs -----------------------------------------------------------------------------
+
+    def set_capacity(self, cloud: str, type_name: str, region: str | None, slots: int) -> None:
+        regions = [region] if region else self.regions(cloud)
+        with self.lock:
+            for r in regions:
+                self.capacity[(cloud, type_name, r)] = slots
+
+    def inject(self, fault: Fault) -> None:
+        if fault.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {fault.kind!r}: one of {', '.join(FAULT_KINDS)}")
+        with self.lock:
+            self.faults.append(fault)
+
+    def take_fault(self, api: str, op: str) -> Fault | None:
+        with self.lock:
+            for f in self.faults:
+                if f.matches(api, op) and f.times > 0:
+                    f.times -= 1
+                    if f.times == 0:
+                        self.faults.remove(f)
+                    self.record("fault", api=api, op=op, kind=f.kind)
+                    return f
+        return None
+
+    def record(self, what: str, **info) -> None:
+        with self.lock:
+            self.events.append({"t": time.time(), "event": what, **info})
+
+    # --- capacity --------------------------------------------------------------------------
+
+    @staticmethod
+    def regions(cloud: str) -> list[str]:
+        return list(catalog.LAMBDA_REGIONS) if cloud == "lambda" else list(catalog.RUNPOD_DATA_CENTERS)
+
+    def free_slots(self, cloud: str, type_name: str, region: str) -> int:
+        with self.lock:
+            return self.capacity.get((cloud, type_name, region), catalog.DEFAULT_CAPACITY)
+
+    def take_slot(self, cloud: str, type_name: str, region: str) -> bool:
+        with self.lock:
+            free = self.free_slots(cloud, type_name, region)
+            if free <= 0:
+                return False
+            self.capacity[(cloud, type_name, region)] = free - 1
+            return True
+
+    def _give_slot(self, inst: SimInstance) -> None:
+        key = (inst.cloud, inst.type_name, inst.region)
+        with self.lock:
+            self.capacity[key] = self.free_slots(*key) + 1
+
+    # --- instances -------------------------------------------------------------------------
+
+    def new_instance(self, cloud: str, **fields) -> SimInstance:
+        inst_id = _hex_id() if cloud == "lambda" else _pod_id()
+        now = time.time()
+        inst = SimInstance(id=inst_id, cloud=cloud, created_at=now, last_status_change=now, **fields)
+        if cloud == "runpod":
+            inst.ssh_port = next(self._ports)
+            inst.pod_key = "sim-pod-" + secrets.token_hex(16)
+        with self.lock:
+            self.instances[inst_id] = inst
+        self.record("launch", cloud=cloud, id=inst_id, name=inst.name, type=inst.type_name, region=inst.region)
+        self._spawn(self._boot, inst)
+        return inst
+
+    def _spawn(self, fn, *args) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        t.start()
+        with self.lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
+    def _gpus_of(self, inst: SimInstance) -> list[tuple[str, int]]:
+        if inst.cloud == "lambda":
+            t = catalog.lambda_type(inst.type_name)
+            return [(f"NVIDIA {t.gpu} {t.vram_gb}GB", t.vram_gb * 1024)] * t.gpus
+        g = catalog.runpod_gpu(inst.type_name)
+        return [(g.id, g.memory_gb * 1024)] * inst.gpu_count
+
+    def _boot(self, inst: SimInstance) -> None:
+        time.sleep(self.config.boot_delay)
+        with self.lock:
+            if inst.status not in ("booting", "RUNNING") or self._closed:
+                return
+        if inst.cloud == "lambda":
+            spec = HostSpec(
+                inst.id,
+                "ubuntu",
+                inst.authorized_keys,
+                self._gpus_of(inst),
+                files=_cloud_init_files(inst.user_data),
+                hostname=inst.hostname,
+            )
+        else:
+            env = {
+                **inst.env,
+                "RUNPOD_POD_ID": inst.id,
+                "RUNPOD_API_KEY": inst.pod_key,
+                "RUNPOD_GPU_COUNT": str(inst.gpu_count),
+                "RUNPOD_PUBLIC_IP": "",
+                "RUNPOD_TCP_PORT_22": str(inst.ssh_port),
+                # Not set by RunPod itself: where this simulator's API answers from inside a pod.
+                "RUNPOD_API_BASE_URL": self.host_api_base,
+            }
+            keys = [k for k in env.get("PUBLIC_KEY", "").split("\n") if k.strip()]
+            spec = HostSpec(inst.id, "root", keys, self._gpus_of(inst), env=env, extra_ports=[inst.ssh_port])
+        try:
+            host = self.hosts.start(spec)
+        except HostError as e:
+            log.error("instance %s: host failed to start: %s", inst.id, e)
+            self._set_status(inst, "unhealthy" if inst.cloud == "lambda" else "EXITED")
+            return
+        with self.lock:
+            if inst.status not in ("booting", "RUNNING"):  # terminated while booting
+                stop = True
+            else:
+                stop = False
+                inst.address = host.address
+                if inst.cloud == "runpod":
+                    inst.env["RUNPOD_PUBLIC_IP"] = host.address  # sshd listens on the mapped port too
+                else:
+                    inst.ssh_port = host.port
+                inst.booted_at = time.time()
+        if stop:
+            self.hosts.stop(inst.id)
+            return
+        if inst.cloud == "lambda":
+            self._set_status(inst, "active")
+        self.record("ready", id=inst.id, address=host.address)
+
+    def _set_status(self, inst: SimInstance, status: str) -> None:
+        with self.lock:
+            inst.status = status
+            inst.last_status_change = time.time()
+
+    def terminate(self, inst: SimInstance) -> None:
+        """Answer at once; the host goes down a moment later, as a real machine does (a pod that
+        terminates itself gets its answer). Lambda shows `terminating` meanwhile; RunPod drops the
+        pod from its listings at once."""
+        self.record("terminate", cloud=inst.cloud, id=inst.id, name=inst.name)
+        if inst.cloud == "lambda":
+            self._set_status(inst, "terminating")
+        else:
+            with self.lock:
+                self.instances.pop(inst.id, None)
+                inst.status = "TERMINATED"
+        self._spawn(self._finish_terminate, inst)
+
+    def _release(self, inst: SimInstance) -> None:
+        self.hosts.stop(inst.id)
+        with self.lock:
+            inst.address = None
+        self._give_slot(inst)
+
+    def _finish_terminate(self, inst: SimInstance) -> None:
+        time.sleep(self.config.terminate_delay)
+        self._release(inst)
+        if inst.cloud == "runpod":
+            return
+        self._set_status(inst, "terminated")
+        time.sleep(self.config.gone_after)
+        with self.lock:
+            self.instances.pop(inst.id, None)
+
+    def stop_pod(self, inst: SimInstance) -> None:
+        self.hosts.stop(inst.id)
+        with self.lock:
+            inst.address = None
+        self._set_status(inst, "EXITED")
+
+    def restart(self, inst: SimInstance) -> None:
+        """Reboot (Lambda restart, RunPod resume): the host goes down and boots again."""
+        self.hosts.stop(inst.id)
+        with self.lock:
+            inst.address = None
+        self._set_status(inst, "booting" if inst.cloud == "lambda" else "RUNNING")
+        self._spawn(self._boot, inst)
+
+    # --- instance faults -------------------------------------------------------------------
+
+    def kill_instance(self, inst_id: str) -> None:
+        """The instance dies: its host vanishes; Lambda reports it terminated, RunPod EXITED."""
+        inst = self.instances[inst_id]
+        self.record("died", id=inst_id)
+        self.hosts.stop(inst_id)
+        with self.lock:
+            inst.address = None
+        if inst.cloud == "lambda":
+            self._give_slot(inst)
+            self._set_status(inst, "terminated")
+        else:
+            self._set_status(inst, "EXITED")
+
+    def make_unhealthy(self, inst_id: str) -> None:
+        """The instance stays billed but stops answering SSH (Lambda: status unhealthy)."""
+        inst = self.instances[inst_id]
+        self.record("unhealthy", id=inst_id)
+        self.hosts.stop(inst_id)
+        with self.lock:
+            inst.address = None
+        if inst.cloud == "lambda":
+            self._set_status(inst, "unhealthy")
+
+    # --- views -----------------------------------------------------------------------------
+
+    def find(self, cloud: str, inst_id: str) -> SimInstance | None:
+        with self.lock:
+            inst = self.instances.get(inst_id)
+            return inst if inst is not None and inst.cloud == cloud else None
+
+    def listing(self, cloud: str) -> list[SimInstance]:
+        with self.lock:
+            return [i for i in self.instances.values() if i.cloud == cloud]
+
+    def snapshot(self) -> dict:
+        """Everything a test or `invoke sim --list` wants to see."""
+        with self.lock:
+            return {
+                "instances": [
+                    {
+                        "id": i.id,
+                        "cloud": i.cloud,
+                        "name": i.name,
+                        "type": i.type_name,
+                        "region": i.region,
+                        "status": i.status,
+                        "address": i.address,
+                        "ssh_port": i.ssh_port,
+                        "host_dir_exists": (self.hosts.dir / i.id).exists(),
+                    }
+                    for i in self.instances.values()
+                ],
+                "ssh_keys": [{"id": k.id, "name": k.name} for k in self.ssh_keys.values()],
+                "faults": [vars(f) for f in self.faults],
+                "hosts_isolated": self.hosts.isolated,
+            }
+
+    def close(self) -> None:
+        with self.lock:
+            self._closed = True
+        self.hosts.close()
+
+
+def _cloud_init_files(user_data: str | None) -> list[dict]:
+    """The `write_files` entries of a #cloud-config document (the one module the simulator honours)."""
+    if not user_data or not user_data.lstrip().startswith("#cloud-config"):
+        return []
+    import base64
+
+    import yaml
+
+    doc = yaml.safe_load(user_data) or {}
+    files = []
+    for f in doc.get("write_files") or []:
+        content = f.get("content", "")
+        if f.get("encoding") in ("b64", "base64"):
+            content = base64.b64decode(content).decode("latin-1")
+        files.append({"path": f["path"], "content": content, "permissions": str(f.get("permissions", "0644"))})
+    return files

@@ -1,0 +1,92 @@
+"""Shared fixtures: one simulator per test session (hosts are real), SSH keys, clients pointed at it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Nothing a test does may touch the user's own state or config.
+_SANDBOX = Path(tempfile.mkdtemp(prefix="gpu-session-tests-"))
+os.environ["XDG_STATE_HOME"] = str(_SANDBOX / "state")
+os.environ["XDG_CONFIG_HOME"] = str(_SANDBOX / "config")
+for var in ("LAMBDA_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "LAMBDA_API_BASE", "RUNPOD_API_BASE_URL", "HF_ENDPOINT"):
+    os.environ.pop(var, None)
+
+from gpu_session.clouds import RetryPolicy  # noqa: E402
+from gpu_session.sim import SimConfig, Simulator  # noqa: E402
+
+FAST_RETRY = RetryPolicy(attempts=5, base=0.05, cap=0.4)
+
+
+@pytest.fixture(scope="session")
+def sim(tmp_path_factory):
+    config = SimConfig(boot_delay=0.3, terminate_delay=0.1, gone_after=0.5, lambda_rate=0, lambda_launch_rate=0)
+    with Simulator(tmp_path_factory.mktemp("sim"), config) as s:
+        yield s
+
+
+@pytest.fixture
+def sim_env(sim, monkeypatch):
+    """Point every client at the simulator through the environment, as `eval "$(invoke sim)"` does."""
+    for k, v in sim.env().items():
+        monkeypatch.setenv(k, v)
+    return sim.env()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_faults(request):
+    yield
+    if "sim" in request.fixturenames:
+        s = request.getfixturevalue("sim")
+        pending = list(s.world.faults)
+        s.world.faults.clear()
+        assert not pending, f"test left injected faults unused: {pending}"
+
+
+@dataclass
+class KeyPair:
+    private: Path
+    public: str
+
+
+@pytest.fixture(scope="session")
+def keypair(tmp_path_factory) -> KeyPair:
+    d = tmp_path_factory.mktemp("keys")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tests", "-f", str(d / "id")], check=True)
+    return KeyPair(d / "id", (d / "id.pub").read_text().strip())
+
+
+@pytest.fixture
+def name(request) -> str:
+    """A deterministic instance name unique to the test. A test that fails half-way may leave
+    instances behind; they are terminated afterwards so they cannot disturb the next test."""
+    prefix = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    yield prefix
+    if "sim" in request.fixturenames:
+        world = request.getfixturevalue("sim").world
+        for inst in list(world.instances.values()):
+            if inst.name.startswith(prefix) and inst.status not in ("terminating", "terminated"):
+                world.terminate(inst)
+
+
+def ssh(endpoint, key: KeyPair, command: str, known_hosts: Path | None = None, strict: bool = False, timeout: int = 30):
+    """Run a command over real ssh; known_hosts pins the host key when strict."""
+    opts = [
+        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10",
+        "-o", f"StrictHostKeyChecking={'yes' if strict else 'accept-new'}",
+        "-o", f"UserKnownHostsFile={known_hosts or '/dev/null'}", "-o", "LogLevel=ERROR",
+    ]  # fmt: skip
+    return subprocess.run(
+        ["ssh", "-i", str(key.private), "-p", str(endpoint.port), *opts, f"{endpoint.user}@{endpoint.host}", command],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def own_instances(sim, name: str) -> list[dict]:
+    return [i for i in sim.instances() if i["name"] == name]
