@@ -131,7 +131,8 @@ class LambdaCloud(Cloud):
         status = d.get("status", "")
         endpoint = None
         if status == "active" and d.get("ip"):  # ip is unusable (or absent) until active
-            endpoint = SshEndpoint(d["ip"], int(d.get("ssh_port", 22)), self.ssh_user)
+            # ssh_port / ssh_user: never sent by Lambda; only the simulator's unprivileged fallback does.
+            endpoint = SshEndpoint(d["ip"], int(d.get("ssh_port", 22)), d.get("ssh_user") or self.ssh_user)
         return Instance(
             id=d["id"],
             name=d.get("name") or "",

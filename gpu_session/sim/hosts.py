@@ -399,6 +399,8 @@ class Hosts:
             "PasswordAuthentication no\nAllowTcpForwarding yes\nSubsystem sftp internal-sftp\n"
             f"SetEnv {setenv}\n"
         )
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         logf = open(hd / "host.log", "ab")  # noqa: SIM115 - handed to sshd, closed below
         proc = subprocess.Popen(
             [SSHD, "-D", "-e", "-f", str(hd / "sshd_config")],

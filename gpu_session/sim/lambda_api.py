@@ -103,8 +103,8 @@ def instance_json(inst: SimInstance, loopback: bool) -> dict:
             "jupyter_token": token,
             "jupyter_url": f"https://jupyter-{inst.id[:12]}.lambdaspaces.com/?token={token}",
         }
-        if loopback:  # simulator-only: unprivileged hosts cannot listen on port 22
-            out["ssh_port"] = inst.ssh_port
+        if loopback:  # simulator-only: unprivileged hosts listen elsewhere than 22, as the current user
+            out |= {"ssh_port": inst.ssh_port, "ssh_user": inst.ssh_user}
     return out
 
 

@@ -70,6 +70,7 @@ class SimInstance:
     tags: list[dict] = field(default_factory=list)
     address: str | None = None  # set once the host is up
     ssh_port: int = 22  # the port the controller dials (RunPod: the mapped public port)
+    ssh_user: str = ""  # who the host lets in (differs from the cloud's user only on loopback hosts)
     pod_key: str | None = None  # RunPod pod-scoped API key
     booted_at: float | None = None
     last_status_change: float = 0.0
@@ -274,6 +275,7 @@ class World:
                     inst.env["RUNPOD_PUBLIC_IP"] = host.address  # sshd listens on the mapped port too
                 else:
                     inst.ssh_port = host.port
+                inst.ssh_user = host.user
                 inst.booted_at = time.time()
         if stop:
             self.hosts.stop(inst.id)
@@ -312,6 +314,10 @@ class World:
         if inst.cloud == "runpod":
             return
         self._set_status(inst, "terminated")
+        self._forget_later(inst)
+
+    def _forget_later(self, inst: SimInstance) -> None:
+        """Terminated Lambda instances answer for a while, then 404."""
         time.sleep(self.config.gone_after)
         with self.lock:
             self.instances.pop(inst.id, None)
@@ -342,6 +348,7 @@ class World:
         if inst.cloud == "lambda":
             self._give_slot(inst)
             self._set_status(inst, "terminated")
+            self._spawn(self._forget_later, inst)
         else:
             self._set_status(inst, "EXITED")
 

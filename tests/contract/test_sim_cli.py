@@ -1,0 +1,85 @@
+"""`invoke sim` as a person runs it: export lines to eval, --list, faults into a running simulator, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpu_session.clouds.lambda_cloud import LambdaCloud
+
+
+def run_cli(*args: str, state: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpu_session.sim", "--state-dir", str(state), *args],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_foreground_simulator_prints_exports_and_stops_cleanly(tmp_path):
+    state = tmp_path / "sim"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpu_session.sim", "--state-dir", str(state), "--boot-delay", "0.1", "--no-rate-limits"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        env = {}
+        while len(env) < 6:
+            line = proc.stdout.readline()
+            assert line.startswith("export "), line + proc.stderr.read()
+            k, _, v = line[len("export ") :].strip().partition("=")
+            env[k] = v
+        assert set(env) == {
+            "LAMBDA_API_BASE",
+            "RUNPOD_API_BASE_URL",
+            "HF_ENDPOINT",
+            "LAMBDA_API_KEY",
+            "RUNPOD_API_KEY",
+            "HF_TOKEN",
+        }
+        assert oct((state / "sim.json").stat().st_mode & 0o777) == "0o600"
+
+        cloud = LambdaCloud(api_key=env["LAMBDA_API_KEY"], base_url=env["LAMBDA_API_BASE"])
+        assert any(o.instance_type == "gpu_1x_a10" for o in cloud.offers())
+
+        added = run_cli("--fault", "lambda:instance-operations/launch:503:2", "--capacity", "lambda:gpu_1x_a10=0", state=state)
+        assert added.returncode == 0, added.stderr
+        listed = run_cli("--list", "--json", state=state)
+        state_json = json.loads(listed.stdout)
+        assert state_json["faults"] == [{"target": "lambda:instance-operations/launch", "kind": "503", "times": 2, "delay": 5.0}]
+        assert not next(o for o in cloud.offers() if o.instance_type == "gpu_1x_a10").regions
+        table = run_cli("--list", state=state)
+        assert "simulated instances" in table.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert not (state / "sim.json").exists()
+    assert run_cli("--list", state=state).returncode != 0  # says none is running
+
+
+def test_bad_cli_input_says_what_to_do(tmp_path):
+    out = run_cli("--fault", "lambda:launch:explode", state=tmp_path)
+    assert out.returncode != 0 and "KIND one of" in out.stderr
+    out = run_cli("--capacity", "aws:p5=1", state=tmp_path)
+    assert out.returncode != 0 and "CLOUD lambda or runpod" in out.stderr
+
+
+def test_cleanup_reclaims_what_a_killed_simulator_left(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("networks exist only for root")
+    state = tmp_path / "sim"
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_session.sim", "--state-dir", str(state)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    proc.stdout.readline()
+    net = json.loads((state / "sim.json").read_text())["env"]["HF_ENDPOINT"].split(".")[1]
+    bridge = f"gss{int(net) - 200}br"
+    assert bridge in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    proc.kill()
+    proc.wait()
+    time.sleep(0.1)
+    assert run_cli("--cleanup", state=state).returncode == 0
+    assert bridge not in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
