@@ -155,7 +155,10 @@ class Hub:
 
     def _lookup(self, org: str | None, name: str, rev: str) -> tuple[Repo | None, Response | None]:
         repo_id = f"{org}/{name}" if org else name
-        repo = self.repo(repo_id)
+        try:
+            repo = self.repo(repo_id)
+        except models.ModelUnavailable as e:
+            return None, _hub_error(503, None, str(e))
         if repo is None:
             return None, _hub_error(401, "RepoNotFound", "Repository not found")
         if rev not in ("main", repo.sha):

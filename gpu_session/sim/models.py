@@ -17,14 +17,18 @@ from pathlib import Path
 
 BUILDER_VERSION = "1"  # bump when a built model changes, so cached builds are redone
 
+# Message content may be a string or a list of parts; image parts become the model's image token.
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['content'] is string %}{% set content = message['content'] %}"
-    "{% else %}{% set content = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}{% endif %}"
+    "{% else %}{% set ns = namespace(c='') %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{% set ns.c = ns.c + part['text'] %}"
+    "{% elif part['type'] in ('image', 'image_url') %}{% set ns.c = ns.c + '<image>' %}{% endif %}"
+    "{% endfor %}{% set content = ns.c %}{% endif %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + content | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
 
 CORPUS = """
 The quick brown fox jumps over the lazy dog. A GPU session starts, serves a model, and ends.
@@ -150,17 +154,32 @@ METADATA_MODELS = [
 ]
 
 TINY_TEXT = "gpu-session/tiny-chat"
+TINY_VISION = "gpu-session/tiny-vision"
 TINY_TEXT_CONFIG = dict(hidden=128, layers=2, heads=2, kv=2, inter=256, vocab=512, ctx=2048)
+# The vision tower: CLIP on 56x56 images in 14x14 patches, so 16 image tokens per image.
+TINY_VISION_CONFIG = dict(hidden=64, layers=2, heads=1, inter=128, image=56, patch=14)
+
+
+def _text_params(c: dict) -> int:
+    h, i = c["hidden"], c["inter"]
+    return 2 * c["vocab"] * h + c["layers"] * (4 * h * h + 3 * h * i + 2 * h) + h
+
+
+def _vision_params(c: dict, text_hidden: int) -> int:
+    h, i, n = c["hidden"], c["inter"], (c["image"] // c["patch"]) ** 2 + 1
+    embeddings = 3 * c["patch"] ** 2 * h + h + n * h
+    layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h
+    projector = h * text_hidden + text_hidden + text_hidden**2 + text_hidden
+    return embeddings + 2 * h + c["layers"] * layer + 2 * h + projector
 
 
 def built_models() -> list[HubModel]:
-    c = TINY_TEXT_CONFIG
-    n = (
-        c["vocab"] * c["hidden"] * 2
-        + c["layers"] * (4 * c["hidden"] ** 2 + 3 * c["hidden"] * c["inter"] + 2 * c["hidden"])
-        + c["hidden"]
-    )
-    return [HubModel(TINY_TEXT, n, "BF16", {}, built=True, tags=["simulator", "random-weights"])]
+    tags = ["simulator", "random-weights"]
+    vision_params = _text_params(TINY_TEXT_CONFIG) + _vision_params(TINY_VISION_CONFIG, TINY_TEXT_CONFIG["hidden"])
+    return [
+        HubModel(TINY_TEXT, _text_params(TINY_TEXT_CONFIG), "BF16", {}, built=True, tags=tags),
+        HubModel(TINY_VISION, vision_params, "BF16", {}, built=True, pipeline_tag="image-text-to-text", tags=tags),
+    ]
 
 
 # --- building ---------------------------------------------------------------------------------
@@ -272,7 +291,66 @@ def build_tiny_text(out: Path) -> None:
     (out / "README.md").write_text(f"# {TINY_TEXT}\n\nBuilt by the gpu-session simulator: random weights, for tests.\n")
 
 
-BUILDERS = {TINY_TEXT: build_tiny_text}
+def build_tiny_vision(out: Path) -> None:
+    """A LLaVA-style model (CLIP tower, projector, the tiny Llama) built with transformers, which the
+    simulator needs only for this model (pip install 'gpu-session[sim-vision]')."""
+    try:
+        import torch
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaProcessor,
+            PreTrainedTokenizerFast,
+        )
+    except ImportError as e:
+        raise ModelUnavailable(
+            f"building {TINY_VISION} needs torch and transformers: pip install 'gpu-session[sim-vision]' ({e})"
+        ) from None
+    c, v = TINY_TEXT_CONFIG, TINY_VISION_CONFIG
+    tok = _train_tokenizer(c["vocab"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
+        model_max_length=c["ctx"], extra_special_tokens={"image_token": "<image>"},
+    )  # fmt: skip
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": v["image"]}, crop_size={"height": v["image"], "width": v["image"]},
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=v["hidden"], intermediate_size=v["inter"], num_hidden_layers=v["layers"],
+            num_attention_heads=v["heads"], image_size=v["image"], patch_size=v["patch"], projection_dim=v["hidden"],
+        ),
+        text_config=LlamaConfig(
+            hidden_size=c["hidden"], intermediate_size=c["inter"], num_hidden_layers=c["layers"],
+            num_attention_heads=c["heads"], num_key_value_heads=c["kv"], vocab_size=c["vocab"],
+            max_position_embeddings=c["ctx"], bos_token_id=tok.token_to_id("<|begin_of_text|>"),
+            eos_token_id=tok.token_to_id("<|eot_id|>"), tie_word_embeddings=False,
+        ),
+        image_token_index=tok.token_to_id("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_seq_length=(v["image"] // v["patch"]) ** 2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=v["patch"],
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAMA3_TEMPLATE,
+    )  # fmt: skip
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**tok_config, "chat_template": LLAMA3_TEMPLATE}, indent=2))
+    (out / "README.md").write_text(f"# {TINY_VISION}\n\nBuilt by the gpu-session simulator: random weights, for tests.\n")
+
+
+class ModelUnavailable(RuntimeError):
+    """The simulator cannot build this model here (a missing optional dependency)."""
+
+
+BUILDERS = {TINY_TEXT: build_tiny_text, TINY_VISION: build_tiny_vision}
 
 
 def ensure_built(cache: Path, repo_id: str) -> Path:
