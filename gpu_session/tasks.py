@@ -33,7 +33,7 @@ def test(c, args="", fast=False):
         "json": "with --list: JSON",
         "cleanup": "remove what a simulator that died left behind",
         "fault": "inject a fault, API:OP:KIND[:TIMES] (repeatable)",
-        "capacity": "set free slots, CLOUD:TYPE[:REGION]=N (repeatable)",
+        "capacity": "instances a type can hold per region, CLOUD:TYPE[:REGION]=N (repeatable)",
     },
     iterable=["fault", "capacity"],
 )

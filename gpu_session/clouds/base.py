@@ -151,16 +151,18 @@ class SshKeyInfo:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter: base·2^n capped at cap, each sleep drawn from [d/2, d]."""
+    """Exponential backoff with jitter: base·2^n capped at cap, each sleep drawn from [d/2, d] and
+    never shorter than floor (a cloud's documented request interval)."""
 
     attempts: int = 6
     base: float = 1.0
     cap: float = 30.0
+    floor: float = 0.0
 
     def delays(self) -> Iterator[float]:
         for n in range(self.attempts - 1):
             d = min(self.cap, self.base * 2**n)
-            yield d / 2 + random.uniform(0, d / 2)
+            yield max(self.floor, d / 2 + random.uniform(0, d / 2))
 
 
 def with_retries(call: Callable[[], T], policy: RetryPolicy, what: str) -> T:
@@ -206,6 +208,7 @@ class Cloud(ABC):
     name: str
     ssh_user: str
     has_ssh_keys: bool  # whether keys are registered with the account (Lambda) or passed per launch
+    launch_interval: float = 0.0  # the cloud's documented minimum between launches: a rate-limited launch waits this long
 
     def __init__(self, retry: RetryPolicy | None = None, poll_interval: float = 2.0):
         self.retry = retry or RetryPolicy()
@@ -267,6 +270,8 @@ class Cloud(ABC):
                 if not e.retryable:
                     raise
                 delay = next(delays, None)
+                if delay is not None and isinstance(e, RateLimited):
+                    delay = max(delay, self.launch_interval)
                 log.info("%s: launch of %s failed (%s); checking whether it happened", self.name, spec.name, e)
                 time.sleep(delay if delay is not None else 0)
                 found = self.find_by_name(spec.name)

@@ -55,8 +55,11 @@ class LambdaCloud(Cloud):
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
         poll_interval: float = 2.0,
+        launch_interval: float = 12.0,
     ):
-        super().__init__(retry, poll_interval)
+        # Documented limits: 1 request/s and 1 launch per 12 s; retries never come faster than that.
+        super().__init__(retry or RetryPolicy(floor=1.0), poll_interval)
+        self.launch_interval = launch_interval
         key = api_key or os.environ.get("LAMBDA_API_KEY")
         if not key:
             raise AuthError(

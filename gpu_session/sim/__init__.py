@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import hf_hub, lambda_api, runpod_api
 from .http import Request, Router, Server, json_response
-from .world import Fault, SimConfig, World
+from .world import Fault, SimConfig, World, new_keys
 
 __all__ = ["Fault", "SimConfig", "Simulator", "default_state_dir"]
 
@@ -31,7 +31,7 @@ class Simulator:
     def __init__(self, state_dir: Path | None = None, config: SimConfig | None = None, port: int = 0):
         self.state_dir = Path(state_dir or default_state_dir())
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.world = World(self.state_dir, config)
+        self.world = World(self.state_dir, config, keys=self._load_keys())
         self.admin_token = secrets.token_urlsafe(24)
         router = Router()
         lambda_api.mount(router, self.world)
@@ -57,15 +57,15 @@ class Simulator:
 
     @property
     def lambda_key(self) -> str:
-        return next(iter(self.world.lambda_keys))
+        return self.world.lambda_keys[0]
 
     @property
     def runpod_key(self) -> str:
-        return next(iter(self.world.runpod_keys))
+        return self.world.runpod_keys[0]
 
     @property
     def hf_token(self) -> str:
-        return next(iter(self.world.hf_tokens))
+        return self.world.hf_tokens[0]
 
     def env(self) -> dict[str, str]:
         """What points every client at the simulator. HF_ENDPOINT uses the address hosts can reach."""
@@ -78,12 +78,34 @@ class Simulator:
             "HF_TOKEN": self.hf_token,
         }
 
+    def _load_keys(self) -> dict[str, list[str]]:
+        """The simulator's keys survive restarts (keys.json, 0600), so a configured client keeps working."""
+        path = self.state_dir / "keys.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        keys = new_keys()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(keys, f)
+        return keys
+
     # --- knobs (Python API; the same over HTTP under /_sim) ---------------------------------
+
+    def accept_key(self, api: str, key: str) -> None:
+        """Accept one more credential for api ("lambda", "runpod" or "hf") until the simulator stops."""
+        self.world.keys[api].append(key)
+
+    def deactivate_key(self, key: str) -> None:
+        """Lambda: the key stays valid but its account is inactive (403 global/account-inactive)."""
+        with self.world.lock:
+            self.world.keys["lambda"].remove(key)
+            self.world.inactive_keys.add(key)
 
     def inject(self, target: str, kind: str, times: int = 1, delay: float = 5.0) -> None:
         self.world.inject(Fault(target, kind, times, delay))
 
     def set_capacity(self, cloud: str, type_name: str, slots: int, region: str | None = None) -> None:
+        """How many instances of the type a region (default: every region) can hold; live ones count."""
         self.world.set_capacity(cloud, type_name, region, slots)
 
     def kill_instance(self, instance_id: str) -> None:

@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="CLOUD:TYPE[:REGION]=N",
-        help="free slots, e.g. lambda:gpu_1x_a10=0 or 'runpod:NVIDIA L40S:EU-RO-1=2'",
+        help="instances a type can hold per region, e.g. lambda:gpu_1x_a10=0 or 'runpod:NVIDIA L40S:EU-RO-1=2'",
     )
     p.add_argument(
         "--fault",

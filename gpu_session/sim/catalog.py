@@ -81,8 +81,8 @@ RUNPOD_GPUS = [
 
 RUNPOD_DATA_CENTERS = ["US-TX-3", "US-GA-1", "EU-RO-1", "EU-SE-1", "CA-MTL-1"]
 
-# Default capacity: free slots per (type, region) when a test or a person does not say otherwise.
-DEFAULT_CAPACITY = 4
+# Default capacity: instances of a type each region can hold when a test or a person does not say otherwise.
+DEFAULT_CAPACITY = 8
 
 
 def lambda_type(name: str) -> LambdaType | None:

@@ -132,7 +132,7 @@ def mount(router: Router, world: World) -> None:
 
         def guarded(req: Request) -> Response:
             key = auth_key(req)
-            if not key or key not in world.lambda_keys | world.inactive_keys:
+            if not key or (key not in world.lambda_keys and key not in world.inactive_keys):
                 return error(401, "global/invalid-api-key")
             if key in world.inactive_keys:
                 return error(403, "global/account-inactive")

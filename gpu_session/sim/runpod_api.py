@@ -425,7 +425,7 @@ def mount(router: Router, world: World) -> None:
         auth = req.headers.get("authorization", "")
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else req.query.get("api_key")
         pod_keys = {i.pod_key for i in world.listing("runpod")}
-        if not key or key not in world.runpod_keys | pod_keys:
+        if not key or (key not in world.runpod_keys and key not in pod_keys):
             return _errors("Unauthorized", "UNAUTHENTICATED", 401)
         body = req.json()
         if req.method == "GET":

@@ -74,6 +74,7 @@ class SimInstance:
     pod_key: str | None = None  # RunPod pod-scoped API key
     booted_at: float | None = None
     last_status_change: float = 0.0
+    holds_slot: bool = True  # counted against its type's capacity until released
 
     @property
     def host_up(self) -> bool:
@@ -122,6 +123,14 @@ class SimConfig:
     isolate_hosts: bool | None = None  # None: when root
 
 
+def new_keys() -> dict[str, list[str]]:
+    return {
+        "lambda": ["sim-lambda-" + secrets.token_hex(12)],
+        "runpod": ["sim-runpod-" + secrets.token_hex(12)],
+        "hf": ["hf_sim" + secrets.token_hex(12)],
+    }
+
+
 def _hex_id() -> str:
     return secrets.token_hex(16)
 
@@ -131,19 +140,19 @@ def _pod_id() -> str:
 
 
 class World:
-    def __init__(self, state_dir: Path, config: SimConfig | None = None):
+    def __init__(self, state_dir: Path, config: SimConfig | None = None, keys: dict[str, list[str]] | None = None):
         self.config = config or SimConfig()
         self.state_dir = state_dir
         self.lock = threading.RLock()
         self.hosts = Hosts(state_dir, isolate=self.config.isolate_hosts)
-        self.lambda_keys: set[str] = {"sim-lambda-" + secrets.token_hex(12)}
-        self.runpod_keys: set[str] = {"sim-runpod-" + secrets.token_hex(12)}
-        self.hf_tokens: set[str] = {"hf_sim" + secrets.token_hex(12)}
+        # Accepted credentials per API; the first of each is the one `invoke sim` prints.
+        self.keys: dict[str, list[str]] = keys or new_keys()
         self.inactive_keys: set[str] = set()  # Lambda: valid key of an inactive account → 403
         self.instances: dict[str, SimInstance] = {}
         self.ssh_keys: dict[str, SshKey] = {}
         self.runpod_pub_keys: list[str] = []  # account-level keys (myself.pubKey)
-        self.capacity: dict[tuple[str, str, str], int] = {}  # (cloud, type, region) → free slots
+        self.capacity: dict[tuple[str, str, str], int] = {}  # (cloud, type, region) → slots in all
+        self.in_use: dict[tuple[str, str, str], int] = {}  # (cloud, type, region) → slots held by instances
         self.faults: list[Fault] = []
         self.limiter = RateLimiter()
         self.events: list[dict] = []  # what happened, for tests and `sim --list`
@@ -151,6 +160,18 @@ class World:
         self._closed = False
         self._ports = iter(range(20000 + random.randrange(0, 20000), 65000))
         self.host_api_base = ""  # set by the Simulator: the API as pods reach it
+
+    @property
+    def lambda_keys(self) -> list[str]:
+        return self.keys["lambda"]
+
+    @property
+    def runpod_keys(self) -> list[str]:
+        return self.keys["runpod"]
+
+    @property
+    def hf_tokens(self) -> list[str]:
+        return self.keys["hf"]
 
     # --- knobs -----------------------------------------------------------------------------
 
@@ -188,21 +209,24 @@ class World:
         return list(catalog.LAMBDA_REGIONS) if cloud == "lambda" else list(catalog.RUNPOD_DATA_CENTERS)
 
     def free_slots(self, cloud: str, type_name: str, region: str) -> int:
+        key = (cloud, type_name, region)
         with self.lock:
-            return self.capacity.get((cloud, type_name, region), catalog.DEFAULT_CAPACITY)
+            return self.capacity.get(key, catalog.DEFAULT_CAPACITY) - self.in_use.get(key, 0)
 
     def take_slot(self, cloud: str, type_name: str, region: str) -> bool:
         with self.lock:
-            free = self.free_slots(cloud, type_name, region)
-            if free <= 0:
+            if self.free_slots(cloud, type_name, region) <= 0:
                 return False
-            self.capacity[(cloud, type_name, region)] = free - 1
+            key = (cloud, type_name, region)
+            self.in_use[key] = self.in_use.get(key, 0) + 1
             return True
 
     def _give_slot(self, inst: SimInstance) -> None:
         key = (inst.cloud, inst.type_name, inst.region)
         with self.lock:
-            self.capacity[key] = self.free_slots(*key) + 1
+            if inst.holds_slot:
+                inst.holds_slot = False
+                self.in_use[key] -= 1
 
     # --- instances -------------------------------------------------------------------------
 

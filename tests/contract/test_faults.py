@@ -21,7 +21,7 @@ TERMINATE = {"lambda": "instance-operations/terminate", "runpod": "podTerminate"
 @pytest.fixture(params=["lambda", "runpod"])
 def cloud(request, sim_env):
     if request.param == "lambda":
-        return LambdaCloud(retry=FAST_RETRY, poll_interval=0.05, timeout=1.0)
+        return LambdaCloud(retry=FAST_RETRY, launch_interval=0, poll_interval=0.05, timeout=1.0)
     return RunpodCloud(retry=FAST_RETRY, poll_interval=0.05)
 
 
@@ -77,7 +77,7 @@ def test_transient_faults_are_retried_to_success(sim, cloud, spec, keypair, name
 
 
 def test_launch_timeout_is_resolved_by_looking_the_name_up(sim, sim_env, keypair, name):
-    cloud = LambdaCloud(retry=FAST_RETRY, poll_interval=0.05, timeout=0.5)
+    cloud = LambdaCloud(retry=FAST_RETRY, launch_interval=0, poll_interval=0.05, timeout=0.5)
     key = cloud.register_ssh_key(f"{name}-key", keypair.public)
     sim.inject("lambda:instance-operations/launch", "timeout", delay=1.5)
     full_cycle(sim, cloud, LaunchSpec(name=name, instance_type="gpu_1x_a10", ssh_key_name=key.name), keypair)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.netns
 def two_hosts(sim, sim_env, keypair, name):
     if not sim.world.hosts.isolated:
         pytest.skip("isolated hosts need root (network, mount and PID namespaces)")
-    cloud = LambdaCloud(retry=FAST_RETRY, poll_interval=0.05)
+    cloud = LambdaCloud(retry=FAST_RETRY, launch_interval=0, poll_interval=0.05)
     key = cloud.register_ssh_key(f"{name}-key", keypair.public)
     ids = [cloud.launch(LaunchSpec(name=f"{name}-{n}", instance_type=t, ssh_key_name=key.name))
            for n, t in ((1, "gpu_1x_a10"), (2, "gpu_8x_h100_sxm5"))]  # fmt: skip

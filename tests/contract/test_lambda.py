@@ -12,11 +12,12 @@ from conftest import FAST_RETRY, own_instances, ssh
 
 from gpu_session.clouds import AuthError, CapacityError, InvalidRequest, LaunchSpec, NotFound, RateLimited, Status
 from gpu_session.clouds.lambda_cloud import LambdaCloud
+from gpu_session.sim.catalog import DEFAULT_CAPACITY
 
 
 @pytest.fixture
 def cloud(sim_env) -> LambdaCloud:
-    return LambdaCloud(retry=FAST_RETRY, poll_interval=0.05, timeout=5)
+    return LambdaCloud(retry=FAST_RETRY, launch_interval=0, poll_interval=0.05, timeout=5)
 
 
 @pytest.fixture
@@ -136,7 +137,7 @@ def test_no_capacity_names_alternatives_and_spends_no_launch(sim, cloud, key, na
         assert "gpu_1x_gh200 in" in str(err.value) and err.value.available
         assert not any(e["event"] == "launch" and e.get("name") == name for e in sim.world.events)
     finally:
-        sim.set_capacity("lambda", "gpu_1x_a100_sxm4", 4)
+        sim.set_capacity("lambda", "gpu_1x_a100_sxm4", DEFAULT_CAPACITY)
     assert own_instances(sim, name) == []
 
 
@@ -232,3 +233,28 @@ def test_rate_limits_answer_429_and_the_client_backs_off(sim, cloud):
                 impatient.offers()
     finally:
         cfg.lambda_rate = 0
+
+
+def test_default_retries_respect_the_documented_limits(sim, sim_env, key, name, monkeypatch):
+    """Out of the box, a retry never comes sooner than 1 s, and a rate-limited launch waits 12 s."""
+    import gpu_session.clouds.base as base
+
+    slept, real_sleep = [], time.sleep
+    monkeypatch.setattr(base.time, "sleep", lambda s: (slept.append(s), real_sleep(min(s, 0.01))))
+    cloud = LambdaCloud(poll_interval=0.05)
+    sim.inject("lambda:instance-types", "503")
+    sim.inject("lambda:instance-operations/launch", "429")
+    iid = cloud.launch(LaunchSpec(name=name, instance_type="gpu_1x_a10", ssh_key_name=key.name))
+    # (later sleeps are the simulator's own boot timeline, which shares the patched clock)
+    assert 1.0 <= slept[0] <= 2.0 and slept[1] >= 12.0
+    assert len(own_instances(sim, name)) == 1
+    cloud.terminate_and_wait(iid, time.monotonic() + 30)
+
+
+def test_inactive_account_is_an_auth_error(sim, sim_env):
+    sim.accept_key("lambda", "sim-lambda-inactive")
+    sim.deactivate_key("sim-lambda-inactive")
+    r = requests.get(sim.env()["LAMBDA_API_BASE"] + "/instances", headers={"Authorization": "Bearer sim-lambda-inactive"})
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "global/account-inactive")
+    with pytest.raises(AuthError, match="account-inactive"):
+        LambdaCloud(api_key="sim-lambda-inactive", retry=FAST_RETRY).offers()

@@ -13,6 +13,7 @@ from conftest import FAST_RETRY, own_instances, ssh
 
 from gpu_session.clouds import AuthError, CapacityError, InvalidRequest, LaunchSpec, NotFound, SshEndpoint, Status
 from gpu_session.clouds.runpod import RunpodCloud
+from gpu_session.sim.catalog import DEFAULT_CAPACITY
 
 
 @pytest.fixture
@@ -132,7 +133,7 @@ def test_no_capacity_is_a_capacity_error(sim, cloud, keypair, name):
         with pytest.raises(CapacityError, match="no longer any instances available"):
             cloud.launch(spec(name, keypair))
     finally:
-        sim.set_capacity("runpod", "NVIDIA GeForce RTX 4090", 4)
+        sim.set_capacity("runpod", "NVIDIA GeForce RTX 4090", DEFAULT_CAPACITY)
     assert own_instances(sim, name) == []
 
 
@@ -232,3 +233,33 @@ def test_graphql_errors(gql):
     gone = gql('mutation { podTerminate(input: {podId: "nonexistent0000"}) }').json()
     assert gone["errors"][0]["message"] == "pod not found to terminate" and gone["data"] == {"podTerminate": None}
     assert gql('query { pod(input: {podId: "nonexistent0000"}) { id } }').json() == {"data": {"pod": None}}
+
+
+def test_unmodified_sdk_stop_and_resume(sim, sdk, keypair, name):
+    pod = sdk.create_pod(name, "runpod/base:0.0.0", "NVIDIA RTX A5000", ports="22/tcp", env={"PUBLIC_KEY": keypair.public})
+    deadline = time.monotonic() + 30
+    while not sdk.get_pod(pod["id"])["runtime"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sdk.stop_pod(pod["id"]) == {"id": pod["id"], "desiredStatus": "EXITED"}
+    stopped = sdk.get_pod(pod["id"])
+    assert stopped["desiredStatus"] == "EXITED" and stopped["runtime"] is None and not sim.host_pids(pod["id"])
+    assert sdk.resume_pod(pod["id"], 1)["desiredStatus"] == "RUNNING"
+    while not sdk.get_pod(pod["id"])["runtime"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sdk.get_pod(pod["id"])["runtime"]["ports"][0]["privatePort"] == 22
+    sdk.terminate_pod(pod["id"])
+    sim.wait_gone(pod["id"])
+
+
+def test_graphql_unknown_gpu_type_and_bad_input(gql):
+    assert gql('query { gpuTypes(input: {id: "NVIDIA B9000"}) { id } }').json() == {"data": {"gpuTypes": []}}
+    deploy = 'mutation {{ podFindAndDeployOnDemand(input: {{name: "x", imageName: "i", gpuTypeId: "{}"{}}}) {{ id }} }}'
+    unknown = gql(deploy.format("NVIDIA B9000", "")).json()
+    assert unknown["errors"][0]["message"].startswith("There are no longer any instances available")
+    assert unknown["errors"][0]["path"] == ["podFindAndDeployOnDemand"]
+    ports = gql(deploy.format("NVIDIA L40S", ', ports: "22/udp"')).json()
+    assert "Invalid ports" in ports["errors"][0]["message"]
+    env = gql(deploy.format("NVIDIA L40S", ', env: [{key: "1X", value: "v"}]')).json()
+    assert "Invalid environment variable name" in env["errors"][0]["message"]
+    enum = gql(deploy.format("NVIDIA L40S", ", cloudType: EVERYWHERE"))
+    assert enum.status_code == 400 and "EVERYWHERE" in enum.json()["errors"][0]["message"]
