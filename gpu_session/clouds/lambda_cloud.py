@@ -7,6 +7,7 @@ so capacity is checked with /instance-types before a launch is spent.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -179,7 +180,7 @@ class LambdaCloud(Cloud):
             where = f" in {spec.region}" if spec.region else ""
             raise CapacityError(f"Lambda has no {spec.instance_type} capacity{where}.", elsewhere)
         region = spec.region or offer.regions[0]
-        return LaunchSpec(**{**vars(spec), "region": region})
+        return dataclasses.replace(spec, region=region)
 
     def _launch_once(self, spec: LaunchSpec) -> str:
         body = {

@@ -12,6 +12,7 @@ and the simulator says so.
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -410,8 +411,6 @@ class Hosts:
             start_new_session=True,
         )
         logf.close()
-        import getpass
-
         host = Host(spec.host_id, "127.0.0.1", getpass.getuser(), hd, None, proc, port)
         try:
             _wait_port("127.0.0.1", port, time.monotonic() + self.boot_timeout, proc, hd / "host.log")

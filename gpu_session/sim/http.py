@@ -39,7 +39,6 @@ class Response:
     status: int = 200
     body: bytes | Callable = b""  # a callable streams: it gets the socket file to write to
     headers: dict[str, str] = field(default_factory=dict)
-    drop: bool = False  # close the connection without answering (an injected fault)
 
 
 class Drop(Exception):
@@ -99,14 +98,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             resp = self.router.dispatch(req)
         except Drop:
-            resp = Response(drop=True)
-        except Exception:  # a simulator bug must still answer, as a real API's 500 would
-            log.exception("simulator error on %s %s", req.method, req.path)
-            resp = json_response({"error": "simulator internal error"}, 500)
-        if resp.drop:
             self.close_connection = True
             self.connection.shutdown(2)
             return
+        except Exception:  # a simulator bug must still answer, as a real API's 500 would
+            log.exception("simulator error on %s %s", req.method, req.path)
+            resp = json_response({"error": "simulator internal error"}, 500)
         self.send_response(resp.status)
         streaming = callable(resp.body)
         for k, v in resp.headers.items():

@@ -327,9 +327,7 @@ class World:
         self._spawn(self._finish_terminate, inst)
 
     def _release(self, inst: SimInstance) -> None:
-        self.hosts.stop(inst.id)
-        with self.lock:
-            inst.address = None
+        self._host_down(inst)
         self._give_slot(inst)
 
     def _finish_terminate(self, inst: SimInstance) -> None:
@@ -347,16 +345,18 @@ class World:
             self.instances.pop(inst.id, None)
 
     def stop_pod(self, inst: SimInstance) -> None:
-        self.hosts.stop(inst.id)
-        with self.lock:
-            inst.address = None
+        self._host_down(inst)
         self._set_status(inst, "EXITED")
 
-    def restart(self, inst: SimInstance) -> None:
-        """Reboot (Lambda restart, RunPod resume): the host goes down and boots again."""
+    def _host_down(self, inst: SimInstance) -> None:
         self.hosts.stop(inst.id)
         with self.lock:
             inst.address = None
+
+    def restart(self, inst: SimInstance) -> None:
+        """Reboot (Lambda restart, RunPod resume): the host goes down and boots again. The
+        simulator does not keep the host's files across a restart."""
+        self._host_down(inst)
         self._set_status(inst, "booting" if inst.cloud == "lambda" else "RUNNING")
         self._spawn(self._boot, inst)
 
@@ -366,9 +366,7 @@ class World:
         """The instance dies: its host vanishes; Lambda reports it terminated, RunPod EXITED."""
         inst = self.instances[inst_id]
         self.record("died", id=inst_id)
-        self.hosts.stop(inst_id)
-        with self.lock:
-            inst.address = None
+        self._host_down(inst)
         if inst.cloud == "lambda":
             self._give_slot(inst)
             self._set_status(inst, "terminated")
@@ -380,9 +378,7 @@ class World:
         """The instance stays billed but stops answering SSH (Lambda: status unhealthy)."""
         inst = self.instances[inst_id]
         self.record("unhealthy", id=inst_id)
-        self.hosts.stop(inst_id)
-        with self.lock:
-            inst.address = None
+        self._host_down(inst)
         if inst.cloud == "lambda":
             self._set_status(inst, "unhealthy")
 
