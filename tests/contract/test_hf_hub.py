@@ -139,7 +139,7 @@ def test_hub_fault_is_an_http_error(sim, hub):
 
 
 def test_the_vision_model_loads_and_sees_an_image(hub, tmp_path):
-    """The small vision-language model is a real LLaVA-style model: transformers loads it and runs it on an image."""
+    """The small vision-language model is a real Idefics3-style model: transformers loads it and runs it on an image."""
     import torch
     import transformers
     from PIL import Image
@@ -147,15 +147,16 @@ def test_the_vision_model_loads_and_sees_an_image(hub, tmp_path):
     info = hub.model_info("gpu-session/tiny-vision")
     assert info.pipeline_tag == "image-text-to-text"
     folder = snapshot_download("gpu-session/tiny-vision", cache_dir=tmp_path, endpoint=hub.endpoint)
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder)
     assert sum(p.numel() for p in model.parameters()) == info.safetensors.total
-    assert model.config.text_config.hidden_size // model.config.text_config.num_attention_heads == 64
+    text = model.config.text_config
+    assert text.hidden_size // text.num_attention_heads == 64
     processor = transformers.AutoProcessor.from_pretrained(folder)
+    assert len(processor.tokenizer) == text.vocab_size  # no token outside the embedding table
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=Image.new("RGB", (90, 60), "red"), text=prompt, return_tensors="pt")
-    image_token = model.config.image_token_index
-    assert int((inputs["input_ids"] == image_token).sum()) == 16  # 56x56 pixels in 14x14 patches
+    inputs = processor(images=[Image.new("RGB", (90, 60), "red")], text=prompt, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 4  # 56x56 in 14x14 patches, shuffled by 2
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
