@@ -41,6 +41,9 @@ def main() -> None:
     # The host's folder may lie under a path about to be covered (/tmp, /root): stage it on /mnt
     # first, bind from there, then drop the stage so the host does not see its own plumbing.
     mount(["--bind", cfg["dir"], STAGE])
+    for layer in cfg["overlays"]:
+        mount(["-t", "overlay", "overlay", "-o",
+               f"lowerdir=/{layer},upperdir={STAGE}/{layer}/upper,workdir={STAGE}/{layer}/work", f"/{layer}"])  # fmt: skip
     for src, dst in cfg["binds"]:
         mount(["--bind", f"{STAGE}/{src}", dst])
     for dst, mode in cfg["tmpfs"]:

@@ -2,8 +2,9 @@
 
 As root, each instance gets its own network namespace on a private bridge (so its 127.0.0.1 is its
 own, reachable from the controller only through SSH, as on a cloud), its own mount namespace with
-private /opt, /home, /root, /etc/ssh, /usr/local/bin and tmpfs /tmp, /run, /dev/shm, its own PID
-namespace (host_init.py is PID 1), and an sshd. Terminate kills PID 1, which ends every process of
+copy-on-write overlays of /etc, /usr and /var (what a role installs or configures stays in the host),
+private /opt, /home, /root and tmpfs /tmp, /run, /dev/shm, its own PID and UTS namespaces
+(host_init.py is PID 1), and an sshd. Terminate kills PID 1, which ends every process of
 the host, deletes the namespace and removes the host's files.
 
 Without root, hosts fall back to sshd on loopback ports running as the current user: no isolation,
@@ -30,8 +31,10 @@ log = logging.getLogger("gpu_session.sim.hosts")
 RUN_DIR = Path("/run/gpu-session-sim")
 PREFIX = "gss"  # names of our namespaces, bridges and veths: gss<k>...
 SSHD = "/usr/sbin/sshd"
-# Where a host may write through cloud-init: its private mounts. Anything else is the shared root.
-PRIVATE_ROOTS = ("/opt", "/home", "/root", "/etc/ssh", "/usr/local/bin", "/tmp", "/run", "/dev/shm")
+# Copy-on-write layers over the controller's own: what a host changes there stays in the host.
+OVERLAYS = ("etc", "usr", "var")
+# Where a host may write through cloud-init: its private mounts (/bin, /sbin, /lib lead into /usr).
+PRIVATE_ROOTS = ("/etc", "/usr", "/var", "/bin", "/sbin", "/lib", "/opt", "/home", "/root", "/tmp", "/run", "/dev/shm")
 
 
 class HostError(RuntimeError):
@@ -251,9 +254,15 @@ class Hosts:
         return f"{PREFIX}{self._net_index}-{host_id[:12]}"
 
     def _prepare_fs(self, spec: HostSpec, hd: Path, home: str) -> None:
-        for d in ("opt", "home", "root", "etc-ssh", "bin", "sudoers.d"):
+        """The host's private layers: overlay upper dirs for /etc, /usr, /var (written here before
+        boot), and empty /opt, /home, /root."""
+        for layer in OVERLAYS:
+            (hd / layer / "upper").mkdir(parents=True, mode=0o755)
+            (hd / layer / "work").mkdir(mode=0o755)
+        for d in ("opt", "home", "root"):
             (hd / d).mkdir(mode=0o755)
         (hd / "root").chmod(0o700)
+        etc, usr = hd / "etc" / "upper", hd / "usr" / "upper"
         passwd = Path("/etc/passwd").read_text()
         group = Path("/etc/group").read_text()
         shadow = Path("/etc/shadow").read_text() if Path("/etc/shadow").exists() else ""
@@ -263,15 +272,16 @@ class Hosts:
             passwd += f"{spec.user}:x:{uid}:{gid}:{spec.user}:{home}:/bin/bash\n"
             group += f"{spec.user}:x:{gid}:\n"
             shadow += f"{spec.user}:*:19000:0:99999:7:::\n"
-            sudoers = hd / "sudoers.d" / spec.user
+            (etc / "sudoers.d").mkdir(mode=0o755)
+            sudoers = etc / "sudoers.d" / spec.user
             sudoers.write_text(f"{spec.user} ALL=(ALL) NOPASSWD:ALL\n")
             sudoers.chmod(0o440)
         # The host's own name resolves locally, as on cloud images (sudo looks it up on every call).
         hosts = Path("/etc/hosts").read_text() + f"127.0.1.1 {spec.hostname or spec.host_id[:12]}\n"
         files = (("passwd", passwd, 0o644), ("group", group, 0o644), ("shadow", shadow, 0o640), ("hosts", hosts, 0o644))
         for name, text, mode in files:
-            (hd / name).write_text(text)
-            (hd / name).chmod(mode)
+            (etc / name).write_text(text)
+            (etc / name).chmod(mode)
         # The user's home, on the private mount that will be /home or /root.
         home_dir = hd / ("root" if spec.user == "root" else f"home/{spec.user}")
         ssh_dir = home_dir / ".ssh"
@@ -280,11 +290,10 @@ class Hosts:
         (ssh_dir / "authorized_keys").chmod(0o600)
         for p in (home_dir, ssh_dir, ssh_dir / "authorized_keys"):
             os.chown(p, uid, gid)
-        # sshd configuration and host key in the host's private /etc/ssh.
-        etc_ssh = hd / "etc-ssh"
+        # sshd: its own configuration and host key.
+        etc_ssh = etc / "ssh"
+        etc_ssh.mkdir(mode=0o755)
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", spec.host_id, "-f", str(etc_ssh / "ssh_host_ed25519_key"))
-        if Path("/etc/ssh/ssh_config").exists():
-            shutil.copy("/etc/ssh/ssh_config", etc_ssh / "ssh_config")
         ports = "".join(f"Port {p}\n" for p in [22, *spec.extra_ports])
         setenv = " ".join(f'"{k}={v}"' for k, v in spec.env.items())
         (etc_ssh / "sshd_config").write_text(
@@ -297,7 +306,8 @@ class Hosts:
             "Subsystem sftp internal-sftp\n" + (f"SetEnv {setenv}\n" if setenv else "")
         )
         (etc_ssh / "sshd_config").chmod(0o600)
-        smi = hd / "bin" / "nvidia-smi"
+        (usr / "local" / "bin").mkdir(parents=True)
+        smi = usr / "local" / "bin" / "nvidia-smi"
         smi.write_text(nvidia_smi_script(spec.gpus))
         smi.chmod(0o755)
 
@@ -328,18 +338,8 @@ class Hosts:
             "hostname": spec.hostname or spec.host_id[:12],
             "log": str(hd / "host.log"),
             "dir": str(hd),
-            "binds": [
-                ["etc-ssh", "/etc/ssh"],
-                ["passwd", "/etc/passwd"],
-                ["group", "/etc/group"],
-                ["shadow", "/etc/shadow"],
-                ["hosts", "/etc/hosts"],
-                ["sudoers.d", "/etc/sudoers.d"],
-                ["bin", "/usr/local/bin"],
-                ["opt", "/opt"],
-                ["home", "/home"],
-                ["root", "/root"],
-            ],
+            "overlays": list(OVERLAYS),
+            "binds": [["opt", "/opt"], ["home", "/home"], ["root", "/root"]],
             "tmpfs": [["/tmp", "1777"], ["/run", "0755"], ["/dev/shm", "1777"]],
             "files": files,
             "sshd": [SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"],

@@ -74,15 +74,27 @@ def test_loopback_services_are_reachable_only_through_ssh(two_hosts, keypair, tm
 
 
 def test_filesystems_and_processes_are_private(two_hosts, keypair):
+    """What a role writes anywhere on a host (/etc, /usr, /var included) stays on that host."""
     a, b = two_hosts
     marker = f"canary-{time.time_ns()}"
-    out = ssh(a, keypair, f"sudo mkdir -p /opt/gpu-session && echo {marker} | sudo tee /opt/gpu-session/x /tmp/x /dev/shm/x >/dev/null "
-                          "&& sudo touch /root/x; (nohup sleep 300 >/dev/null 2>&1 &); cat /opt/gpu-session/x")  # fmt: skip
-    assert out.stdout.strip() == marker, out.stderr
-    for path in ("/opt/gpu-session/x", "/tmp/x", "/dev/shm/x", "/root/x"):
+    paths = (
+        "/opt/gpu-session/x",
+        "/tmp/x",
+        "/dev/shm/x",
+        "/root/x",
+        "/etc/gpu-session-x",
+        "/usr/local/lib/gpu-session-x",
+        "/var/lib/gpu-session-x",
+    )
+    write = " && ".join(f"echo {marker} | sudo tee {p} >/dev/null" for p in paths)
+    out = ssh(a, keypair, f"sudo mkdir -p /opt/gpu-session && {write} && sudo useradd --system gpusvc && id -u gpusvc "
+                          "&& (nohup sleep 300 >/dev/null 2>&1 &) ; cat /etc/gpu-session-x")  # fmt: skip
+    assert out.returncode == 0 and out.stdout.split()[-1] == marker, out.stderr
+    for path in paths:
         assert ssh(b, keypair, f"sudo test -e {path} && echo present || echo absent").stdout.strip() == "absent"
-        on_controller = Path(path)
-        assert not (on_controller.is_file() and marker in on_controller.read_text(errors="replace"))
+        assert not Path(path).exists(), f"{path} leaked onto the controller"
+    assert "gpusvc" not in Path("/etc/passwd").read_text()
+    assert ssh(b, keypair, "id -u gpusvc").returncode != 0
     # Each host sees only its own processes; the controller's are invisible.
     ps_b = ssh(b, keypair, "ps -eo comm=").stdout.split()
     assert "sleep" not in ps_b and "pytest" not in ps_b and ps_b[0] == "python3"  # PID 1: the host's init
