@@ -62,6 +62,7 @@ class Host:
     netns: str | None
     proc: subprocess.Popen | None = None
     port: int = 22
+    veth: str | None = None  # the controller's end of the host's link
 
 
 def can_isolate() -> bool:
@@ -371,7 +372,7 @@ class Hosts:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        host = Host(spec.host_id, address, spec.user, hd, ns, proc)
+        host = Host(spec.host_id, address, spec.user, hd, ns, proc, veth=veth)
         try:
             _wait_port(address, 22, time.monotonic() + self.boot_timeout, proc, hd / "host.log")
         except BaseException:
@@ -436,6 +437,8 @@ class Hosts:
                         pass
                 time.sleep(0.02)
             subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
+            if host.veth:  # normally gone with the namespace; not always at once
+                subprocess.run(["ip", "link", "del", host.veth], capture_output=True)
         else:
             for pid in _marked_pids(host.host_id):
                 try:
@@ -483,4 +486,10 @@ def cleanup_network(k: int) -> None:
                 except ProcessLookupError:
                     pass
             subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+    # A veth can outlive its namespace's deletion for a while; its name would then block a new host.
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    for line in links.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith(f"{PREFIX}{k}v"):
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
     subprocess.run(["ip", "link", "del", f"{PREFIX}{k}br"], capture_output=True)

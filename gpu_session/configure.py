@@ -1,0 +1,161 @@
+"""Runs our playbooks and roles on a host through ansible-runner: inventory from an SSH endpoint,
+a pinned known_hosts, progress as events, failures as one clear error.
+
+Everything ansible-runner writes (inventory, extra vars, which may hold secrets, artifacts) lives in
+a 0700 folder under the state dir that is deleted when the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: ansible.cfg, playbooks/, roles/
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "gpu-session"
+
+
+@dataclass
+class Target:
+    """The host to configure, as SSH reaches it."""
+
+    host: str
+    port: int
+    user: str
+    private_key: Path
+    known_hosts: Path  # pinned host keys; a host missing from it is refused
+    python: str = "/usr/bin/python3"
+    name: str = "gpu"
+
+
+@dataclass
+class Event:
+    kind: str  # "task" (a task started), "ok", "changed", "failed", "skipped"
+    task: str
+    message: str = ""
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    changed: int
+    facts: dict = field(default_factory=dict)
+    failures: list[Event] = field(default_factory=list)
+
+
+class ConfigureError(RuntimeError):
+    """A play failed; the message names the task and says what went wrong."""
+
+    def __init__(self, result: RunResult):
+        self.result = result
+        detail = "; ".join(f"{f.task}: {f.message}" for f in result.failures) or "ansible-playbook failed"
+        super().__init__(detail)
+
+
+def _inventory(target: Target) -> dict:
+    ssh_args = f"-o UserKnownHostsFile={target.known_hosts} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
+    return {
+        "all": {
+            "hosts": {
+                target.name: {
+                    "ansible_host": target.host,
+                    "ansible_port": target.port,
+                    "ansible_user": target.user,
+                    "ansible_ssh_private_key_file": str(target.private_key),
+                    "ansible_ssh_common_args": ssh_args,
+                    "ansible_python_interpreter": target.python,
+                    "ansible_become": target.user != "root",
+                }
+            }
+        }
+    }
+
+
+def _message(result: dict) -> str:
+    if result.get("_ansible_no_log"):
+        return "(details hidden: the task handles secrets)"
+    msg = result.get("msg") or result.get("stderr") or result.get("module_stderr") or ""
+    return str(msg).strip()
+
+
+def run(
+    target: Target,
+    *,
+    playbook: str | None = None,
+    role: str | None = None,
+    extravars: dict | None = None,
+    on_event: Callable[[Event], None] | None = None,
+) -> RunResult:
+    """Run a playbook (a path under playbooks/) or a single role on the target. Raises ConfigureError."""
+    import ansible_runner
+
+    if (playbook is None) == (role is None):
+        raise ValueError("give exactly one of playbook or role")
+    runs = state_dir() / "runs"
+    runs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private = Path(tempfile.mkdtemp(prefix="ansible-", dir=runs))  # mkdtemp: 0700
+    failures: list[Event] = []
+    facts: dict = {}  # what set_fact tasks set: the roles' published results
+    changed = 0
+
+    def handle(event: dict) -> bool:
+        nonlocal changed
+        data = event.get("event_data") or {}
+        task = data.get("task") or ""
+        kind = event.get("event", "")
+        if kind == "playbook_on_task_start":
+            emit(Event("task", task))
+        elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
+            failure = Event("failed", task, _message(data.get("res") or {}))
+            failures.append(failure)
+            emit(failure)
+        elif kind == "runner_on_ok":
+            res = data.get("res") or {}
+            if data.get("task_action", "").endswith("set_fact") and not res.get("_ansible_no_log"):
+                facts.update(res.get("ansible_facts") or {})
+            if res.get("changed"):
+                changed += 1
+            emit(Event("changed" if res.get("changed") else "ok", task))
+        return False  # keep nothing in the artifacts: they may hold task results
+
+    def emit(event: Event) -> None:
+        if on_event is not None:
+            on_event(event)
+
+    env = {
+        # ansible-runner turns host key checking off unless told otherwise; ssh then honours the
+        # first StrictHostKeyChecking it sees (Ansible's "no"), and a stranger would be trusted.
+        "ANSIBLE_HOST_KEY_CHECKING": "True",
+        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(private / "cp"),
+        "ANSIBLE_LOCAL_TEMP": str(private / "tmp"),
+    }
+    try:
+        kwargs = dict(
+            private_data_dir=str(private),
+            inventory=json.dumps(_inventory(target)),
+            extravars=extravars or {},
+            envvars=env,
+            event_handler=handle,
+            quiet=True,
+            suppress_env_files=False,
+        )
+        if playbook is not None:
+            r = ansible_runner.run(playbook=str(ROOT / "playbooks" / playbook), **kwargs)
+        else:
+            r = ansible_runner.run(role=role, roles_path=str(ROOT / "roles"), hosts=target.name, **kwargs)
+        result = RunResult(ok=r.status == "successful" and r.rc == 0, changed=changed, facts=facts, failures=failures)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    if not result.ok:
+        raise ConfigureError(result)
+    return result

@@ -1,0 +1,96 @@
+"""The gpu_check role on simulator hosts of both clouds, through gpu_session.configure."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from conftest import FAST_RETRY
+
+from gpu_session.clouds import LaunchSpec
+from gpu_session.clouds.lambda_cloud import LambdaCloud
+from gpu_session.clouds.runpod import RunpodCloud
+from gpu_session.configure import ConfigureError, Target, run
+
+
+def pin(endpoint, known_hosts):
+    """Trust the host key the host presents now (what the session does on first contact)."""
+    scan = subprocess.run(
+        ["ssh-keyscan", "-p", str(endpoint.port), "-t", "ed25519", endpoint.host], capture_output=True, text=True
+    )
+    known_hosts.write_text(scan.stdout)
+
+
+@pytest.fixture(scope="module")
+def hosts(sim, keypair, tmp_path_factory):
+    """A 1x A10 Lambda host (ubuntu + sudo) and a 2x RTX 4090 RunPod host (root), once for the module."""
+    env = sim.env()
+    lam = LambdaCloud(
+        api_key=env["LAMBDA_API_KEY"], base_url=env["LAMBDA_API_BASE"], retry=FAST_RETRY, launch_interval=0, poll_interval=0.05
+    )
+    rp = RunpodCloud(api_key=env["RUNPOD_API_KEY"], base_url=env["RUNPOD_API_BASE_URL"], retry=FAST_RETRY, poll_interval=0.05)
+    key = lam.register_ssh_key("gpu-check-key", keypair.public)
+    a = lam.launch(LaunchSpec(name="gpu-check-a10", instance_type="gpu_1x_a10", ssh_key_name=key.name))
+    b = rp.launch(
+        LaunchSpec(name="gpu-check-4090", instance_type="NVIDIA GeForce RTX 4090", gpu_count=2, ssh_public_key=keypair.public)
+    )
+    targets = {}
+    for cloud, iid, label in ((lam, a, "lambda"), (rp, b, "runpod")):
+        endpoint = cloud.wait_ready(iid, time.monotonic() + 30)
+        known = tmp_path_factory.mktemp(label) / "known_hosts"
+        pin(endpoint, known)
+        targets[label] = Target(endpoint.host, endpoint.port, endpoint.user, keypair.private, known)
+    yield targets
+    lam.terminate_and_wait(a, time.monotonic() + 30)
+    rp.terminate_and_wait(b, time.monotonic() + 30)
+    lam.delete_ssh_key(key.id)
+
+
+def test_facts_for_a_fitting_model(hosts):
+    result = run(hosts["lambda"], role="gpu_check", extravars={"gpu_check_required_memory_gb": 16})
+    f = result.facts
+    assert f["gpu_check_gpus"] == [{"index": 0, "name": "NVIDIA A10 24GB", "memory_mib": 24576}]
+    assert (f["gpu_check_count"], f["gpu_check_total_memory_gb"], f["gpu_check_tensor_parallel_size"]) == (1, 24.0, 1)
+    assert f["gpu_check_simulated"] is True
+    two = run(hosts["runpod"], role="gpu_check", extravars={"gpu_check_required_memory_gb": 40, "gpu_check_min_gpus": 2})
+    assert (
+        two.facts["gpu_check_count"],
+        two.facts["gpu_check_tensor_parallel_size"],
+        two.facts["gpu_check_total_memory_gb"],
+    ) == (2, 2, 48.0)
+
+
+def test_second_run_changes_nothing(hosts):
+    assert run(hosts["lambda"], role="gpu_check").changed == 0
+
+
+def test_a_model_that_cannot_fit_fails_naming_need_and_have(hosts):
+    events = []
+    with pytest.raises(ConfigureError) as err:
+        run(hosts["lambda"], role="gpu_check", extravars={"gpu_check_required_memory_gb": 140, "gpu_check_model": "meta-llama/Llama-3.1-70B-Instruct"},
+            on_event=events.append)  # fmt: skip
+    text = str(err.value)
+    assert "meta-llama/Llama-3.1-70B-Instruct needs 140 GB" in text and "has 24.0 GB (1 x NVIDIA A10 24GB)" in text
+    assert any(e.kind == "task" and e.task == "Query the GPUs" for e in events)
+
+
+def test_too_few_gpus_and_no_gpu(hosts):
+    with pytest.raises(ConfigureError, match="has 1 GPU.*4 are needed"):
+        run(hosts["lambda"], role="gpu_check", extravars={"gpu_check_min_gpus": 4})
+    with pytest.raises(ConfigureError, match="No NVIDIA GPU answers"):
+        run(hosts["runpod"], role="gpu_check", extravars={"gpu_check_nvidia_smi": "/nonexistent/nvidia-smi"})
+
+
+def test_bad_arguments_are_rejected_by_the_argument_spec(hosts):
+    with pytest.raises(ConfigureError, match="gpu_check_min_gpus"):
+        run(hosts["lambda"], role="gpu_check", extravars={"gpu_check_min_gpus": "many"})
+
+
+def test_an_unpinned_host_is_refused(hosts, tmp_path):
+    t = hosts["lambda"]
+    (tmp_path / "empty").write_text("")
+    stranger = Target(t.host, t.port, t.user, t.private_key, tmp_path / "empty")
+    with pytest.raises(ConfigureError, match="(?i)host key verification failed"):
+        run(stranger, role="gpu_check")
+    assert (tmp_path / "empty").read_text() == ""  # and nothing was learned on the way
