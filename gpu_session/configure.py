@@ -61,9 +61,15 @@ class ConfigureError(RuntimeError):
 
 
 def _inventory(target: Target) -> dict:
+    """One host, and the shared variables of inventory/group_vars/all.yml (runner's inventory lives
+    elsewhere, so Ansible would not find that folder by itself)."""
+    import yaml
+
+    shared = yaml.safe_load((ROOT / "inventory" / "group_vars" / "all.yml").read_text()) or {}
     ssh_args = f"-o UserKnownHostsFile={target.known_hosts} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
     return {
         "all": {
+            "vars": shared,
             "hosts": {
                 target.name: {
                     "ansible_host": target.host,
@@ -74,9 +80,22 @@ def _inventory(target: Target) -> dict:
                     "ansible_python_interpreter": target.python,
                     "ansible_become": target.user != "root",
                 }
-            }
+            },
         }
     }
+
+
+def controller_vars() -> dict:
+    """What the controller can hand the roles: its own uv, when a Linux x86_64 host can run it."""
+    import platform
+    import subprocess
+    import sys
+
+    uv = Path(sys.executable).with_name("uv")
+    if platform.system() != "Linux" or platform.machine() != "x86_64" or not uv.exists():
+        return {}
+    version = subprocess.run([str(uv), "--version"], capture_output=True, text=True).stdout.split()
+    return {"host_base_uv_binary": str(uv), "host_base_uv_version": version[1]} if len(version) > 1 else {}
 
 
 def _message(result: dict) -> str:
@@ -143,7 +162,7 @@ def run(
         kwargs = dict(
             private_data_dir=str(private),
             inventory=json.dumps(_inventory(target)),
-            extravars=extravars or {},
+            extravars={**controller_vars(), **(extravars or {})},
             envvars=env,
             event_handler=handle,
             quiet=True,
@@ -152,7 +171,8 @@ def run(
         if playbook is not None:
             r = ansible_runner.run(playbook=str(ROOT / "playbooks" / playbook), **kwargs)
         else:
-            r = ansible_runner.run(role=role, roles_path=str(ROOT / "roles"), hosts=target.name, **kwargs)
+            # No fact gathering up front: a role gathers what it needs, after making sure python3 exists.
+            r = ansible_runner.run(role=role, roles_path=str(ROOT / "roles"), hosts=target.name, role_skip_facts=True, **kwargs)
         result = RunResult(ok=r.status == "successful" and r.rc == 0, changed=changed, facts=facts, failures=failures)
     finally:
         shutil.rmtree(private, ignore_errors=True)

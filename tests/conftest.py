@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,10 @@ os.environ["XDG_CONFIG_HOME"] = str(_SANDBOX / "config")
 for var in ("LAMBDA_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "LAMBDA_API_BASE", "RUNPOD_API_BASE_URL", "HF_ENDPOINT"):
     os.environ.pop(var, None)
 
-from gpu_session.clouds import RetryPolicy  # noqa: E402
+from gpu_session.clouds import LaunchSpec, RetryPolicy  # noqa: E402
+from gpu_session.clouds.lambda_cloud import LambdaCloud  # noqa: E402
+from gpu_session.clouds.runpod import RunpodCloud  # noqa: E402
+from gpu_session.configure import Target  # noqa: E402
 from gpu_session.sim import SimConfig, Simulator  # noqa: E402
 
 FAST_RETRY = RetryPolicy(attempts=5, base=0.05, cap=0.4)
@@ -90,3 +94,38 @@ def ssh(endpoint, key: KeyPair, command: str, known_hosts: Path | None = None, s
 
 def own_instances(sim, name: str) -> list[dict]:
     return [i for i in sim.instances() if i["name"] == name]
+
+
+def pin(endpoint, known_hosts):
+    """Trust the host key the host presents now (what the session does on first contact)."""
+    scan = subprocess.run(
+        ["ssh-keyscan", "-p", str(endpoint.port), "-t", "ed25519", endpoint.host], capture_output=True, text=True
+    )
+    known_hosts.write_text(scan.stdout)
+
+
+@pytest.fixture(scope="module")
+def hosts(sim, keypair, tmp_path_factory, request):
+    """Configuration targets: a 1x A10 Lambda host (ubuntu + sudo) and a 2x RTX 4090 RunPod host (root),
+    launched once per test module, their host keys pinned."""
+    prefix = "role-" + request.module.__name__.split(".")[-1].removeprefix("test_").replace("_", "-")
+    env = sim.env()
+    lam = LambdaCloud(
+        api_key=env["LAMBDA_API_KEY"], base_url=env["LAMBDA_API_BASE"], retry=FAST_RETRY, launch_interval=0, poll_interval=0.05
+    )
+    rp = RunpodCloud(api_key=env["RUNPOD_API_KEY"], base_url=env["RUNPOD_API_BASE_URL"], retry=FAST_RETRY, poll_interval=0.05)
+    key = lam.register_ssh_key(f"{prefix}-key", keypair.public)
+    a = lam.launch(LaunchSpec(name=f"{prefix}-a10", instance_type="gpu_1x_a10", ssh_key_name=key.name))
+    b = rp.launch(
+        LaunchSpec(name=f"{prefix}-4090", instance_type="NVIDIA GeForce RTX 4090", gpu_count=2, ssh_public_key=keypair.public)
+    )
+    targets = {}
+    for cloud, iid, label in ((lam, a, "lambda"), (rp, b, "runpod")):
+        endpoint = cloud.wait_ready(iid, time.monotonic() + 30)
+        known = tmp_path_factory.mktemp(label) / "known_hosts"
+        pin(endpoint, known)
+        targets[label] = Target(endpoint.host, endpoint.port, endpoint.user, keypair.private, known)
+    yield targets
+    lam.terminate_and_wait(a, time.monotonic() + 30)
+    rp.terminate_and_wait(b, time.monotonic() + 30)
+    lam.delete_ssh_key(key.id)

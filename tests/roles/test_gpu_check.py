@@ -2,49 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
-
 import pytest
-from conftest import FAST_RETRY
 
-from gpu_session.clouds import LaunchSpec
-from gpu_session.clouds.lambda_cloud import LambdaCloud
-from gpu_session.clouds.runpod import RunpodCloud
 from gpu_session.configure import ConfigureError, Target, run
-
-
-def pin(endpoint, known_hosts):
-    """Trust the host key the host presents now (what the session does on first contact)."""
-    scan = subprocess.run(
-        ["ssh-keyscan", "-p", str(endpoint.port), "-t", "ed25519", endpoint.host], capture_output=True, text=True
-    )
-    known_hosts.write_text(scan.stdout)
-
-
-@pytest.fixture(scope="module")
-def hosts(sim, keypair, tmp_path_factory):
-    """A 1x A10 Lambda host (ubuntu + sudo) and a 2x RTX 4090 RunPod host (root), once for the module."""
-    env = sim.env()
-    lam = LambdaCloud(
-        api_key=env["LAMBDA_API_KEY"], base_url=env["LAMBDA_API_BASE"], retry=FAST_RETRY, launch_interval=0, poll_interval=0.05
-    )
-    rp = RunpodCloud(api_key=env["RUNPOD_API_KEY"], base_url=env["RUNPOD_API_BASE_URL"], retry=FAST_RETRY, poll_interval=0.05)
-    key = lam.register_ssh_key("gpu-check-key", keypair.public)
-    a = lam.launch(LaunchSpec(name="gpu-check-a10", instance_type="gpu_1x_a10", ssh_key_name=key.name))
-    b = rp.launch(
-        LaunchSpec(name="gpu-check-4090", instance_type="NVIDIA GeForce RTX 4090", gpu_count=2, ssh_public_key=keypair.public)
-    )
-    targets = {}
-    for cloud, iid, label in ((lam, a, "lambda"), (rp, b, "runpod")):
-        endpoint = cloud.wait_ready(iid, time.monotonic() + 30)
-        known = tmp_path_factory.mktemp(label) / "known_hosts"
-        pin(endpoint, known)
-        targets[label] = Target(endpoint.host, endpoint.port, endpoint.user, keypair.private, known)
-    yield targets
-    lam.terminate_and_wait(a, time.monotonic() + 30)
-    rp.terminate_and_wait(b, time.monotonic() + 30)
-    lam.delete_ssh_key(key.id)
 
 
 def test_facts_for_a_fitting_model(hosts):
