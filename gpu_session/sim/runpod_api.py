@@ -382,7 +382,7 @@ class Api:
 
     def terminate(self, info, input):
         inst = self._pod_for(info, input["podId"], "pod not found to terminate")
-        self.world.terminate(inst)
+        self.world.terminate(inst, by="account-key" if info.context["key"] in self.world.runpod_keys else "pod-key")
         return None
 
     def stop(self, info, input):

@@ -313,11 +313,11 @@ class World:
             inst.status = status
             inst.last_status_change = time.time()
 
-    def terminate(self, inst: SimInstance) -> None:
+    def terminate(self, inst: SimInstance, by: str = "account-key") -> None:
         """Answer at once; the host goes down a moment later, as a real machine does (a pod that
         terminates itself gets its answer). Lambda shows `terminating` meanwhile; RunPod drops the
         pod from its listings at once."""
-        self.record("terminate", cloud=inst.cloud, id=inst.id, name=inst.name)
+        self.record("terminate", cloud=inst.cloud, id=inst.id, name=inst.name, by=by)
         if inst.cloud == "lambda":
             self._set_status(inst, "terminating")
         else:
