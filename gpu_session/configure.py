@@ -8,19 +8,15 @@ a 0700 folder under the state dir that is deleted when the run ends.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .paths import state_dir
+
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: ansible.cfg, playbooks/, roles/
-
-
-def state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "gpu-session"
 
 
 @dataclass

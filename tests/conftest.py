@@ -92,6 +92,15 @@ def ssh(endpoint, key: KeyPair, command: str, known_hosts: Path | None = None, s
     )  # fmt: skip
 
 
+def on(target, keypair: KeyPair, command: str) -> str:
+    """Run a command on a configuration target over pinned ssh; it must succeed."""
+    from gpu_session.clouds import SshEndpoint
+
+    out = ssh(SshEndpoint(target.host, target.port, target.user), keypair, command, known_hosts=target.known_hosts, strict=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def own_instances(sim, name: str) -> list[dict]:
     return [i for i in sim.instances() if i["name"] == name]
 

@@ -15,6 +15,7 @@ import secrets
 import time
 from pathlib import Path
 
+from ..paths import state_dir
 from . import hf_hub, lambda_api, runpod_api
 from .http import Request, Router, Server, json_response
 from .world import Fault, SimConfig, World, new_keys
@@ -23,8 +24,7 @@ __all__ = ["Fault", "SimConfig", "Simulator", "default_state_dir"]
 
 
 def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "gpu-session" / "sim"
+    return state_dir() / "sim"
 
 
 class Simulator:

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ssh
+from conftest import on
 
-from gpu_session.clouds import SshEndpoint
 from gpu_session.configure import ConfigureError, controller_vars, run
-
-
-def on(target, keypair, command: str) -> str:
-    out = ssh(SshEndpoint(target.host, target.port, target.user), keypair, command, known_hosts=target.known_hosts, strict=True)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 @pytest.fixture(scope="module")

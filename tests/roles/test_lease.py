@@ -8,16 +8,9 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import ssh
+from conftest import on
 
-from gpu_session.clouds import SshEndpoint
 from gpu_session.configure import ConfigureError, run
-
-
-def on(target, keypair, command: str) -> str:
-    out = ssh(SshEndpoint(target.host, target.port, target.user), keypair, command, known_hosts=target.known_hosts, strict=True)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def in_seconds(s: float) -> str:
