@@ -29,6 +29,7 @@ def test(c, args="", fast=False):
         "boot_delay": "seconds from launch until a host starts (default 3)",
         "no_rate_limits": "turn off Lambda's documented rate limits",
         "loopback": "sshd on loopback ports instead of isolated network-namespace hosts",
+        "env": 'print the running simulator\'s export lines and exit: eval "$(invoke sim --env)"',
         "list": "print the running simulator's instances, keys and faults",
         "json": "with --list: JSON",
         "cleanup": "remove what a simulator that died left behind",
@@ -43,6 +44,7 @@ def sim(
     boot_delay=3.0,
     no_rate_limits=False,
     loopback=False,
+    env=False,
     list=False,
     json=False,
     cleanup=False,
@@ -53,7 +55,7 @@ def sim(
     from gpu_session.sim.__main__ import main
 
     argv = ["--port", str(port), "--boot-delay", str(boot_delay)]
-    argv += ["--no-rate-limits"] * no_rate_limits + ["--loopback"] * loopback + ["--list"] * list
+    argv += ["--no-rate-limits"] * no_rate_limits + ["--loopback"] * loopback + ["--env"] * env + ["--list"] * list
     argv += ["--json"] * json + ["--cleanup"] * cleanup
     for f in fault or []:
         argv += ["--fault", f]

@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="API:OP:KIND[:TIMES]",
         help=f"inject a fault, e.g. lambda:instance-operations/launch:503:2 (kinds: {', '.join(FAULT_KINDS)})",
     )
+    p.add_argument("--env", action="store_true", help="print the running simulator's export lines and exit (for eval)")
     p.add_argument("--list", action="store_true", help="print the state of the running simulator and exit")
     p.add_argument("--json", action="store_true", help="with --list: JSON")
     p.add_argument("--cleanup", action="store_true", help="remove networks and hosts left by a simulator that died")
@@ -79,6 +80,12 @@ def parse_capacity(spec: str) -> dict:
     return {"cloud": parts[0], "type": parts[1], "region": parts[2] if len(parts) == 3 else None, "slots": int(slots)}
 
 
+def print_exports(env: dict) -> None:
+    for k, v in env.items():
+        print(f"export {k}={shlex.quote(v)}")
+    sys.stdout.flush()
+
+
 def print_state(state: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(state, indent=2))
@@ -105,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     state_dir = args.state_dir or default_state_dir()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="sim: %(message)s", stream=sys.stderr)
+    if args.env:
+        _admin(state_dir, "GET", "/_sim/state")  # it must be answering, not just have left sim.json behind
+        print_exports(_info(state_dir)["env"])
+        return 0
     if args.list:
         print_state(_admin(state_dir, "GET", "/_sim/state"), args.json)
         return 0
@@ -143,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         sim.inject(**f)
     for c in capacity:
         sim.set_capacity(c["cloud"], c["type"], c["slots"], c["region"])
-    for k, v in sim.env().items():
-        print(f"export {k}={shlex.quote(v)}")
-    sys.stdout.flush()
+    print_exports(sim.env())
     print(
         f"# simulator on {sim.url} ({'isolated hosts' if sim.world.hosts.isolated else 'loopback hosts'}); "
         "Ctrl-C stops it and removes its hosts",

@@ -43,6 +43,10 @@ def test_foreground_simulator_prints_exports_and_stops_cleanly(tmp_path):
         }
         assert oct((state / "sim.json").stat().st_mode & 0o777) == "0o600"
 
+        # A second terminal gets the same lines from the running simulator, ready for eval.
+        again = subprocess.run(["bash", "-c", f"eval \"$({sys.executable} -m gpu_session.sim --state-dir {state} --env)\" && echo $LAMBDA_API_KEY"],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert again.stdout.strip() == env["LAMBDA_API_KEY"], again.stderr
         cloud = LambdaCloud(api_key=env["LAMBDA_API_KEY"], base_url=env["LAMBDA_API_BASE"])
         assert any(o.instance_type == "gpu_1x_a10" for o in cloud.offers())
 
@@ -59,6 +63,7 @@ def test_foreground_simulator_prints_exports_and_stops_cleanly(tmp_path):
         assert proc.wait(timeout=30) == 0
     assert not (state / "sim.json").exists()
     assert run_cli("--list", state=state).returncode != 0  # says none is running
+    assert "no simulator is running" in run_cli("--env", state=state).stderr
 
 
 def test_bad_cli_input_says_what_to_do(tmp_path):
