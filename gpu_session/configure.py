@@ -7,6 +7,7 @@ a 0700 folder under the state dir that is deleted when the run ends.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -81,6 +82,7 @@ def _inventory(target: Target) -> dict:
     }
 
 
+@functools.cache  # one `uv --version` per process, not per run
 def controller_vars() -> dict:
     """What the controller can hand the roles: its own uv, when a Linux x86_64 host can run it."""
     import platform
@@ -158,7 +160,7 @@ def run(
         kwargs = dict(
             private_data_dir=str(private),
             inventory=json.dumps(_inventory(target)),
-            extravars={**controller_vars(), **(extravars or {})},
+            extravars={**controller_vars(), **(extravars or {})},  # a copy: the cached dict stays as it is
             envvars=env,
             event_handler=handle,
             quiet=True,

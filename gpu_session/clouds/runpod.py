@@ -206,9 +206,9 @@ class RunpodCloud(Cloud):
             _check_text(v, f"environment value of {k}")
         for value, what in ((spec.image or "", "image"), (spec.region or "", "region"), (spec.instance_type, "GPU type")):
             _check_text(value, what)
-        offers = [o for o in self.offers() if o.instance_type == spec.instance_type and o.spot == spec.spot]
-        if not offers:
-            valid = sorted({o.instance_type for o in self.offers()})
+        offers = self.offers()
+        if not any(o.instance_type == spec.instance_type and o.spot == spec.spot for o in offers):
+            valid = sorted({o.instance_type for o in offers})
             raise InvalidRequest(f"unknown RunPod GPU type {spec.instance_type!r}; valid: {', '.join(valid)}")
         if spec.spot and spec.bid_per_gpu is None:
             raise InvalidRequest("a spot pod needs bid_per_gpu")

@@ -156,7 +156,6 @@ class World:
         self.faults: list[Fault] = []
         self.limiter = RateLimiter()
         self.events: list[dict] = []  # what happened, for tests and `sim --list`
-        self._threads: list[threading.Thread] = []
         self._closed = False
         self._ports = iter(range(20000 + random.randrange(0, 20000), 65000))
         self.host_api_base = ""  # set by the Simulator: the API as pods reach it
@@ -244,10 +243,8 @@ class World:
         return inst
 
     def _spawn(self, fn, *args) -> None:
-        t = threading.Thread(target=fn, args=args, daemon=True)
-        t.start()
-        with self.lock:
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        """Timelines run on daemon threads; close() stops new boots and tears the hosts down."""
+        threading.Thread(target=fn, args=args, daemon=True).start()
 
     def _gpus_of(self, inst: SimInstance) -> list[tuple[str, int]]:
         if inst.cloud == "lambda":
