@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,7 +90,6 @@ def controller_vars() -> dict:
     """What the controller can hand the roles: its own uv, when a Linux x86_64 host can run it."""
     import platform
     import subprocess
-    import sys
 
     uv = Path(sys.executable).with_name("uv")
     if platform.system() != "Linux" or platform.machine() != "x86_64" or not uv.exists():
@@ -99,6 +101,9 @@ def controller_vars() -> dict:
 def _message(result: dict) -> str:
     if result.get("_ansible_no_log"):
         return "(details hidden: the task handles secrets)"
+    failed_items = [r for r in result.get("results") or [] if isinstance(r, dict) and r.get("failed")]
+    if failed_items:  # a loop: what went wrong with each item, not "One or more items failed"
+        return "; ".join(_message(r) for r in failed_items)
     msg = result.get("msg") or result.get("stderr") or result.get("module_stderr") or ""
     return str(msg).strip()
 
@@ -122,6 +127,7 @@ def run(
     failures: list[Event] = []
     facts: dict = {}  # what set_fact tasks set: the roles' published results
     changed = 0
+    said: list[str] = []
 
     def handle(event: dict) -> bool:
         nonlocal changed
@@ -134,6 +140,9 @@ def run(
             failure = Event("failed", task, _message(data.get("res") or {}))
             failures.append(failure)
             emit(failure)
+        elif kind in ("verbose", "error") and event.get("stdout", "").strip():
+            # Ansible's own words outside any task: a playbook that does not parse, a missing command.
+            said.append(re.sub(r"\x1b\[[0-9;]*m", "", event["stdout"]).strip())
         elif kind == "runner_on_ok":
             res = data.get("res") or {}
             if data.get("task_action", "").endswith("set_fact") and not res.get("_ansible_no_log"):
@@ -155,6 +164,8 @@ def run(
         "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(private / "cp"),
         "ANSIBLE_LOCAL_TEMP": str(private / "tmp"),
+        # ansible-playbook sits beside this Python, even when its venv is not activated.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     try:
         kwargs = dict(
@@ -172,6 +183,8 @@ def run(
             # No fact gathering up front: a role gathers what it needs, after making sure python3 exists.
             r = ansible_runner.run(role=role, roles_path=str(ROOT / "roles"), hosts=target.name, role_skip_facts=True, **kwargs)
         result = RunResult(ok=r.status == "successful" and r.rc == 0, changed=changed, facts=facts, failures=failures)
+        if not result.ok and not failures:
+            failures.append(Event("failed", "ansible", " ".join(said[-3:]) or f"ansible-playbook exited {r.rc}"))
     finally:
         shutil.rmtree(private, ignore_errors=True)
     if not result.ok:
