@@ -7,10 +7,10 @@ a 0700 folder under the state dir that is deleted when the run ends.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -41,6 +41,7 @@ class Event:
     kind: str  # "task" (a task started), "ok", "changed", "failed", "skipped"
     task: str
     message: str = ""
+    seconds: float = 0.0  # how long the task took on this host (ok, changed, failed)
 
 
 @dataclass
@@ -60,42 +61,26 @@ class ConfigureError(RuntimeError):
         super().__init__(detail)
 
 
+def inventory_yaml(target: Target) -> str:
+    """The target as an Ansible inventory (templates/inventory.yml.j2): what runs use, and what a
+    person can save as inventory/<stack>.yml to run the playbooks by hand."""
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["quote"] = shlex.quote
+    return env.from_string((ROOT / "templates" / "inventory.yml.j2").read_text()).render(
+        {k: str(v) for k, v in vars(target).items()}
+    )
+
+
 def _inventory(target: Target) -> dict:
-    """One host, and the shared variables of inventory/group_vars/all.yml (runner's inventory lives
-    elsewhere, so Ansible would not find that folder by itself)."""
+    """The rendered inventory plus the shared variables of inventory/group_vars/all.yml (runner's
+    inventory lives elsewhere, so Ansible would not find that folder by itself)."""
     import yaml
 
-    shared = yaml.safe_load((ROOT / "inventory" / "group_vars" / "all.yml").read_text()) or {}
-    ssh_args = f"-o UserKnownHostsFile={target.known_hosts} -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
-    return {
-        "all": {
-            "vars": shared,
-            "hosts": {
-                target.name: {
-                    "ansible_host": target.host,
-                    "ansible_port": target.port,
-                    "ansible_user": target.user,
-                    "ansible_ssh_private_key_file": str(target.private_key),
-                    "ansible_ssh_common_args": ssh_args,
-                    "ansible_python_interpreter": target.python,
-                    "ansible_become": target.user != "root",
-                }
-            },
-        }
-    }
-
-
-@functools.cache  # one `uv --version` per process, not per run
-def controller_vars() -> dict:
-    """What the controller can hand the roles: its own uv, when a Linux x86_64 host can run it."""
-    import platform
-    import subprocess
-
-    uv = Path(sys.executable).with_name("uv")
-    if platform.system() != "Linux" or platform.machine() != "x86_64" or not uv.exists():
-        return {}
-    version = subprocess.run([str(uv), "--version"], capture_output=True, text=True).stdout.split()
-    return {"host_base_uv_binary": str(uv), "host_base_uv_version": version[1]} if len(version) > 1 else {}
+    inventory = yaml.safe_load(inventory_yaml(target))
+    inventory["all"]["vars"] = yaml.safe_load((ROOT / "inventory" / "group_vars" / "all.yml").read_text()) or {}
+    return inventory
 
 
 def _message(result: dict) -> str:
@@ -149,7 +134,7 @@ def run(
                 facts.update(res.get("ansible_facts") or {})
             if res.get("changed"):
                 changed += 1
-            emit(Event("changed" if res.get("changed") else "ok", task))
+            emit(Event("changed" if res.get("changed") else "ok", task, seconds=float(data.get("duration") or 0)))
         return False  # keep nothing in the artifacts: they may hold task results
 
     def emit(event: Event) -> None:
@@ -171,7 +156,7 @@ def run(
         kwargs = dict(
             private_data_dir=str(private),
             inventory=json.dumps(_inventory(target)),
-            extravars={**controller_vars(), **(extravars or {})},  # a copy: the cached dict stays as it is
+            extravars=extravars or {},
             envvars=env,
             event_handler=handle,
             quiet=True,

@@ -82,9 +82,11 @@ def build_wheelhouse(dest: Path | None = None, progress=print) -> Path:
     for engine in WHEELHOUSE:
         path = LOCKS / f"{engine}.txt"
         progress(f"wheelhouse: {engine}")
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps", "-r", str(path), "-w", str(dest)],
-            check=True,
+            capture_output=True, text=True,
         )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"pip could not fetch the {engine} wheels:\n{done.stderr[-3000:]}")
     stamp.write_text(locks_digest())
     return dest

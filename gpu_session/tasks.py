@@ -64,4 +64,22 @@ def sim(
     sys.exit(main(argv))
 
 
+@task(
+    help={
+        "lock": "re-resolve the engines' lock files from PyPI first (after changing a pin in gpu_session/engines.py)",
+        "dest": "where the wheelhouse goes (default: $GPU_SESSION_WHEELHOUSE or /var/cache/gpu-session/wheels)",
+    }
+)
+def engines(c, lock=False, dest=""):
+    """Build the wheelhouse the model server installs from on hosts without internet (the simulator's)."""
+    from pathlib import Path
+
+    from gpu_session import engines as pinned
+
+    if lock:
+        for engine in pinned.ENGINES:
+            print(f"locked {engine}: {pinned.lock(engine)}")
+    print(f"wheelhouse ready: {pinned.build_wheelhouse(Path(dest) if dest else None)}")
+
+
 ns = Collection.from_module(sys.modules[__name__])

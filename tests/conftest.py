@@ -53,6 +53,14 @@ def _no_leftover_faults(request):
         assert not pending, f"test left injected faults unused: {pending}"
 
 
+@pytest.fixture(scope="session")
+def wheelhouse() -> Path:
+    """The engines' wheels, which simulator hosts (no internet) install from: built once per machine."""
+    from gpu_session import engines
+
+    return engines.build_wheelhouse(progress=lambda _: None)
+
+
 @dataclass
 class KeyPair:
     private: Path

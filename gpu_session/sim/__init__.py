@@ -24,7 +24,9 @@ __all__ = ["Fault", "SimConfig", "Simulator", "default_state_dir"]
 
 
 def default_state_dir() -> Path:
-    return state_dir() / "sim"
+    """Where `invoke sim` keeps its hosts and sim.json; GPU_SESSION_SIM_DIR points the --list,
+    --fault and --env commands at another simulator's folder (the tests' own, for one)."""
+    return Path(os.environ["GPU_SESSION_SIM_DIR"]) if os.environ.get("GPU_SESSION_SIM_DIR") else state_dir() / "sim"
 
 
 class Simulator:

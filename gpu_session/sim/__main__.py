@@ -102,6 +102,8 @@ def print_state(state: dict, as_json: bool) -> None:
     console = Console()
     console.print(table)
     console.print(f"SSH keys (Lambda): {', '.join(k['name'] for k in state['ssh_keys']) or 'none'}")
+    for t in state.get("terminations", []):
+        console.print(f"terminated: {t['cloud']} {t['name']} ({t['id']}) with the {t['by']}")
     if state["faults"]:
         console.print(f"pending faults: {state['faults']}")
     if not state["hosts_isolated"]:

@@ -411,6 +411,10 @@ class World:
                 "ssh_keys": [{"id": k.id, "name": k.name} for k in self.ssh_keys.values()],
                 "faults": [vars(f) for f in self.faults],
                 "hosts_isolated": self.hosts.isolated,
+                # Who ended what: "account-key", or "pod-key" for a pod that ended itself.
+                "terminations": [
+                    {k: e[k] for k in ("t", "cloud", "id", "name", "by")} for e in self.events if e["event"] == "terminate"
+                ],
             }
 
     def close(self) -> None:

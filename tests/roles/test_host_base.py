@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from conftest import on
 
-from gpu_session.configure import ConfigureError, controller_vars, run
+from gpu_session.configure import ConfigureError, run
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,8 @@ def test_data_root_environment_and_shells(hosts, converged, keypair, which):
     # A login shell keeps no history.
     assert on(t, keypair, "bash -lc 'echo ${HISTFILE:-none} $HISTSIZE'").split() == ["none", "0"]
     # uv came from the controller (the same version), not from the internet the host does not have.
-    assert on(t, keypair, "/usr/local/bin/uv --version").split()[1] == controller_vars()["host_base_uv_version"]
+    ours = subprocess.run([Path(sys.executable).with_name("uv"), "--version"], capture_output=True, text=True).stdout
+    assert on(t, keypair, "/usr/local/bin/uv --version") == ours
 
 
 def test_second_converge_changes_nothing(hosts, converged):

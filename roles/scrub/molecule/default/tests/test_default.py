@@ -1,0 +1,28 @@
+"""After the scrub: the session's files, processes, port, user and every canary are gone."""
+
+import os
+from pathlib import Path
+
+import testinfra.utils.ansible_runner
+
+testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"]).get_hosts("all")
+CANARY = (Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "canary").read_text().strip()
+REMOVED = ["/opt/gpu-session", "/dev/shm/gpu-session", "/run/gpu-session", "/root/.bash_history",
+           "/root/.cache/huggingface", "/etc/profile.d/gpu-session-no-history.sh"]  # fmt: skip
+
+
+def test_the_session_files_are_gone(host):
+    for path in REMOVED:
+        assert not host.file(path).exists, path
+
+
+def test_no_process_port_or_user_is_left(host):
+    assert not host.socket("tcp://127.0.0.1:8000").is_listening
+    assert host.run("pgrep -f 'http.server 8000|sleep 3600'").rc == 1
+    assert not host.user("gpu-session").exists
+
+
+def test_no_canary_is_left_anywhere_a_session_writes(host):
+    with host.sudo():
+        found = host.run("grep -rlsF -e %s /opt /home /root /tmp /var/tmp /var/log /dev/shm /run /etc /srv", CANARY)
+    assert found.stdout == "" and found.rc == 1

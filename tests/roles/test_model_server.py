@@ -1,0 +1,91 @@
+"""model_server's bad input, on a simulator host through site.yml: each fails before it can do harm,
+with a message that says what to do; then site.yml's early end for a converge that would change
+nothing. (Serving itself is proven by the role's molecule scenarios: vLLM and transformers,
+converge, idempotence with every task run, testinfra.)"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from conftest import on
+
+from gpu_session.configure import ConfigureError, run
+
+
+@pytest.fixture(scope="module")
+def site(sim, hosts, wheelhouse):
+    """site.yml on the Lambda host (ubuntu + sudo), with what a session passes."""
+    lease_end = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0).isoformat()
+    good = {
+        "model_server_model": "gpu-session/tiny-chat",
+        "model_server_api_key": secrets.token_urlsafe(32),
+        "model_server_wheelhouse": str(wheelhouse),
+        "host_base_hf_endpoint": sim.host_url,
+        "lease_expires_at": lease_end,
+    }
+
+    def converge(events=None, **changes):
+        events = [] if events is None else events
+        try:
+            return run(hosts["lambda"], playbook="site.yml", extravars={**good, **changes}, on_event=events.append)
+        finally:
+            assert not any(good["model_server_api_key"] in str(e) for e in events)
+
+    return hosts["lambda"], good, converge
+
+
+def test_a_model_id_that_would_inject_shell_is_refused(site, keypair):
+    target, _, converge = site
+    with pytest.raises(ConfigureError, match="Hub id like owner/name"):
+        converge(model_server_model="a/b; touch /tmp/pwned")
+    assert on(target, keypair, "ls /tmp/pwned 2>/dev/null || echo absent").strip() == "absent"
+
+
+def test_a_weak_api_key_is_refused_without_showing_it(site):
+    _, _, converge = site
+    with pytest.raises(ConfigureError, match="32 or more") as err:
+        converge(model_server_api_key="short-key-123")
+    assert "short-key-123" not in str(err.value)
+
+
+def test_a_gated_model_without_a_token_says_what_to_do(site):
+    _, _, converge = site
+    with pytest.raises(ConfigureError, match="is gated: accept its license .* give an HF token"):
+        converge(model_server_model="meta-llama/Llama-3.2-1B-Instruct")
+
+
+def test_a_model_too_big_fails_before_any_download_naming_need_and_have(site, sim, keypair):
+    target, _, converge = site
+    with pytest.raises(ConfigureError, match=r"needs 157\.\d GB of GPU memory; this host has 24\.0 GB \(1 x NVIDIA A10 24GB\)"):
+        converge(model_server_model="meta-llama/Llama-3.1-70B-Instruct", model_server_hf_token=sim.hf_token)
+    assert "Llama-3.1-70B" not in on(target, keypair, "sudo ls -R /opt/gpu-session/hf")
+
+
+def test_extra_arguments_are_passed_quoted_and_a_failed_start_shows_the_log(site, keypair):
+    target, good, converge = site
+    with pytest.raises(ConfigureError, match=r"(?s)not ready \(Wait for the port.*the model server exited.*--seed") as err:
+        converge(model_server_extra_args=["--seed", "1; touch /tmp/pwned-extra"])
+    assert "invalid int value: '1; touch /tmp/pwned-extra'" in str(err.value)
+    assert on(target, keypair, "ls /tmp/pwned-extra 2>/dev/null || echo absent").strip() == "absent"
+    assert good["model_server_api_key"] not in str(err.value)
+
+
+def test_an_unchanged_converge_ends_early_and_a_changed_one_runs_in_full(site, keypair):
+    """transformers serve with the text model: it starts in seconds."""
+    target, good, converge = site
+    converge(model_server_backend="transformers")
+    events = []
+    assert converge(events, model_server_backend="transformers").changed == 0
+    ran = [e.task for e in events if e.kind in ("ok", "changed")]
+    assert ran == ["Work out this converge's digest", "Check the last converge and the server"], ran
+    # A changed input (the lease's check interval) runs every role again, and changes only that.
+    events = []
+    result = converge(events, model_server_backend="transformers", lease_check_interval_s=7)
+    assert "Install the watchdog" in [e.task for e in events] and result.changed >= 1
+    # A server that stopped answering is a reason to run everything too.
+    on(target, keypair, "sudo sh -c 'kill $(cat /run/gpu-session/gpu-session-model-server.pid)'")
+    events = []
+    converge(events, model_server_backend="transformers", lease_check_interval_s=7)
+    assert "Ask for one token" in [e.task for e in events]
