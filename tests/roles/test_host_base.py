@@ -27,38 +27,13 @@ def test_platform_and_process_manager_are_detected(converged):
 
 
 @pytest.mark.parametrize("which", ["lambda", "runpod"])
-def test_data_root_environment_and_shells(hosts, converged, keypair, which):
+def test_extra_environment_and_uv_on_both_clouds(hosts, converged, keypair, which):
+    """The data root, modes, caches and shells are the molecule scenario's (roles/host_base/molecule);
+    here: both clouds' users, extra variables, and uv copied from the controller."""
     t = hosts[which]
-    stat = on(
-        t, keypair, "sudo stat -c '%U %a %n' /opt/gpu-session /opt/gpu-session/env /opt/gpu-session/tmp /dev/shm/gpu-session"
-    )
-    assert stat.splitlines() == [
-        "gpu-session 750 /opt/gpu-session",
-        "gpu-session 600 /opt/gpu-session/env",
-        "gpu-session 700 /opt/gpu-session/tmp",
-        "gpu-session 700 /dev/shm/gpu-session",
-    ]
-    env = dict(
-        line.split("=", 1)
-        for line in on(t, keypair, "sudo cat /opt/gpu-session/env").splitlines()
-        if "=" in line and not line.startswith("#")
-    )
-    for cache in (
-        "HF_HOME",
-        "HF_XET_CACHE",
-        "VLLM_CACHE_ROOT",
-        "TRITON_CACHE_DIR",
-        "TORCHINDUCTOR_CACHE_DIR",
-        "XDG_CACHE_HOME",
-        "TMPDIR",
-        "UV_CACHE_DIR",
-        "PIP_CACHE_DIR",
-    ):
-        assert env[cache].startswith("/opt/gpu-session/"), cache
-    assert env["VLLM_NO_USAGE_STATS"] == env["HF_HUB_DISABLE_TELEMETRY"] == env["DO_NOT_TRACK"] == "1"
-    assert env["HF_ENDPOINT"] == "http://hub.invalid:1234" and env["GPU_SESSION_STACK"] == "dev"
-    # A login shell keeps no history.
-    assert on(t, keypair, "bash -lc 'echo ${HISTFILE:-none} $HISTSIZE'").split() == ["none", "0"]
+    env = on(t, keypair, "sudo cat /opt/gpu-session/env").splitlines()
+    assert "HF_ENDPOINT=http://hub.invalid:1234" in env and "GPU_SESSION_STACK=dev" in env
+    assert on(t, keypair, "sudo stat -c '%U %a' /opt/gpu-session/env").strip() == "gpu-session 600"
     # uv came from the controller (the same version), not from the internet the host does not have.
     ours = subprocess.run([Path(sys.executable).with_name("uv"), "--version"], capture_output=True, text=True).stdout
     assert on(t, keypair, "/usr/local/bin/uv --version") == ours
