@@ -1,5 +1,7 @@
-"""After the scrub: the session's files, processes, port, user and every canary are gone."""
+"""After the scrub: the session's files, processes, port, user and every canary are gone, and the
+receipt the role returned says so."""
 
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +20,7 @@ def test_the_session_files_are_gone(host):
 
 def test_no_process_port_or_user_is_left(host):
     assert not host.socket("tcp://127.0.0.1:8000").is_listening
-    assert host.run("pgrep -f 'http.server 8000|sleep 3600'").rc == 1
+    assert host.run("pgrep -f 'http[.]server 8000|slee[p] 3600'").rc == 1  # brackets: the pattern matches not its own shell
     assert not host.user("gpu-session").exists
 
 
@@ -26,3 +28,12 @@ def test_no_canary_is_left_anywhere_a_session_writes(host):
     with host.sudo():
         found = host.run("grep -rlsF -e %s /opt /home /root /tmp /var/tmp /var/log /dev/shm /run /etc /srv", CANARY)
     assert found.stdout == "" and found.rc == 1
+
+
+def test_the_receipt_names_what_was_removed_and_verified():
+    receipt = json.loads((Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "receipt.json").read_text())
+    assert receipt["ok"] is True and receipt["finished_at"]
+    assert {"/opt/gpu-session", "/dev/shm/gpu-session", "/run/gpu-session", "/root/.bash_history"} <= set(receipt["removed"])
+    assert receipt["stopped_services"] == ["gpu-session-model-server", "gpu-session-lease"]
+    assert receipt["verified"]["canaries_checked"] == 1 and receipt["verified"]["nothing_listening_on"] == 8000
+    assert CANARY not in json.dumps(receipt)
