@@ -1,0 +1,12 @@
+"""Pulumi dynamic providers over gpu_session.clouds.
+
+These modules are pickled by reference into every stack's state (`__provider`): never rename or
+move them, or `pulumi destroy` of existing stacks breaks (../shared/research/pulumi.md §1.2).
+Credentials come from the stack config in configure() or from the environment, read inside each
+method: never inputs, never attributes set in __init__ (which would be pickled).
+"""
+
+from .instance import GpuInstance, GpuInstanceProvider
+from .ssh_key import LambdaSshKey, LambdaSshKeyProvider
+
+__all__ = ["GpuInstance", "GpuInstanceProvider", "LambdaSshKey", "LambdaSshKeyProvider"]

@@ -1,0 +1,153 @@
+"""GpuInstance: one GPU instance on Lambda or RunPod, through gpu_session.clouds.
+
+create launches idempotently by the deterministic name (an instance already running under it is
+adopted), waits until SSH answers under its own deadline (Pulumi's custom timeouts do not reach
+dynamic providers), and terminates what it launched if anything after the launch fails, so a
+failed create leaves nothing billing. read notices an instance ended outside Pulumi; delete treats
+"already gone" as success and waits until the API says terminated.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pulumi
+from pulumi.dynamic import (
+    CheckFailure,
+    CheckResult,
+    CreateResult,
+    DiffResult,
+    ReadResult,
+    Resource,
+    ResourceProvider,
+    UpdateResult,
+)
+
+from ..clouds import CLOUDS, CloudError, LaunchSpec, NotFound
+from ..clouds.base import validate_name
+from .credentials import CloudAccess
+
+# Changing any of these means another machine: replace (terminate first: GPUs are scarce and billed).
+REPLACE_ON = (
+    "cloud",
+    "name",
+    "gpu_type",
+    "gpu_count",
+    "region",
+    "image",
+    "disk_gb",
+    "ssh_public_key",
+    "ssh_key_name",
+    "user_data",
+)
+OUTPUTS = ("instance_id", "host", "port", "user", "status", "gpu_name", "price_per_hour", "launched_at")
+DEFAULT_READY_TIMEOUT_S = 900
+
+
+class GpuInstanceProvider(CloudAccess, ResourceProvider):
+    def check(self, olds, news):
+        failures = []
+        if news.get("cloud") not in CLOUDS:
+            failures.append(CheckFailure("cloud", f"must be one of {', '.join(CLOUDS)} (got {news.get('cloud')!r})"))
+        try:
+            validate_name(str(news.get("name", "")))
+        except CloudError as e:
+            failures.append(CheckFailure("name", str(e)))
+        if not news.get("gpu_type"):
+            failures.append(CheckFailure("gpu_type", "an instance type (Lambda) or GPU type (RunPod) is needed"))
+        for key, low in (("gpu_count", 1), ("disk_gb", 1), ("ready_timeout_s", 30)):
+            value = news.get(key)
+            if value is not None and (not isinstance(value, int | float) or int(value) != value or value < low):
+                failures.append(CheckFailure(key, f"must be a whole number of at least {low} (got {value!r})"))
+        if news.get("cloud") == "lambda" and not news.get("ssh_key_name"):
+            failures.append(CheckFailure("ssh_key_name", "Lambda launches need a registered SSH key's name"))
+        if news.get("cloud") == "runpod" and not news.get("ssh_public_key"):
+            failures.append(CheckFailure("ssh_public_key", "RunPod launches need the session's public key"))
+        return CheckResult(news, failures)
+
+    def diff(self, id_, olds, news):  # olds are the previous outputs, which carry the inputs
+        def differs(key: str) -> bool:
+            # No region asked for means any region: the one the instance landed in is not a change.
+            return olds.get(key) != news.get(key) and not (key == "region" and not news.get(key))
+
+        changed = [k for k in news if k != "__provider" and k not in OUTPUTS and differs(k)]
+        replaces = [k for k in REPLACE_ON if k in changed]
+        return DiffResult(changes=bool(changed), replaces=replaces, delete_before_replace=True)
+
+    def create(self, props):
+        cloud = self.cloud(props["cloud"])
+        deadline = time.monotonic() + int(props.get("ready_timeout_s") or DEFAULT_READY_TIMEOUT_S)
+        spec = LaunchSpec(
+            name=props["name"],
+            instance_type=props["gpu_type"],
+            region=props.get("region") or None,
+            gpu_count=int(props.get("gpu_count") or 1),
+            ssh_public_key=props.get("ssh_public_key") or "",
+            ssh_key_name=props.get("ssh_key_name") or None,
+            image=props.get("image") or None,
+            disk_gb=int(props["disk_gb"]) if props.get("disk_gb") else None,
+            user_data=props.get("user_data") or None,
+        )
+        instance_id = cloud.launch(spec)  # adopts a live instance of the same name
+        print(f"launched {props['cloud']} instance {instance_id}; waiting for SSH", flush=True)
+        try:
+            endpoint = cloud.wait_ready(instance_id, deadline)
+            outs = self._outputs(cloud.get(instance_id), endpoint)
+        except BaseException:
+            # Nothing after the launch may leave a billing machine Pulumi does not know about.
+            cloud.terminate_and_wait(instance_id, time.monotonic() + 120)
+            raise
+        return CreateResult(instance_id, {**props, **outs, "launched_at": datetime.now(UTC).isoformat(timespec="seconds")})
+
+    def read(self, id_, props):
+        try:
+            inst = self.cloud(props["cloud"]).get(id_)
+        except NotFound:
+            return ReadResult("", {})
+        if not inst.alive:
+            return ReadResult("", {})  # ended outside Pulumi (the console, the lease): drop it
+        return ReadResult(id_, {**props, **self._outputs(inst, inst.endpoint), "launched_at": props.get("launched_at")})
+
+    def update(self, id_, olds, news):  # only what does not replace: the readiness deadline
+        return UpdateResult({**olds, **news, **{k: olds.get(k) for k in OUTPUTS}})
+
+    def delete(self, id_, props):
+        self.cloud(props["cloud"]).terminate_and_wait(
+            id_, time.monotonic() + int(props.get("ready_timeout_s") or DEFAULT_READY_TIMEOUT_S)
+        )
+
+    @staticmethod
+    def _outputs(inst, endpoint) -> dict:
+        return {
+            "instance_id": inst.id,
+            "host": endpoint.host if endpoint else None,
+            "port": endpoint.port if endpoint else None,
+            "user": endpoint.user if endpoint else None,
+            "status": inst.status,
+            "gpu_name": inst.gpu_name,
+            "gpu_count": inst.gpu_count,
+            "price_per_hour": inst.price_per_hour,
+            "region": inst.region,
+        }
+
+
+class GpuInstance(Resource, module="gpu_session", name="GpuInstance"):
+    instance_id: pulumi.Output[str]
+    host: pulumi.Output[str]
+    port: pulumi.Output[int]
+    user: pulumi.Output[str]
+    status: pulumi.Output[str]
+    gpu_name: pulumi.Output[str]
+    price_per_hour: pulumi.Output[float]
+    launched_at: pulumi.Output[str]
+
+    def __init__(self, resource_name: str, *, cloud, name, gpu_type, gpu_count=1, region=None, image=None, disk_gb=None,
+                 ssh_public_key=None, ssh_key_name=None, user_data=None, ready_timeout_s=DEFAULT_READY_TIMEOUT_S,
+                 opts: pulumi.ResourceOptions | None = None):  # fmt: skip
+        inputs = {
+            "cloud": cloud, "name": name, "gpu_type": gpu_type, "gpu_count": gpu_count, "region": region, "image": image,
+            "disk_gb": disk_gb, "ssh_public_key": ssh_public_key, "ssh_key_name": ssh_key_name, "user_data": user_data,
+            "ready_timeout_s": ready_timeout_s, **dict.fromkeys(OUTPUTS),
+        }  # fmt: skip
+        super().__init__(GpuInstanceProvider(), resource_name, inputs, opts)
