@@ -1,0 +1,141 @@
+"""A stack's configuration (the `gpu-session:*` keys of Pulumi.<stack>.yaml), checked before
+anything is launched: every bad key is named with what to do, and unknown keys are refused with
+the nearest known one. Pulumi.example.yaml documents the same keys; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, fields
+
+NAMESPACE = "gpu-session"
+# The Hub's repo ids: owner/name, letters, digits, - _ . (the roles refuse anything else too).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+DEFAULT_RUNPOD_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
+
+
+class ConfigError(ValueError):
+    """One or more keys are wrong; the message names each and says what to do."""
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    model: str
+    cloud: str = "lambda"
+    gpu: str = "auto"
+    gpuCount: int = 1  # noqa: N815 (the config key's own spelling)
+    region: str = "auto"
+    hours: float = 2.0
+    maxPricePerHour: float | None = None  # noqa: N815
+    diskGb: int = 100  # noqa: N815
+    quantize: bool = False
+    backend: str = "auto"
+    image: str = DEFAULT_RUNPOD_IMAGE
+    configure: bool = True
+    # Secrets: from the stack's secret config, or the environment (LAMBDA_API_KEY, RUNPOD_API_KEY, HF_TOKEN).
+    hfToken: str | None = None  # noqa: N815
+    lambdaApiKey: str | None = None  # noqa: N815
+    runpodApiKey: str | None = None  # noqa: N815
+
+    def __repr__(self) -> str:  # never print a secret by accident
+        shown = {
+            f.name: ("(secret)" if f.name in SECRETS and getattr(self, f.name) else getattr(self, f.name)) for f in fields(self)
+        }
+        return f"StackConfig({shown})"
+
+
+SECRETS = {"hfToken", "lambdaApiKey", "runpodApiKey"}
+KEYS = [f.name for f in fields(StackConfig)]
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise ValueError("true or false")
+
+
+def _whole(low: int):
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"\d+", text) or int(text) < low:
+            raise ValueError(f"a whole number of at least {low}")
+        return int(text)
+
+    return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError("a number above 0")
+    return value
+
+
+def _choice(*options: str):
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(" or ".join(options))
+        return text
+
+    return parse
+
+
+def _hub_id(text: str) -> str:
+    if not HUB_ID.match(text):
+        raise ValueError("a Hugging Face model id like meta-llama/Llama-3.1-8B-Instruct")
+    return text
+
+
+def _text(text: str) -> str:
+    if not text or any(c in text for c in "\n\r\0"):
+        raise ValueError("a non-empty single line")
+    return text
+
+
+PARSERS = {
+    "model": _hub_id,
+    "cloud": _choice("lambda", "runpod"),
+    "gpu": _text,
+    "gpuCount": _whole(1),
+    "region": _text,
+    "hours": _positive,
+    "maxPricePerHour": _positive,
+    "diskGb": _whole(10),
+    "quantize": _bool,
+    "backend": _choice("auto", "vllm", "transformers"),
+    "image": _text,
+    "configure": _bool,
+    "hfToken": _text,
+    "lambdaApiKey": _text,
+    "runpodApiKey": _text,
+}
+
+
+def parse(values: dict[str, object]) -> StackConfig:
+    """Keys with or without the `gpu-session:` namespace; values as Pulumi gives them (strings) or
+    as Python values. Raises ConfigError naming every bad key at once."""
+    problems, parsed = [], {}
+    for raw_key, value in values.items():
+        namespace, _, key = raw_key.rpartition(":")
+        if namespace and namespace != NAMESPACE:
+            continue  # another package's config (aws:region, ...): not ours to judge
+        if key not in PARSERS:
+            near = difflib.get_close_matches(key, KEYS, n=1)
+            problems.append(f"{NAMESPACE}:{key} is not a setting" + (f"; did you mean {NAMESPACE}:{near[0]}?" if near else ""))
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        try:
+            parsed[key] = PARSERS[key](text)
+        except ValueError as e:
+            shown = "(secret)" if key in SECRETS else repr(text)
+            problems.append(f"{NAMESPACE}:{key} must be {e} (got {shown})")
+    if "model" not in parsed and not any(p.startswith(f"{NAMESPACE}:model ") for p in problems):
+        problems.append(f"{NAMESPACE}:model is required: pulumi config set model <owner/name>")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return StackConfig(**parsed)
