@@ -5,6 +5,7 @@ driven over gRPC through configure, check, create, read and delete against the s
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def provider(sim, tmp_path):
 
 def test_check_create_read_delete_over_grpc(provider, sim, keypair, name):
     blob = serialize_provider(GpuInstanceProvider())
-    assert b"sim-runpod" not in blob.encode()  # a reference to the class, never a key
+    pickled = base64.b64decode(blob)
+    assert b"gpu_session.providers.instance" in pickled and sim.runpod_key.encode() not in pickled  # a reference, never a key
     news = {"__provider": blob, "cloud": "runpod", "name": name, "gpu_type": "NVIDIA GeForce RTX 4090", "gpu_count": 1,
             "ssh_public_key": keypair.public, "ready_timeout_s": 60, **dict.fromkeys(OUTPUTS)}  # fmt: skip
 
