@@ -1,11 +1,49 @@
-"""Where gpu-session keeps its state on the controller (XDG_STATE_HOME, default ~/.local/state)."""
+"""Where gpu-session keeps its files on the controller, and how it writes the private ones.
+
+State (XDG_STATE_HOME, default ~/.local/state/gpu-session): the Pulumi backend, one folder per stack
+(session key, pinned host keys, the model server's key, receipts), the ledger. Config
+(XDG_CONFIG_HOME, default ~/.config/gpu-session). Every folder 0700, every file 0600.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from pathlib import Path
+
+STACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
 
 
 def state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "gpu-session"
+
+
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "gpu-session"
+
+
+def private_dir(path: Path) -> Path:
+    """`path` and any missing parents, created 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+def stack_dir(stack: str) -> Path:
+    """The stack's own folder: its session key, known_hosts, the model server's key, receipts."""
+    if not STACK_NAME.match(stack or ""):
+        raise ValueError(f"invalid stack name {stack!r}: use up to 40 letters, digits, '.', '_' or '-'")
+    return private_dir(state_dir() / "stacks" / stack)
+
+
+def write_private(path: Path, data: str | bytes) -> Path:
+    """Write atomically with mode 0600 from the first byte (no window where another user could read)."""
+    private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: 0600
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+    return path

@@ -139,3 +139,11 @@ def parse(values: dict[str, object]) -> StackConfig:
     if problems:
         raise ConfigError("; ".join(problems))
     return StackConfig(**parsed)
+
+
+def from_pulumi() -> StackConfig:
+    """The running program's stack config (what `pulumi config` holds, secrets decrypted)."""
+    from pulumi.runtime import config as runtime_config
+
+    values = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
+    return parse({k: v for k, v in values.items() if k.startswith(f"{NAMESPACE}:")})

@@ -1,7 +1,9 @@
 """GpuInstance: one GPU instance on Lambda or RunPod, through gpu_session.clouds.
 
 create launches idempotently by the deterministic name (an instance already running under it is
-adopted), waits until SSH answers under its own deadline (Pulumi's custom timeouts do not reach
+adopted). With gpu_type "auto" it takes the cheapest offer whose memory holds min_vram_gb, within
+max_price_per_hour, and on a capacity error moves on to the next region or type; the choice is made
+at launch, so a later `up` with the same inputs keeps the machine it has. It then waits until SSH answers under its own deadline (Pulumi's custom timeouts do not reach
 dynamic providers), and terminates what it launched if anything after the launch fails, so a
 failed create leaves nothing billing. read notices an instance ended outside Pulumi; delete treats
 "already gone" as success and waits until the API says terminated.
@@ -24,8 +26,9 @@ from pulumi.dynamic import (
     UpdateResult,
 )
 
-from ..clouds import CLOUDS, CloudError, LaunchSpec, NotFound
+from ..clouds import CLOUDS, CapacityError, CloudError, LaunchSpec, NotFound
 from ..clouds.base import validate_name
+from ..sizing import SizingError, explain_no_fit, fitting
 from .credentials import CloudAccess
 
 # Changing any of these means another machine: replace (terminate first: GPUs are scarce and billed).
@@ -41,7 +44,8 @@ REPLACE_ON = (
     "ssh_key_name",
     "user_data",
 )
-OUTPUTS = ("instance_id", "host", "port", "user", "status", "gpu_name", "price_per_hour", "launched_at")
+OUTPUTS = ("instance_id", "instance_type", "host", "port", "user", "status", "gpu_name", "vram_gb", "price_per_hour", "launched_at")
+AUTO = "auto"
 DEFAULT_READY_TIMEOUT_S = 900
 
 
@@ -56,6 +60,8 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
             failures.append(CheckFailure("name", str(e)))
         if not news.get("gpu_type"):
             failures.append(CheckFailure("gpu_type", "an instance type (Lambda) or GPU type (RunPod) is needed"))
+        if news.get("gpu_type") == AUTO and news.get("min_vram_gb") is None:
+            failures.append(CheckFailure("min_vram_gb", 'gpu_type "auto" needs the memory the model needs (GB)'))
         for key, low in (("gpu_count", 1), ("disk_gb", 1), ("ready_timeout_s", 30)):
             value = news.get(key)
             if value is not None and (not isinstance(value, int | float) or int(value) != value or value < low):
@@ -73,11 +79,27 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
 
         changed = [k for k in news if k != "__provider" and k not in OUTPUTS and differs(k)]
         replaces = [k for k in REPLACE_ON if k in changed]
+        # A model that needs more memory than the machine has: another machine. Less: keep this one.
+        if "min_vram_gb" in changed and float(news.get("min_vram_gb") or 0) > float(olds.get("vram_gb") or 0):
+            replaces.append("min_vram_gb")
         return DiffResult(changes=bool(changed), replaces=replaces, delete_before_replace=True)
 
     def create(self, props):
         cloud = self.cloud(props["cloud"])
         deadline = time.monotonic() + int(props.get("ready_timeout_s") or DEFAULT_READY_TIMEOUT_S)
+        instance_id, vram_gb = self._launch(cloud, props)
+        print(f"launched {props['cloud']} instance {instance_id}; waiting for SSH", flush=True)
+        try:
+            endpoint = cloud.wait_ready(instance_id, deadline)
+            outs = {**self._outputs(cloud.get(instance_id), endpoint), "vram_gb": vram_gb}
+        except BaseException:
+            # Nothing after the launch may leave a billing machine Pulumi does not know about.
+            cloud.terminate_and_wait(instance_id, time.monotonic() + 120)
+            raise
+        return CreateResult(instance_id, {**props, **outs, "launched_at": datetime.now(UTC).isoformat(timespec="seconds")})
+
+    def _launch(self, cloud, props) -> tuple[str, float | None]:
+        """Launch (or adopt) under the name; the instance id and its total GPU memory when known."""
         spec = LaunchSpec(
             name=props["name"],
             instance_type=props["gpu_type"],
@@ -89,16 +111,36 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
             disk_gb=int(props["disk_gb"]) if props.get("disk_gb") else None,
             user_data=props.get("user_data") or None,
         )
-        instance_id = cloud.launch(spec)  # adopts a live instance of the same name
-        print(f"launched {props['cloud']} instance {instance_id}; waiting for SSH", flush=True)
-        try:
-            endpoint = cloud.wait_ready(instance_id, deadline)
-            outs = self._outputs(cloud.get(instance_id), endpoint)
-        except BaseException:
-            # Nothing after the launch may leave a billing machine Pulumi does not know about.
-            cloud.terminate_and_wait(instance_id, time.monotonic() + 120)
-            raise
-        return CreateResult(instance_id, {**props, **outs, "launched_at": datetime.now(UTC).isoformat(timespec="seconds")})
+        existing = cloud.find_by_name(spec.name)
+        if existing is not None:  # an earlier create that was interrupted: adopt, never launch twice
+            return existing.id, props.get("vram_gb")
+        if props["gpu_type"] != AUTO and not props.get("max_price_per_hour"):
+            return cloud.launch(spec), None
+        offers = cloud.offers()
+        need = float(props.get("min_vram_gb") or 0)
+        limits = dict(
+            gpu_count=spec.gpu_count,
+            max_price=props.get("max_price_per_hour") or None,
+            gpu_type=None if props["gpu_type"] == AUTO else props["gpu_type"],
+        )
+        tried = []
+        for offer in fitting(offers, need, **limits):
+            for region in offer.regions:
+                if spec.region and region != spec.region:
+                    continue
+                where = None if region == "any" else region
+                try:
+                    instance_id = cloud.launch(
+                        LaunchSpec(**{**vars(spec), "instance_type": offer.instance_type, "region": where})
+                    )
+                except CapacityError:
+                    tried.append(f"{offer.instance_type} in {region}")
+                    print(f"no capacity for {offer.instance_type} in {region}; trying the next offer", flush=True)
+                    continue
+                return instance_id, offer.total_vram_gb
+        if tried:
+            raise CapacityError(f"no capacity for any offer that fits ({', '.join(tried)})")
+        raise SizingError(explain_no_fit(offers, need, **limits))
 
     def read(self, id_, props):
         try:
@@ -107,9 +149,10 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
             return ReadResult("", {})
         if not inst.alive:
             return ReadResult("", {})  # ended outside Pulumi (the console, the lease): drop it
-        return ReadResult(id_, {**props, **self._outputs(inst, inst.endpoint), "launched_at": props.get("launched_at")})
+        outs = self._outputs(inst, inst.endpoint)
+        return ReadResult(id_, {**props, **outs, "vram_gb": props.get("vram_gb"), "launched_at": props.get("launched_at")})
 
-    def update(self, id_, olds, news):  # only what does not replace: the readiness deadline
+    def update(self, id_, olds, news):  # what does not replace: the deadline, the price limit, a smaller need
         return UpdateResult({**olds, **news, **{k: olds.get(k) for k in OUTPUTS}})
 
     def delete(self, id_, props):
@@ -121,6 +164,7 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
     def _outputs(inst, endpoint) -> dict:
         return {
             "instance_id": inst.id,
+            "instance_type": inst.instance_type,
             "host": endpoint.host if endpoint else None,
             "port": endpoint.port if endpoint else None,
             "user": endpoint.user if endpoint else None,
@@ -134,6 +178,8 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
 
 class GpuInstance(Resource, module="gpu_session", name="GpuInstance"):
     instance_id: pulumi.Output[str]
+    instance_type: pulumi.Output[str]
+    vram_gb: pulumi.Output[float]
     host: pulumi.Output[str]
     port: pulumi.Output[int]
     user: pulumi.Output[str]
@@ -143,11 +189,12 @@ class GpuInstance(Resource, module="gpu_session", name="GpuInstance"):
     launched_at: pulumi.Output[str]
 
     def __init__(self, resource_name: str, *, cloud, name, gpu_type, gpu_count=1, region=None, image=None, disk_gb=None,
-                 ssh_public_key=None, ssh_key_name=None, user_data=None, ready_timeout_s=DEFAULT_READY_TIMEOUT_S,
-                 opts: pulumi.ResourceOptions | None = None):  # fmt: skip
+                 ssh_public_key=None, ssh_key_name=None, user_data=None, min_vram_gb=None, max_price_per_hour=None,
+                 ready_timeout_s=DEFAULT_READY_TIMEOUT_S, opts: pulumi.ResourceOptions | None = None):  # fmt: skip
         inputs = {
             "cloud": cloud, "name": name, "gpu_type": gpu_type, "gpu_count": gpu_count, "region": region, "image": image,
             "disk_gb": disk_gb, "ssh_public_key": ssh_public_key, "ssh_key_name": ssh_key_name, "user_data": user_data,
-            "ready_timeout_s": ready_timeout_s, **dict.fromkeys(OUTPUTS),
+            "min_vram_gb": min_vram_gb, "max_price_per_hour": max_price_per_hour, "ready_timeout_s": ready_timeout_s,
+            **dict.fromkeys(OUTPUTS),
         }  # fmt: skip
         super().__init__(GpuInstanceProvider(), resource_name, inputs, opts)

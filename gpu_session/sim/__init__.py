@@ -15,6 +15,7 @@ import secrets
 import time
 from pathlib import Path
 
+from ..engines import wheelhouse_dir
 from ..paths import state_dir
 from . import hf_hub, lambda_api, runpod_api
 from .http import Request, Router, Server, json_response
@@ -78,6 +79,9 @@ class Simulator:
             "LAMBDA_API_KEY": self.lambda_key,
             "RUNPOD_API_KEY": self.runpod_key,
             "HF_TOKEN": self.hf_token,
+            # Hosts have no internet: the model server installs from this machine's wheelhouse
+            # (`invoke engines`), which they see through their /var.
+            **({"GPU_SESSION_HOST_WHEELHOUSE": str(wheelhouse)} if (wheelhouse := wheelhouse_dir()).is_dir() else {}),
         }
 
     def _load_keys(self) -> dict[str, list[str]]:

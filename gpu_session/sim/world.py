@@ -424,7 +424,8 @@ class World:
 
 
 def _cloud_init_files(user_data: str | None) -> list[dict]:
-    """The `write_files` entries of a #cloud-config document (the one module the simulator honours)."""
+    """What a #cloud-config document places on the host: its `write_files` entries, and the host
+    keys of `ssh_keys` (as cloud-init's ssh module installs them before sshd starts)."""
     if not user_data or not user_data.lstrip().startswith("#cloud-config"):
         return []
     import base64
@@ -438,4 +439,10 @@ def _cloud_init_files(user_data: str | None) -> list[dict]:
         if f.get("encoding") in ("b64", "base64"):
             content = base64.b64decode(content).decode("latin-1")
         files.append({"path": f["path"], "content": content, "permissions": str(f.get("permissions", "0644"))})
+    keys = doc.get("ssh_keys") or {}
+    for kind in ("ed25519", "ecdsa", "rsa"):
+        for part, suffix, mode in (("private", "", "0600"), ("public", ".pub", "0644")):
+            if keys.get(f"{kind}_{part}"):
+                path = f"/etc/ssh/ssh_host_{kind}_key{suffix}"
+                files.append({"path": path, "content": keys[f"{kind}_{part}"], "permissions": mode})
     return files

@@ -1,0 +1,157 @@
+"""What the stack's Configure resource runs: `python -m gpu_session.converge site|scrub`.
+
+The Pulumi program passes the host and the session's choices in the environment (GPU_SESSION_*;
+the HF token as HF_TOKEN, a secret of the stack). The private key, the pinned host keys and the
+model server's API key come from the stack's folder and never pass through Pulumi, so they are in
+no state file and no process argument.
+
+`site` pins the host key (the session's own on Lambda, the first one seen on RunPod), makes the
+model server's key on first use, and runs playbooks/site.yml. `scrub` runs playbooks/scrub.yml
+before the instance is destroyed and keeps the receipt in the stack's folder; a host that no
+longer answers cannot be scrubbed and is not waited for (its disk goes with it), but a scrub that
+fails on a live host stops the destroy, so nothing is terminated unscrubbed without the user's word.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+
+from .clouds.base import ssh_banner
+from .configure import ConfigureError, Event, Target, run
+from .paths import write_private
+from .ssh import SessionKeys, pin, pin_first_seen, session_keys
+
+SKIP_SCRUB = "GPU_SESSION_SKIP_SCRUB"
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """The GPU_SESSION_* environment the program sets on the Configure command."""
+
+    stack: str
+    cloud: str
+    instance_id: str
+    host: str
+    port: int
+    user: str
+    model: str = ""
+    backend: str = "vllm"
+    quantize: bool = False
+    lease_expires_at: str = ""
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> HostSettings:
+        def need(key: str) -> str:
+            value = env.get(f"GPU_SESSION_{key}", "")
+            if not value:
+                raise SystemExit(f"GPU_SESSION_{key} is not set: this command runs as the stack's Configure resource")
+            return value
+
+        return cls(
+            stack=need("STACK"),
+            cloud=need("CLOUD"),
+            instance_id=need("INSTANCE_ID"),
+            host=need("HOST"),
+            port=int(need("PORT")),
+            user=need("USER"),
+            model=env.get("GPU_SESSION_MODEL", ""),
+            backend=env.get("GPU_SESSION_BACKEND", "vllm"),
+            quantize=env.get("GPU_SESSION_QUANTIZE", "false") == "true",
+            lease_expires_at=env.get("GPU_SESSION_LEASE_EXPIRES_AT", ""),
+        )
+
+
+def api_key(keys: SessionKeys) -> str:
+    """The model server's key for this stack, made on first use (0600 in the stack's folder)."""
+    path = keys.dir / "api_key"
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def target(settings: HostSettings, keys: SessionKeys) -> Target:
+    return Target(settings.host, settings.port, settings.user, keys.private_key, keys.known_hosts)
+
+
+def pin_host(settings: HostSettings, keys: SessionKeys) -> None:
+    """A new instance starts from no pins: an address may have belonged to another machine."""
+    marker = keys.dir / "instance"
+    if not marker.exists() or marker.read_text().strip() != settings.instance_id:
+        write_private(keys.known_hosts, "")
+        write_private(marker, settings.instance_id)
+    if settings.cloud == "lambda":
+        pin(keys.known_hosts, settings.host, settings.port, keys.host_public_key)
+    else:
+        pin_first_seen(keys.known_hosts, settings.host, settings.port)
+
+
+def show(event: Event) -> None:
+    if event.kind == "task":
+        return
+    took = f" ({event.seconds:.1f}s)" if event.seconds >= 1 else ""
+    line = f"  {event.kind:<7} {event.task}{took}"
+    if event.kind == "failed" and event.message:
+        line += f": {event.message}"
+    print(line, flush=True)
+
+
+def site(settings: HostSettings, env: dict[str, str]) -> None:
+    keys = session_keys(settings.stack)
+    pin_host(settings, keys)
+    extravars = {
+        "model_server_model": settings.model,
+        "model_server_backend": settings.backend,
+        "model_server_api_key": api_key(keys),
+        "model_server_hf_token": env.get("HF_TOKEN", ""),
+        "model_server_quantization": "bitsandbytes" if settings.quantize else "",
+        "model_server_wheelhouse": env.get("GPU_SESSION_HOST_WHEELHOUSE", ""),
+        "host_base_hf_endpoint": env.get("HF_ENDPOINT", ""),
+        "lease_expires_at": settings.lease_expires_at,
+        "lease_instance_id": settings.instance_id,
+    }
+    print(f"configuring {settings.cloud} instance {settings.instance_id} ({settings.host}:{settings.port})", flush=True)
+    start = time.monotonic()
+    result = run(target(settings, keys), playbook="site.yml", extravars=extravars, on_event=show)
+    print(f"configured in {time.monotonic() - start:.0f}s: {settings.model} is served on the host's 127.0.0.1:8000", flush=True)
+    write_private(keys.dir / "configured.json", json.dumps({"instance_id": settings.instance_id, "changed": result.changed}))
+
+
+def scrub(settings: HostSettings, env: dict[str, str]) -> None:
+    if env.get(SKIP_SCRUB) == "1":
+        print(f"{SKIP_SCRUB}=1: destroying {settings.instance_id} without scrubbing it", flush=True)
+        return
+    if not ssh_banner(settings.host, settings.port, timeout=10):
+        print(f"{settings.host}:{settings.port} does not answer: nothing can be scrubbed; its disk goes with the instance", flush=True)
+        return
+    keys = session_keys(settings.stack)
+    print(f"scrubbing {settings.cloud} instance {settings.instance_id}", flush=True)
+    result = run(target(settings, keys), playbook="scrub.yml", on_event=show)
+    receipt = {"instance_id": settings.instance_id, "scrubbed_at": time.time(), **(result.facts.get("scrub_receipt") or {})}
+    write_private(keys.dir / "scrub-receipt.json", json.dumps(receipt, indent=2))
+    print(f"scrubbed: receipt in {keys.dir / 'scrub-receipt.json'}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv not in (["site"], ["scrub"]):
+        print("usage: python -m gpu_session.converge site|scrub (run by the stack's Configure resource)", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    settings = HostSettings.from_env(env)
+    try:
+        (site if argv[0] == "site" else scrub)(settings, env)
+    except ConfigureError as e:
+        print(f"{argv[0]} failed on {settings.host}: {e}", file=sys.stderr)
+        if argv[0] == "scrub":
+            print(f"Nothing was destroyed. Run the destroy again, or set {SKIP_SCRUB}=1 to destroy without scrubbing.", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

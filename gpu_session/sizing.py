@@ -1,0 +1,97 @@
+"""Model → memory it needs → the offers that fit, cheapest first.
+
+What a model needs is read from the Hub (the weights' size, gated or not, vision or not) before
+anything is launched; the same rule the model_server role checks on the host (weights × 1.2 for
+activations and KV cache) decides what fits, so a plan made here is not refused there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from .clouds import Offer
+
+# Weights × this: activations, CUDA graphs and a useful KV cache (the role's model_server_memory_overhead).
+MEMORY_OVERHEAD = 1.2
+# --quantize: 4-bit weights where a 16-bit checkpoint would be (AWQ/GPTQ/bitsandbytes), plus scales.
+QUANTIZED_SHARE = 0.3
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+GB = 1024**3
+
+
+class SizingError(ValueError):
+    """The model cannot be looked up, or nothing within the limits fits it; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    weights_bytes: int
+    gated: bool
+    vision: bool
+    sha: str = ""
+
+    def need_gb(self, quantize: bool = False) -> float:
+        share = QUANTIZED_SHARE if quantize else 1.0
+        return math.ceil(self.weights_bytes * share * MEMORY_OVERHEAD / GB * 10) / 10  # up, to 0.1 GB
+
+    @property
+    def backend(self) -> str:
+        """vLLM for text models; transformers serve (every architecture transformers knows) for
+        vision models, whose vLLM support varies by architecture and is absent from its CPU build."""
+        return "transformers" if self.vision else "vllm"
+
+
+def model_info(model: str, token: str | None = None) -> ModelInfo:
+    """The Hub's description of `model` (HF_ENDPOINT honoured). Raises SizingError."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    token = token or os.environ.get("HF_TOKEN") or None
+    try:
+        info = HfApi().model_info(model, files_metadata=True, token=token)
+    except RepositoryNotFoundError:
+        raise SizingError(f"{model} is not on the Hub, or is private and the HF token cannot see it: check the id") from None
+    except HfHubHTTPError as e:
+        raise SizingError(f"the Hub could not describe {model}: {e}") from None
+    except OSError as e:  # connection refused, DNS: say where we looked
+        raise SizingError(f"the Hub at {os.environ.get('HF_ENDPOINT') or 'huggingface.co'} is unreachable: {e}") from None
+    weights = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(WEIGHT_SUFFIXES))
+    tags = set(info.tags or [])
+    vision = info.pipeline_tag in ("image-text-to-text", "image-to-text") or "vision" in tags
+    return ModelInfo(model, weights, bool(info.gated), vision, info.sha or "")
+
+
+def fitting(offers: list[Offer], need_gb: float, *, gpu_count: int | None = None, max_price: float | None = None,
+            gpu_type: str | None = None, with_capacity: bool = True) -> list[Offer]:  # fmt: skip
+    """Offers whose total GPU memory holds `need_gb`, cheapest first (then least memory, so the
+    smallest adequate card wins a tie). Spot offers are left out: a reclaimed GPU ends the session."""
+    chosen = [
+        o
+        for o in offers
+        if not o.spot
+        and o.total_vram_gb >= need_gb
+        and (gpu_count is None or o.gpu_count == gpu_count)
+        and (max_price is None or o.price_per_hour <= max_price)
+        and (gpu_type is None or gpu_type in (o.instance_type, o.gpu_name))
+        and (o.regions or not with_capacity)
+    ]
+    return sorted(chosen, key=lambda o: (o.price_per_hour, o.total_vram_gb, o.instance_type))
+
+
+def explain_no_fit(offers: list[Offer], need_gb: float, *, gpu_count: int | None, max_price: float | None,
+                   gpu_type: str | None) -> str:  # fmt: skip
+    """Why nothing fits, and the nearest thing that would."""
+    limits = dict(gpu_count=gpu_count, gpu_type=gpu_type)
+    big_enough = fitting(offers, need_gb, with_capacity=False, **limits)
+    if not big_enough:
+        largest = max((o.total_vram_gb for o in offers), default=0)
+        return f"needs {need_gb:.1f} GB of GPU memory; the largest offer here has {largest} GB: try quantize, or a smaller model"
+    in_budget = [o for o in big_enough if max_price is None or o.price_per_hour <= max_price]
+    if not in_budget:
+        o = big_enough[0]
+        return f"needs {need_gb:.1f} GB; the cheapest that fits is {o.gpu_name} ×{o.gpu_count} at ${o.price_per_hour:.2f}/h, above maxPricePerHour ${max_price:.2f}"
+    names = ", ".join(sorted({f"{o.gpu_name} ×{o.gpu_count}" for o in in_budget}))
+    return f"needs {need_gb:.1f} GB; {names} would fit but have no capacity now: try another region or cloud, or later"

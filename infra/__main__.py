@@ -1,0 +1,109 @@
+"""The gpu-session stack: config → memory the model needs → SSH key → GPU instance → Configure.
+
+`pulumi up` gives a host serving the model on its 127.0.0.1:8000; `pulumi destroy` scrubs the host
+(Configure's delete runs first, while the host is alive) and then terminates it. Everything secret
+(the session's private key, the model server's key) stays in the stack's folder under the state
+dir; the HF token and the Lambda host key enter the state only as Pulumi secrets.
+"""
+
+import hashlib
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import jinja2
+import pulumi
+from pulumi_command import local
+
+from gpu_session import sizing, ssh, stack_config
+from gpu_session.providers import GpuInstance, LambdaSshKey
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = shlex.quote(sys.executable)
+
+try:
+    cfg = stack_config.from_pulumi()
+    model = sizing.model_info(cfg.model, cfg.hfToken)
+except (stack_config.ConfigError, sizing.SizingError) as e:
+    raise pulumi.RunError(str(e)) from None
+
+project, stack = pulumi.get_project(), pulumi.get_stack()
+name = f"{project}-{stack}"  # sweeps find what this stack launched by this prefix
+keys = ssh.session_keys(stack)
+backend = model.backend if cfg.backend == "auto" else cfg.backend
+on_lambda = cfg.cloud == "lambda"
+
+if on_lambda:
+    fingerprint = hashlib.sha256(keys.public_key.encode()).hexdigest()[:8]
+    ssh_key = LambdaSshKey("ssh-key", name=f"{name}-{fingerprint}", public_key=keys.public_key)
+    cloud_init = jinja2.Template((ROOT / "templates" / "cloud-init.yml.j2").read_text()).render(
+        host_private_key=keys.host_private_key, host_public_key=keys.host_public_key
+    )
+
+instance = GpuInstance(
+    "gpu",
+    cloud=cfg.cloud,
+    name=f"{name}-gpu",
+    gpu_type=cfg.gpu,
+    gpu_count=cfg.gpuCount,
+    region=None if cfg.region == "auto" else cfg.region,
+    disk_gb=cfg.diskGb,
+    min_vram_gb=model.need_gb(cfg.quantize),
+    max_price_per_hour=cfg.maxPricePerHour,
+    image=None if on_lambda else cfg.image,
+    ssh_key_name=ssh_key.name if on_lambda else None,
+    user_data=pulumi.Output.secret(cloud_init) if on_lambda else None,
+    ssh_public_key=None if on_lambda else keys.public_key,
+    opts=pulumi.ResourceOptions(additional_secret_outputs=["user_data"]),
+)
+lease_expires_at = instance.launched_at.apply(
+    lambda t: (datetime.fromisoformat(t) + timedelta(hours=cfg.hours)).isoformat(timespec="seconds") if t else ""
+)
+
+if cfg.configure:
+    # What the roles are made of: a change re-runs the playbook (its own digest skips what is unchanged).
+    roles_digest = subprocess.run(
+        [sys.executable, str(ROOT / "playbooks/files/inputs-digest.py"), ""], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    environment = {
+        "GPU_SESSION_STACK": stack,
+        "GPU_SESSION_CLOUD": cfg.cloud,
+        "GPU_SESSION_INSTANCE_ID": instance.instance_id,
+        "GPU_SESSION_HOST": instance.host,
+        "GPU_SESSION_PORT": instance.port.apply(str),
+        "GPU_SESSION_USER": instance.user,
+        "GPU_SESSION_MODEL": cfg.model,
+        "GPU_SESSION_BACKEND": backend,
+        "GPU_SESSION_QUANTIZE": str(cfg.quantize).lower(),
+        "GPU_SESSION_LEASE_EXPIRES_AT": lease_expires_at,
+        "GPU_SESSION_ROLES_DIGEST": roles_digest,
+    }
+    if cfg.hfToken:
+        environment["HF_TOKEN"] = pulumi.Output.secret(cfg.hfToken)
+    local.Command(
+        "configure",
+        create=f"{PYTHON} -m gpu_session.converge site",
+        update=f"{PYTHON} -m gpu_session.converge site",
+        delete=f"{PYTHON} -m gpu_session.converge scrub",
+        environment=environment,
+        dir=str(ROOT),
+        # A new instance: scrub and forget the old one first, then configure the new one.
+        triggers=[instance.instance_id],
+        opts=pulumi.ResourceOptions(delete_before_replace=True, depends_on=[instance]),
+    )
+
+pulumi.export("cloud", cfg.cloud)
+pulumi.export("instance_id", instance.instance_id)
+pulumi.export("host", instance.host)
+pulumi.export("port", instance.port.apply(int))
+pulumi.export("user", instance.user)
+pulumi.export("gpu", instance.gpu_name)
+pulumi.export("gpu_count", instance.gpu_count.apply(int))
+pulumi.export("price_per_hour", instance.price_per_hour)
+pulumi.export("model", cfg.model)
+pulumi.export("backend", backend)
+pulumi.export("served_model_name", cfg.model)  # both backends answer to the model id
+pulumi.export("lease_expires_at", lease_expires_at)
+pulumi.export("session_dir", str(keys.dir))
