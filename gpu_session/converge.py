@@ -126,7 +126,10 @@ def scrub(settings: HostSettings, env: dict[str, str]) -> None:
         print(f"{SKIP_SCRUB}=1: destroying {settings.instance_id} without scrubbing it", flush=True)
         return
     if not ssh_banner(settings.host, settings.port, timeout=10):
-        print(f"{settings.host}:{settings.port} does not answer: nothing can be scrubbed; its disk goes with the instance", flush=True)
+        print(
+            f"{settings.host}:{settings.port} does not answer: nothing can be scrubbed; its disk goes with the instance",
+            flush=True,
+        )
         return
     keys = session_keys(settings.stack)
     print(f"scrubbing {settings.cloud} instance {settings.instance_id}", flush=True)
@@ -148,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigureError as e:
         print(f"{argv[0]} failed on {settings.host}: {e}", file=sys.stderr)
         if argv[0] == "scrub":
-            print(f"Nothing was destroyed. Run the destroy again, or set {SKIP_SCRUB}=1 to destroy without scrubbing.", file=sys.stderr)
+            print(
+                f"Nothing was destroyed. Run the destroy again, or set {SKIP_SCRUB}=1 to destroy without scrubbing.",
+                file=sys.stderr,
+            )
         return 1
     return 0
 

@@ -5,8 +5,8 @@ what the engine would: unpickle each dynamic resource's `__provider`, configure 
 config, and call its check / diff / create / update / delete / read against the real clouds (the
 simulator in tests); for `command:local:Command` it runs the create / update / delete strings with
 their environment, as pulumi-command does. State is a JSON file per stack, written after every
-step, so a crash leaves what was created on record. Secret values are never written: only their
-digest, to notice a change (the provider pickle is kept; it is by reference and holds no secret).
+step, so a crash leaves what was created on record. Secret values are written encrypted with the
+stack's key (the provider pickle stays readable: it is by reference and holds no secret).
 
 Deliberately small: one resource at a time, replacements delete first (our program asks for
 that everywhere), and a replaced resource's dependents are deleted before it (scrub before
@@ -17,7 +17,6 @@ Automation API runs the CLI, and reads its events from stdout.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import runpy
@@ -62,33 +61,66 @@ def unwrap_inputs(inputs: dict) -> tuple[dict, list[list]]:
     return {k: _unwrap(v, [k], found) for k, v in inputs.items()}, found
 
 
-def _is_digest(value) -> bool:
-    return isinstance(value, dict) and set(value) == {"secret_sha256"}
+class Secrets:
+    """Secret values in the state are encrypted (Fernet) with the stack's key, kept 0600 in the
+    config dir, as Pulumi encrypts them with the stack's passphrase."""
 
+    def __init__(self, key_file: Path):
+        from cryptography.fernet import Fernet
 
-def storable(props: dict, secret: list[list]) -> dict:
-    """props with every secret value replaced by its digest (enough to notice a change)."""
-    props = json.loads(json.dumps(props))
-    for path in secret:
-        if path[0] in KEPT_SECRETS:
-            continue
-        holder = props
-        for key in path[:-1]:
-            holder = holder.get(key) if isinstance(holder, dict) else None
-            if holder is None:
-                break
-        last = path[-1]
-        if isinstance(holder, dict) and holder.get(last) is not None and not _is_digest(holder[last]):
-            holder[last] = {"secret_sha256": hashlib.sha256(json.dumps(holder[last]).encode()).hexdigest()}
-    return props
+        from .paths import write_private
+
+        if not key_file.exists():
+            write_private(key_file, Fernet.generate_key())
+        self.fernet = Fernet(key_file.read_bytes())
+
+    def _walk(self, props: dict, paths: list[list], change) -> dict:
+        props = json.loads(json.dumps(props))
+        for path in paths:
+            if path[0] in KEPT_SECRETS:
+                continue
+            holder = props
+            try:
+                for key in path[:-1]:
+                    holder = holder[key]
+                holder[path[-1]] = change(holder[path[-1]])
+            except (KeyError, IndexError, TypeError):
+                continue  # not in these props (outputs may lack an input's key)
+        return props
+
+    def seal(self, props: dict, paths: list[list]) -> dict:
+        """props with each secret value encrypted."""
+        return self._walk(props, paths, lambda v: {"ciphertext": self.fernet.encrypt(json.dumps(v).encode()).decode()})
+
+    def open(self, props: dict, paths: list[list]) -> dict:
+        def plain(v):
+            return json.loads(self.fernet.decrypt(v["ciphertext"].encode())) if isinstance(v, dict) and "ciphertext" in v else v
+
+        return self._walk(props, paths, plain)
 
 
 class State:
-    def __init__(self, path: Path):
-        self.path = path
+    """The stack's resources in registration order, sealed on disk, opened in memory."""
+
+    def __init__(self, path: Path, secrets: Secrets):
+        self.path, self.secrets = path, secrets
         data = json.loads(path.read_text()) if path.exists() else {}
-        self.resources: list[dict] = data.get("resources", [])
+        self.resources: list[dict] = [self._open(r) for r in data.get("resources", [])]
         self.outputs: dict = data.get("outputs", {})
+
+    def _open(self, r: dict) -> dict:
+        return {
+            **r,
+            "inputs": self.secrets.open(r["inputs"], r["secret"]),
+            "outputs": self.secrets.open(r["outputs"], r["secret"]),
+        }
+
+    def _seal(self, r: dict) -> dict:
+        return {
+            **r,
+            "inputs": self.secrets.seal(r["inputs"], r["secret"]),
+            "outputs": self.secrets.seal(r["outputs"], r["secret"]),
+        }
 
     def find(self, urn: str) -> dict | None:
         return next((r for r in self.resources if r["urn"] == urn), None)
@@ -108,7 +140,8 @@ class State:
     def save(self) -> None:
         from .paths import write_private
 
-        write_private(self.path, json.dumps({"resources": self.resources, "outputs": self.outputs}, indent=2))
+        sealed = [self._seal(r) for r in self.resources]
+        write_private(self.path, json.dumps({"resources": sealed, "outputs": self.outputs}, indent=2))
 
 
 # --- the providers, as the engine calls them ----------------------------------------------------
@@ -137,6 +170,20 @@ def run_command(record_name: str, command: str, props: dict) -> str:
     if proc.wait() != 0:
         raise StepFailed(f"{record_name}: command exited {proc.returncode}: {' | '.join(lines[-5:])}")
     return "\n".join(lines)
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Which keys differ (one level into dicts: environment variables), by name only."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            out.append(key)
+    return out
 
 
 def type_label(typ: str) -> str:
@@ -172,6 +219,15 @@ class Engine:
         return [r for r in reversed(self.state.resources) if r["urn"] in found and r["urn"] != urn]
 
     def step(self, urn: str, typ: str, name: str, raw_inputs: dict) -> tuple[str, dict]:
+        try:
+            return self._step(urn, typ, name, raw_inputs)
+        except StepFailed:
+            raise
+        except Exception as e:  # what the engine reports: which resource, and the provider's words
+            emit("failed", type=type_label(typ), name=name, message=str(e))
+            raise StepFailed(f"{type_label(typ)} {name}: {type(e).__name__}: {e}") from None
+
+    def _step(self, urn: str, typ: str, name: str, raw_inputs: dict) -> tuple[str, dict]:
         inputs, secret = unwrap_inputs(raw_inputs)
         self.registered.append(urn)
         old = self.state.find(urn)
@@ -182,7 +238,7 @@ class Engine:
             if checked.failures:
                 raise StepFailed(f"{name}: " + "; ".join(f"{f.property}: {f.reason}" for f in checked.failures))
             inputs = checked.inputs
-        op = self.plan(old, inputs, secret, typ)
+        op = self.plan(old, inputs, typ)
         emit("start", op=op, type=label, name=name)
         started = time.monotonic()
         if self.preview or op == "same":
@@ -196,20 +252,22 @@ class Engine:
             rid, outputs = self.apply(op, typ, name, old, inputs)
             self.state.put({
                 "urn": urn, "type": typ, "name": name, "id": rid, "deps": self.deps.get(urn, []),
-                "inputs": storable(inputs, secret), "outputs": storable(outputs, secret), "secret": secret,
+                "inputs": inputs, "outputs": outputs, "secret": secret,
             })  # fmt: skip
         emit("done", op=op, type=label, name=name, seconds=round(time.monotonic() - started, 1))
         return rid, outputs
 
-    def plan(self, old: dict | None, inputs: dict, secret: list[list], typ: str) -> str:
+    def plan(self, old: dict | None, inputs: dict, typ: str) -> str:
         if old is None:
             return "create"
-        stored = storable(inputs, secret)
         if typ == COMMAND:
-            if stored.get("triggers") != old["inputs"].get("triggers"):
+            if inputs.get("triggers") != old["inputs"].get("triggers"):
                 return "replace"
-            return "same" if stored == old["inputs"] else "update"
-        diff = provider_of(inputs, self.config).diff(old["id"], old["outputs"], stored)
+            changed = changed_keys(old["inputs"], inputs)
+            if changed:
+                emit("log", name=old["name"], message=f"changed: {', '.join(changed)}")
+            return "update" if changed else "same"
+        diff = provider_of(inputs, self.config).diff(old["id"], old["outputs"], inputs)
         if diff.replaces:
             return "replace"
         return "update" if diff.changes else "same"
@@ -265,11 +323,12 @@ def main() -> int:
     parser.add_argument("op", choices=["up", "preview", "destroy", "refresh"])
     parser.add_argument("--stack", required=True)
     parser.add_argument("--state", required=True, type=Path)
+    parser.add_argument("--secrets-key", required=True, type=Path)
     args = parser.parse_args()
     request = json.loads(sys.stdin.read() or "{}")  # {"config": {...}}: secrets arrive here, never in argv
     config = request.get("config", {})
     project = os.environ.setdefault("PULUMI_PROJECT", "gpu-session")
-    state = State(args.state)
+    state = State(args.state, Secrets(args.secrets_key))
     try:
         if args.op in ("up", "preview"):
             engine = Engine(state, config, preview=args.op == "preview")
@@ -296,7 +355,7 @@ def main() -> int:
                     emit("done", op="refresh-delete", type=type_label(record["type"]), name=record["name"])
                     state.drop(record["urn"])
                 else:
-                    state.put({**record, "outputs": storable(read.outs, record.get("secret", []))})
+                    state.put({**record, "outputs": read.outs})
     except Exception as e:  # one line the caller can show; the state on disk says what exists
         emit("failed", message=f"{type(e).__name__}: {e}" if not isinstance(e, StepFailed) else str(e))
         return 1

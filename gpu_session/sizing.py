@@ -87,6 +87,11 @@ def explain_no_fit(offers: list[Offer], need_gb: float, *, gpu_count: int | None
     limits = dict(gpu_count=gpu_count, gpu_type=gpu_type)
     big_enough = fitting(offers, need_gb, with_capacity=False, **limits)
     if not big_enough:
+        more_gpus = fitting(offers, need_gb, with_capacity=False, gpu_type=gpu_type)
+        if gpu_count and more_gpus:
+            o = more_gpus[0]
+            return (f"needs {need_gb:.1f} GB of GPU memory, more than any {gpu_count}-GPU offer has; the cheapest that fits is "
+                    f"{o.gpu_name} ×{o.gpu_count} at ${o.price_per_hour:.2f}/h: set gpuCount {o.gpu_count}, or quantize")  # fmt: skip
         largest = max((o.total_vram_gb for o in offers), default=0)
         return f"needs {need_gb:.1f} GB of GPU memory; the largest offer here has {largest} GB: try quantize, or a smaller model"
     in_budget = [o for o in big_enough if max_price is None or o.price_per_hour <= max_price]

@@ -89,9 +89,7 @@ def pin_first_seen(known_hosts: Path, host: str, port: int) -> None:
     """Pin the key the host shows now, unless one is pinned already (which then stays in force)."""
     if pinned(known_hosts, host, port):
         return
-    scan = subprocess.run(
-        ["ssh-keyscan", "-T", "10", "-t", "ed25519", "-p", str(port), host], capture_output=True, text=True
-    )
+    scan = subprocess.run(["ssh-keyscan", "-T", "10", "-t", "ed25519", "-p", str(port), host], capture_output=True, text=True)
     keys = [line.split(" ", 1)[1] for line in scan.stdout.splitlines() if line and not line.startswith("#")]
     if not keys:
         raise HostKeyError(f"{host}:{port} showed no ed25519 host key: {scan.stderr.strip() or 'no answer'}")

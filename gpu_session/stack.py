@@ -109,7 +109,9 @@ def sigint_guard(say: Callable[[str], None] = lambda m: print(m, file=sys.stderr
         nonlocal presses
         presses += 1
         if presses == 1:
-            say("\nCancelling: operations in flight will finish and be recorded. Ctrl-C again to stop at once (may orphan a GPU).")
+            say(
+                "\nCancelling: operations in flight will finish and be recorded. Ctrl-C again to stop at once (may orphan a GPU)."
+            )
         else:
             raise KeyboardInterrupt
 
@@ -248,7 +250,8 @@ class MockEngine(StackEngine):
 
         config = json.loads(self.config_file.read_text()) if self.config_file.exists() else {}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpu_session.mock_engine", op, "--stack", self.stack, "--state", str(self.state)],
+            [sys.executable, "-m", "gpu_session.mock_engine", op, "--stack", self.stack, "--state", str(self.state),
+             "--secrets-key", str(self.config_file.with_suffix(".key"))],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PULUMI_PROJECT": "gpu-session", "PYTHONPATH": str(ROOT)},
         )  # fmt: skip

@@ -72,7 +72,7 @@ if cfg.configure:
         "GPU_SESSION_CLOUD": cfg.cloud,
         "GPU_SESSION_INSTANCE_ID": instance.instance_id,
         "GPU_SESSION_HOST": instance.host,
-        "GPU_SESSION_PORT": instance.port.apply(str),
+        "GPU_SESSION_PORT": instance.port.apply(lambda p: str(int(p))),  # numbers cross gRPC as floats
         "GPU_SESSION_USER": instance.user,
         "GPU_SESSION_MODEL": cfg.model,
         "GPU_SESSION_BACKEND": backend,

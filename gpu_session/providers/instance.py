@@ -44,7 +44,18 @@ REPLACE_ON = (
     "ssh_key_name",
     "user_data",
 )
-OUTPUTS = ("instance_id", "instance_type", "host", "port", "user", "status", "gpu_name", "vram_gb", "price_per_hour", "launched_at")
+OUTPUTS = (
+    "instance_id",
+    "instance_type",
+    "host",
+    "port",
+    "user",
+    "status",
+    "gpu_name",
+    "vram_gb",
+    "price_per_hour",
+    "launched_at",
+)
 AUTO = "auto"
 DEFAULT_READY_TIMEOUT_S = 900
 

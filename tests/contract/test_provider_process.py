@@ -30,13 +30,19 @@ def struct(props: dict):
 
 @pytest.fixture
 def provider(sim, tmp_path):
-    """The provider process, and a stub to call it. Its credentials come from the stack config
+    """The provider process, started as the engine starts it (working directory: the program's
+    main folder, infra/), and a stub to call it. Its credentials come from the stack config
     (Configure); the environment it gets has the simulator's addresses but no API key."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env.update({k: v for k, v in sim.env().items() if not k.endswith("_API_KEY")})
     env.update(PYTHONPATH=str(ROOT), PULUMI_PROJECT="gpu-session")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pulumi.dynamic"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "pulumi.dynamic"],
+        cwd=ROOT / "infra",
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         port = int(proc.stdout.readline())

@@ -1,0 +1,89 @@
+"""The stack seam without a cloud: finding the CLI, the environment the engine and provider process
+get, Ctrl-C, engine events, and the mock engine's sealed secrets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+
+import pytest
+from pulumi.automation import events
+
+from gpu_session import stack
+from gpu_session.mock_engine import Secrets, unwrap_inputs
+
+
+def test_without_the_cli_every_engine_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("GPU_SESSION_ENGINE", raising=False)
+    with pytest.raises(stack.PulumiMissing) as e:
+        stack.engine("dev")
+    assert "curl -fsSL https://get.pulumi.com | sh" in str(e.value) and "not installed" in str(e.value)
+
+
+def test_the_cli_in_pulumis_own_install_folder_is_found(monkeypatch, tmp_path):
+    binary = tmp_path / ".pulumi" / "bin" / "pulumi"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert stack.pulumi_binary() == binary
+
+
+def test_the_engine_environment(monkeypatch):
+    for var in ("PULUMI_BACKEND_URL", "PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    env = stack.pulumi_env()
+    # The provider process runs this Python and imports this package (pulumi#7960, #7061).
+    assert env["PULUMI_PYTHON_CMD"] == sys.executable and str(stack.ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    backend = env["PULUMI_BACKEND_URL"].removeprefix("file://")
+    assert env["PULUMI_BACKEND_URL"].startswith("file://") and stat.S_IMODE(os.stat(backend).st_mode) == 0o700
+    # A generated passphrase, by file (never in an environment variable), 0600, the same every time.
+    passphrase = env["PULUMI_CONFIG_PASSPHRASE_FILE"]
+    assert stat.S_IMODE(os.stat(passphrase).st_mode) == 0o600 and len(open(passphrase).read()) >= 32  # noqa: SIM115
+    assert stack.pulumi_env()["PULUMI_CONFIG_PASSPHRASE_FILE"] == passphrase and "PULUMI_CONFIG_PASSPHRASE" not in env
+
+    monkeypatch.setenv("PULUMI_CONFIG_PASSPHRASE", "the user's own")
+    monkeypatch.setenv("PULUMI_BACKEND_URL", "s3://bucket")
+    env = stack.pulumi_env()
+    assert "PULUMI_CONFIG_PASSPHRASE_FILE" not in env and env["PULUMI_BACKEND_URL"] == "s3://bucket"
+
+
+def test_the_first_ctrl_c_lets_operations_finish_and_the_second_stops():
+    said = []
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), stack.sigint_guard(said.append):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert len(said) == 1 and "in flight will finish" in said[0]
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_engine_events_become_ours():
+    urn = "urn:pulumi:dev::gpu-session::pulumi-python:dynamic/gpu_session:GpuInstance::gpu"
+    meta = {"op": "create", "urn": urn, "type": "pulumi-python:dynamic/gpu_session:GpuInstance", "provider": ""}
+    pre = events.EngineEvent.from_json({"sequence": 1, "timestamp": 0, "resourcePreEvent": {"metadata": meta}})
+    assert stack.engine_event(pre) == stack.StackEvent("start", "create", "GpuInstance", "gpu")
+    diag = events.EngineEvent.from_json(
+        {
+            "sequence": 2,
+            "timestamp": 0,
+            "diagnosticEvent": {"message": "launched …\n", "color": "never", "severity": "info", "urn": urn},
+        }
+    )
+    assert stack.engine_event(diag) == stack.StackEvent("log", name="gpu", message="launched …")
+    assert stack.engine_event(events.EngineEvent.from_json({"sequence": 3, "timestamp": 0})) is None
+
+
+def test_the_mock_engine_seals_exactly_the_secret_values(tmp_path):
+    wrapped = {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270", "value": "hf_secret"}
+    inputs, paths = unwrap_inputs({"environment": {"HF_TOKEN": wrapped, "GPU_SESSION_HOST": "10.0.0.1"}, "name": "x"})
+    assert inputs == {"environment": {"HF_TOKEN": "hf_secret", "GPU_SESSION_HOST": "10.0.0.1"}, "name": "x"}
+    secrets = Secrets(tmp_path / "key")
+    sealed = secrets.seal(inputs, paths)
+    assert "hf_secret" not in str(sealed) and sealed["environment"]["GPU_SESSION_HOST"] == "10.0.0.1"
+    assert secrets.open(sealed, paths) == inputs and stat.S_IMODE(os.stat(tmp_path / "key").st_mode) == 0o600
