@@ -17,6 +17,7 @@ Automation API runs the CLI, and reads its events from stdout.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import runpy
@@ -328,6 +329,14 @@ def main() -> int:
     request = json.loads(sys.stdin.read() or "{}")  # {"config": {...}}: secrets arrive here, never in argv
     config = request.get("config", {})
     project = os.environ.setdefault("PULUMI_PROJECT", "gpu-session")
+    # One operation on a stack at a time (the engine's lock): a second waits for the first, even for
+    # one whose caller was killed, and the lock goes with a process that dies.
+    lock = open(args.state.with_suffix(".lock"), "a")  # noqa: SIM115 (held for the process's life)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        emit("log", message=f"another operation on stack {args.stack} is running: waiting for it to end")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     state = State(args.state, Secrets(args.secrets_key))
     try:
         if args.op in ("up", "preview"):

@@ -94,6 +94,10 @@ class StackEngine(ABC):
     def cancel(self) -> None:
         """Clear what an interrupted operation left (the backend's lock)."""
 
+    @abstractmethod
+    def remove(self) -> None:
+        """Forget the stack (after destroy): its state and its config, secrets included."""
+
 
 # --- Ctrl-C -----------------------------------------------------------------------------------
 
@@ -229,6 +233,9 @@ class PulumiEngine(StackEngine):
     def cancel(self) -> None:
         self._stack.cancel()
 
+    def remove(self) -> None:
+        self._stack.workspace.remove_stack(self.stack)
+
 
 # --- the mock engine --------------------------------------------------------------------------
 
@@ -299,6 +306,12 @@ class MockEngine(StackEngine):
 
     def cancel(self) -> None:
         pass  # no lock to clear: the state is rewritten after every step
+
+    def remove(self) -> None:
+        if self.resources():
+            raise StackError(f"stack {self.stack} still has resources: destroy it first")
+        for path in (self.state, self.state.with_suffix(".lock"), self.config_file, self.config_file.with_suffix(".key")):
+            path.unlink(missing_ok=True)
 
 
 def engine(stack: str) -> StackEngine:

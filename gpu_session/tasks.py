@@ -82,4 +82,156 @@ def engines(c, lock=False, dest=""):
     print(f"wheelhouse ready: {pinned.build_wheelhouse(Path(dest) if dest else None)}")
 
 
+# --- the session -------------------------------------------------------------------------------
+
+
+def _printer(as_json: bool):
+    """How progress reaches the person: a line per step, or JSON lines for CI."""
+    import json as jsonlib
+
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+
+    def on_event(event) -> None:
+        if as_json:
+            print(jsonlib.dumps({"event": event.kind, **{k: v for k, v in vars(event).items() if v and k != "kind"}}), flush=True)
+        elif event.kind == "start" and event.op != "same":
+            console.print(f"[bold]{event.op}[/] {event.type} {event.name} …")
+        elif event.kind == "done" and event.op != "same":
+            console.print(f"  [green]done[/] {event.op} {event.type} {event.name} ({event.seconds:.0f}s)")
+        elif event.kind == "failed":
+            console.print(f"  [red]failed[/] {event.name}: {event.message}")
+        elif event.kind == "log" and event.message:
+            console.print(f"  [dim]{event.message}[/]")
+
+    def say(text: str) -> None:
+        if as_json:
+            print(jsonlib.dumps({"event": "say", "message": text}), flush=True)
+        else:
+            console.print(text)
+
+    return on_event, say
+
+
+def _fail(e: Exception) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+@task(
+    help={
+        "model": "a Hugging Face model id (owner/name)",
+        "cloud": "lambda, runpod or auto (the cheapest that fits, among the clouds you have keys for)",
+        "gpu": "auto (the cheapest with room for the model) or a type: gpu_1x_a10, NVIDIA GeForce RTX 4090, A100 …",
+        "gpus": "how many GPUs (tensor parallel); default 1",
+        "hours": "the lease: the host wipes itself after this many hours; default 2",
+        "max_price": "refuse any offer above this many dollars an hour",
+        "budget": "refuse a plan whose lease would cost more than this many dollars",
+        "disk": "disk in GB; default 100",
+        "quantize": "serve 4-bit weights (less memory, cheaper GPUs)",
+        "backend": "vllm, transformers or auto",
+        "stack": "the session's name; default dev",
+        "yes": "do not ask before spending",
+        "json": "progress as JSON lines (CI)",
+    }
+)
+def up(c, model, cloud="auto", gpu="auto", gpus=1, hours=2.0, max_price=None, budget=None, disk=100, quantize=False,
+       backend="auto", stack="dev", yes=False, json=False):  # fmt: skip
+    """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
+    from gpu_session import session
+
+    on_event, say = _printer(json)
+    opts = session.UpOptions(model, cloud, gpu, int(gpus), float(hours), float(max_price) if max_price else None,
+                             float(budget) if budget else None, int(disk), quantize, backend, stack)  # fmt: skip
+
+    def confirm(plan) -> bool:
+        say(f"plan: {plan.describe()}")
+        return yes or input("Launch it? [y/N] ").strip().lower() in ("y", "yes")
+
+    try:
+        outputs = session.up(opts, confirm=confirm, say=say, on_event=on_event)
+    except (session.SessionError, session.StackError) as e:
+        _fail(e)
+    if not outputs:
+        say("nothing launched")
+        return
+    say(f"{outputs['model']} is up on {outputs['cloud']} {outputs['gpu']} at ${float(outputs['price_per_hour']):.2f}/h; "
+        f"lease ends {outputs['lease_expires_at']}. Chat: invoke chat --stack {stack}. End it: invoke down --stack {stack}")  # fmt: skip
+
+
+@task(help={"stack": "the session's name; default dev", "json": "progress as JSON lines (CI)"})
+def down(c, stack="dev", json=False):
+    """Scrub the host, destroy it, check with the cloud that nothing is left, delete the session's secrets."""
+    from gpu_session import session
+
+    on_event, say = _printer(json)
+    try:
+        summary = session.down(stack, say=say, on_event=on_event)
+    except (session.SessionError, session.StackError) as e:
+        _fail(e)
+    if summary["receipt"]:
+        say(f"scrub receipt: {summary['receipt']}")
+    for s in summary["sessions"]:
+        say(f"{s['cloud']} {s['gpu']}: {s['cost']:.4f} USD for {s['model']}")
+    say(f"stack {stack}: nothing left at the cloud")
+
+
+@task(help={"yes": "terminate every orphan without asking"})
+def sweep(c, yes=False):
+    """Find instances named like ours that no stack owns, and offer to terminate them."""
+    from gpu_session import session
+
+    _, say = _printer(False)
+
+    def confirm(cloud, inst) -> bool:
+        say(f"orphan: {cloud} {inst.id} {inst.name} ({inst.raw_status}, ${inst.price_per_hour:.2f}/h)")
+        return yes or input("Terminate it? [Y/n] ").strip().lower() in ("", "y", "yes")
+
+    try:
+        ended = session.sweep(confirm=confirm, say=say)
+    except session.SessionError as e:
+        _fail(e)
+    say(f"{len(ended)} orphan(s) terminated" if ended else "no orphans")
+
+
+@task(help={"cloud": "lambda, runpod or auto (every cloud you have a key for)"})
+def available(c, cloud="auto"):
+    """GPU offers with their prices and where they have capacity now."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gpu_session import session
+
+    try:
+        offers = session.available(cloud)
+    except session.SessionError as e:
+        _fail(e)
+    table = Table("cloud", "GPU", "type", "GPUs", "memory", "$/h", "capacity")
+    for o in offers:
+        table.add_row(o.cloud, o.gpu_name, o.instance_type, str(o.gpu_count), f"{o.total_vram_gb} GB", f"{o.price_per_hour:.2f}",
+                      ", ".join(o.regions) or "none")  # fmt: skip
+    Console().print(table)
+
+
+@task
+def cost(c):
+    """What the sessions cost: each one, per month, and in all."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gpu_session.ledger import Ledger
+
+    ledger = Ledger()
+    table = Table("stack", "cloud", "GPU", "model", "hours", "USD", "state")
+    for s in ledger.sessions():
+        table.add_row(
+            s.stack, s.cloud, s.gpu, s.model, f"{s.hours:.2f}", f"{s.cost:.4f}", "running" if s.ended_at is None else "ended"
+        )
+    Console().print(table)
+    for month, spent in ledger.by_month().items():
+        print(f"{month}: {spent:.4f} USD")
+    print(f"total: {ledger.total():.4f} USD")
+
+
 ns = Collection.from_module(sys.modules[__name__])

@@ -1,0 +1,105 @@
+"""The cost ledger: every session's machine, rate, start and end, in SQLite under the state dir (0600).
+
+A session is opened when its instance exists and closed by `down` (or `sweep`) with the cost
+worked out from the rate and the time it ran, so the ledger can say what was spent per session, per
+month and in all, and how much of a budget is left.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .paths import private_dir, state_dir
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY,
+    stack TEXT NOT NULL,
+    cloud TEXT NOT NULL,
+    instance_id TEXT NOT NULL UNIQUE,
+    gpu TEXT NOT NULL,
+    model TEXT NOT NULL,
+    price_per_hour REAL NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    budget REAL
+)
+"""
+
+
+@dataclass(frozen=True)
+class Session:
+    stack: str
+    cloud: str
+    instance_id: str
+    gpu: str
+    model: str
+    price_per_hour: float
+    started_at: float
+    ended_at: float | None = None
+    budget: float | None = None
+
+    @property
+    def hours(self) -> float:
+        return max(0.0, ((self.ended_at or time.time()) - self.started_at) / 3600)
+
+    @property
+    def cost(self) -> float:
+        return round(self.hours * self.price_per_hour, 4)
+
+    @property
+    def month(self) -> str:
+        return datetime.fromtimestamp(self.started_at, UTC).strftime("%Y-%m")
+
+
+class Ledger:
+    def __init__(self, path: Path | None = None):
+        self.path = path or state_dir() / "ledger.db"
+        private_dir(self.path.parent)
+        new = not self.path.exists()
+        self.db = sqlite3.connect(self.path)
+        if new:
+            self.path.chmod(0o600)
+        self.db.execute(SCHEMA)
+
+    def open(self, s: Session) -> None:
+        """Record a running instance (again: an adopted one keeps its first start)."""
+        with self.db:
+            self.db.execute(
+                "INSERT OR IGNORE INTO sessions (stack, cloud, instance_id, gpu, model, price_per_hour, started_at, budget)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (s.stack, s.cloud, s.instance_id, s.gpu, s.model, s.price_per_hour, s.started_at, s.budget),
+            )
+
+    def close(self, instance_id: str, ended_at: float | None = None) -> Session | None:
+        with self.db:
+            self.db.execute(
+                "UPDATE sessions SET ended_at = ? WHERE instance_id = ? AND ended_at IS NULL",
+                (ended_at or time.time(), instance_id),
+            )
+        return self.get(instance_id)
+
+    def get(self, instance_id: str) -> Session | None:
+        return next((s for s in self.sessions() if s.instance_id == instance_id), None)
+
+    def sessions(self, *, live: bool | None = None, stack: str | None = None) -> list[Session]:
+        rows = self.db.execute(
+            "SELECT stack, cloud, instance_id, gpu, model, price_per_hour, started_at, ended_at, budget FROM sessions ORDER BY started_at"
+        ).fetchall()
+        found = [Session(*row) for row in rows]
+        if live is not None:
+            found = [s for s in found if (s.ended_at is None) == live]
+        return [s for s in found if stack is None or s.stack == stack]
+
+    def by_month(self) -> dict[str, float]:
+        months: dict[str, float] = {}
+        for s in self.sessions():
+            months[s.month] = round(months.get(s.month, 0.0) + s.cost, 4)
+        return months
+
+    def total(self) -> float:
+        return round(sum(s.cost for s in self.sessions()), 4)

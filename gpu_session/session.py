@@ -1,0 +1,228 @@
+"""The flows a person runs: up, down, sweep, available, cost. The one place that joins the stack,
+sizing, the clouds and the ledger (tasks.py only parses options and prints).
+
+Money first: `up` shows what it will cost and asks before it spends; `down` does not trust the
+stack's word that the machine is gone but asks the cloud, and sweeps for anything of the stack's
+that is still there; `sweep` finds instances and keys of ours that no stack owns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from . import sizing
+from .clouds import CLOUDS, Cloud, Instance, NotFound, Offer, get_cloud
+from .ledger import Ledger, Session
+from .paths import stack_dir
+from .stack import OnEvent, StackError, engine
+
+PREFIX = "gpu-session-"  # <project>-<stack>-gpu: what the program names instances and keys
+KEY_ENV = {"lambda": "LAMBDA_API_KEY", "runpod": "RUNPOD_API_KEY"}
+Say = Callable[[str], None]
+
+
+class SessionError(RuntimeError):
+    """What went wrong, and what to do."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    model: str
+    cloud: str = "auto"
+    gpu: str = "auto"
+    gpus: int = 1
+    hours: float = 2.0
+    max_price: float | None = None
+    budget: float | None = None
+    disk: int = 100
+    quantize: bool = False
+    backend: str = "auto"
+    stack: str = "dev"
+
+
+@dataclass(frozen=True)
+class Plan:
+    offer: Offer
+    region: str | None  # None: any
+    need_gb: float
+    hours: float
+
+    @property
+    def estimate(self) -> float:
+        return round(self.offer.price_per_hour * self.hours, 2)
+
+    def describe(self) -> str:
+        o = self.offer
+        ends = (datetime.now(UTC) + timedelta(hours=self.hours)).strftime("%H:%M UTC")
+        return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({o.total_vram_gb} GB for {self.need_gb} GB needed) in "
+                f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}")  # fmt: skip
+
+
+def cloud_client(name: str) -> Cloud:
+    if not os.environ.get(KEY_ENV[name]):
+        raise SessionError(
+            f'no {name} API key: export {KEY_ENV[name]}=... (or run against the simulator: eval "$(invoke sim --env)")'
+        )
+    return get_cloud(name, api_key=os.environ[KEY_ENV[name]])
+
+
+def clouds_for(choice: str) -> list[str]:
+    if choice == "auto":
+        found = [c for c in CLOUDS if os.environ.get(KEY_ENV[c])]
+        if not found:
+            raise SessionError(f"no cloud API key: export {' or '.join(KEY_ENV.values())}")
+        return found
+    if choice not in CLOUDS:
+        raise SessionError(f"unknown cloud {choice!r}: choose {', '.join(CLOUDS)} or auto")
+    return [choice]
+
+
+def plans(opts: UpOptions, info: sizing.ModelInfo) -> list[Plan]:
+    """Every (offer, region) that fits, cheapest first, across the allowed clouds."""
+    need = info.need_gb(opts.quantize)
+    offers = [o for c in clouds_for(opts.cloud) for o in cloud_client(c).offers()]
+    gpu = None if opts.gpu == "auto" else opts.gpu
+    if gpu and not any(gpu in (o.instance_type, o.gpu_name) for o in offers):
+        raise SessionError(f"no GPU type {gpu!r} here; `invoke available` lists them")
+    fit = sizing.fitting(offers, need, gpu_count=opts.gpus, max_price=opts.max_price, gpu_type=gpu)
+    if opts.budget is not None:
+        fit = [o for o in fit if o.price_per_hour * opts.hours <= opts.budget]
+    found = [Plan(o, None if r == "any" else r, need, opts.hours) for o in fit for r in o.regions]
+    if not found:
+        why = sizing.explain_no_fit(offers, need, gpu_count=opts.gpus, max_price=opts.max_price, gpu_type=gpu)
+        if opts.budget is not None and fit == [] and "above" not in why and "capacity" not in why:
+            why = f"nothing that fits costs under the ${opts.budget:.2f} budget for {opts.hours:g} h"
+        raise SessionError(f"{opts.model} {why}")
+    return found
+
+
+def stack_config(opts: UpOptions, plan: Plan) -> dict[str, str]:
+    config = {
+        "model": opts.model, "cloud": plan.offer.cloud, "gpu": plan.offer.instance_type, "gpuCount": str(plan.offer.gpu_count),
+        "region": plan.region or "auto", "hours": str(opts.hours), "diskGb": str(opts.disk),
+        "quantize": str(opts.quantize).lower(), "backend": opts.backend,
+    }  # fmt: skip
+    if opts.max_price is not None:
+        config["maxPricePerHour"] = str(opts.max_price)
+    # The stack holds its own credentials (as secrets), so `down` works from any shell.
+    for key, var in (("lambdaApiKey", "LAMBDA_API_KEY"), ("runpodApiKey", "RUNPOD_API_KEY"), ("hfToken", "HF_TOKEN")):
+        if os.environ.get(var):
+            config[key] = os.environ[var]
+    return config
+
+
+def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: OnEvent) -> dict:
+    """Plan, ask, bring the stack up (failing over on capacity), record it. The outputs, or {} if declined."""
+    stack = engine(opts.stack)
+    if stack.outputs().get("instance_id"):
+        raise SessionError(
+            f"stack {opts.stack} is already up: `invoke chat --stack {opts.stack}`, or `invoke down --stack {opts.stack}`"
+        )
+    try:
+        info = sizing.model_info(opts.model)
+    except sizing.SizingError as e:
+        raise SessionError(str(e)) from None
+    candidates = plans(opts, info)
+    if not confirm(candidates[0]):
+        return {}
+    for n, plan in enumerate(candidates):
+        stack.set_config(stack_config(opts, plan))
+        try:
+            outputs = stack.up(on_event)
+        except StackError as e:
+            if ("CapacityError" in str(e) or "no capacity" in str(e)) and n + 1 < len(candidates):
+                say(
+                    f"no capacity: {plan.offer.gpu_name} in {plan.region or 'any region'} on {plan.offer.cloud}; trying {candidates[n + 1].describe()}"
+                )
+                continue
+            raise
+        Ledger().open(Session(opts.stack, outputs["cloud"], outputs["instance_id"], outputs.get("gpu") or plan.offer.gpu_name,
+                              opts.model, float(outputs["price_per_hour"]), time.time(), budget=opts.budget))  # fmt: skip
+        return outputs
+    raise SessionError("no offer could be launched")  # not reached: the last failure is raised above
+
+
+def ours(stack: str, cloud: Cloud) -> list[Instance]:
+    return [i for i in cloud.list(f"{PREFIX}{stack}-") if i.alive]
+
+
+def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
+    """Scrub and destroy, then prove it: no instance or key of the stack's left at the cloud, the
+    stack's local secrets deleted, the session's cost recorded. A summary."""
+    stack = engine(stack_name)
+    outputs = stack.outputs()
+    stack.destroy(on_event)
+    receipt_file = stack_dir(stack_name) / "scrub-receipt.json"
+    receipt = json.loads(receipt_file.read_text()) if receipt_file.exists() else None
+    left = verify_gone(stack_name, say)
+    stack.remove()
+    shutil.rmtree(stack_dir(stack_name), ignore_errors=True)
+    ledger = Ledger()
+    closed = [ledger.close(s.instance_id) for s in ledger.sessions(live=True, stack=stack_name)]
+    if not outputs and not closed:
+        say(f"stack {stack_name}: nothing was up")
+    return {
+        "stack": stack_name,
+        "receipt": receipt,
+        "terminated_orphans": left,
+        "sessions": [vars(s) | {"cost": s.cost} for s in closed if s],
+    }
+
+
+def verify_gone(stack_name: str, say: Say) -> list[str]:
+    """Ask each cloud we have a key for: anything of this stack's still alive is ended now (and
+    named); this stack's Lambda keys are removed."""
+    ended = []
+    for name in clouds_for("auto"):
+        cloud = cloud_client(name)
+        for inst in ours(stack_name, cloud):
+            say(f"{name} instance {inst.id} ({inst.name}) is still {inst.raw_status}: terminating it")
+            cloud.terminate_and_wait(inst.id, time.monotonic() + 300)
+            ended.append(inst.id)
+        for key in cloud.list_ssh_keys():
+            if key.name.startswith(f"{PREFIX}{stack_name}-"):
+                say(f"{name} SSH key {key.name} is still registered: deleting it")
+                try:
+                    cloud.delete_ssh_key(key.id)
+                except NotFound:
+                    pass
+    return ended
+
+
+def orphans() -> list[tuple[str, Instance]]:
+    """Live instances named like ours that no stack owns."""
+    found = []
+    for name in clouds_for("auto"):
+        for inst in cloud_client(name).list(PREFIX):
+            if not inst.alive or not inst.name.endswith("-gpu"):
+                continue
+            stack = inst.name.removeprefix(PREFIX).removesuffix("-gpu")
+            try:
+                owned = engine(stack).outputs().get("instance_id") == inst.id
+            except (StackError, ValueError):
+                owned = False
+            if not owned:
+                found.append((name, inst))
+    return found
+
+
+def sweep(*, confirm: Callable[[str, Instance], bool], say: Say) -> list[str]:
+    ended = []
+    for name, inst in orphans():
+        if confirm(name, inst):
+            cloud_client(name).terminate_and_wait(inst.id, time.monotonic() + 300)
+            Ledger().close(inst.id)
+            ended.append(inst.id)
+            say(f"terminated {name} instance {inst.id} ({inst.name})")
+    return ended
+
+
+def available(cloud: str = "auto") -> list[Offer]:
+    offers = [o for c in clouds_for(cloud) for o in cloud_client(c).offers() if not o.spot]
+    return sorted(offers, key=lambda o: (o.price_per_hour, o.cloud, o.instance_type))

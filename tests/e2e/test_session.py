@@ -1,0 +1,106 @@
+"""`invoke up` and `invoke down` as a person runs them (real processes, the mock engine in place of
+the Pulumi CLI), against the simulator: what is left at the cloud, on the host and in the ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpu_session.ledger import Ledger
+
+INVOKE = str(Path(sys.executable).parent / "invoke")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def invoke(*args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([INVOKE, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "GPU_SESSION_ENGINE": "mock"}
+
+
+def alive(sim, stack: str) -> list[dict]:
+    return [
+        i
+        for i in sim.instances()
+        if i["name"].startswith(f"gpu-session-{stack}-") and i["status"] not in ("terminated", "TERMINATED")
+    ]
+
+
+def keys(sim, stack: str) -> list[dict]:
+    return [k for k in sim.ssh_keys() if k["name"].startswith(f"gpu-session-{stack}-")]
+
+
+def events(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("cloud", ["lambda", "runpod"])
+def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhouse, cloud):
+    stack = f"e2e-{cloud}"
+    up = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--backend", "transformers", "--hours", "1",
+                "--stack", stack, "--yes", "--json")  # fmt: skip
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    said = [e["message"] for e in events(up.stdout) if e["event"] == "say"]
+    assert said[0].startswith(f"plan: {cloud}:") and "lease ≈ $" in said[0] and "is up on" in said[-1]
+    [inst] = alive(sim, stack)
+    session_dir = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "stacks" / stack
+    assert (session_dir / "api_key").exists()
+
+    again = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--stack", stack, "--yes")
+    assert again.returncode == 1 and f"stack {stack} is already up" in again.stderr and len(alive(sim, stack)) == 1
+
+    down = invoke("down", "--stack", stack, "--json")
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    said = [e["message"] for e in events(down.stdout) if e["event"] == "say"]
+    assert any(m.startswith("scrub receipt:") for m in said) and said[-1] == f"stack {stack}: nothing left at the cloud"
+    assert not alive(sim, stack) and not keys(sim, stack)
+    gone = [i for i in sim.world.snapshot()["instances"] if i["id"] == inst["id"]]
+    assert not gone or not gone[0]["host_dir_exists"]  # the host's files went with it
+    assert not session_dir.exists()  # the session's key, known_hosts and API key are deleted
+    [entry] = [s for s in Ledger().sessions(stack=stack)]
+    assert entry.instance_id == inst["id"] and entry.ended_at is not None and entry.cost > 0
+
+    nothing = invoke("down", "--stack", stack)
+    assert nothing.returncode == 0 and "nothing was up" in nothing.stderr
+
+
+def _wait(what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if what():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("point", ["launching", "configuring"])
+def test_kill_9_during_up_then_down_leaves_nothing(sim, sim_env, wheelhouse, point):
+    """up and its engine killed outright (a crash, a closed laptop) while the machine boots or while
+    it is configured; `down` ends what was launched, recorded or not."""
+    stack = f"kill-{point}"
+    state = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "mock-engine" / f"{stack}.json"
+    proc = subprocess.Popen(
+        [INVOKE, "up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--backend", "transformers", "--stack", stack, "--yes"],
+        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    if point == "launching":  # launched, not yet recorded
+        _wait(lambda: alive(sim, stack))
+    else:  # the instance recorded, the playbook running
+        _wait(lambda: state.exists() and "GpuInstance" in state.read_text(), timeout=180)
+        time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert alive(sim, stack)
+
+    down = invoke("down", "--stack", stack)
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    assert not alive(sim, stack) and not keys(sim, stack)
