@@ -44,6 +44,7 @@ class UpOptions:
     quantize: bool = False
     backend: str = "auto"
     stack: str = "dev"
+    configure: bool = True  # False: just the machine, no model server
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def stack_config(opts: UpOptions, plan: Plan) -> dict[str, str]:
     config = {
         "model": opts.model, "cloud": plan.offer.cloud, "gpu": plan.offer.instance_type, "gpuCount": str(plan.offer.gpu_count),
         "region": plan.region or "auto", "hours": str(opts.hours), "diskGb": str(opts.disk),
-        "quantize": str(opts.quantize).lower(), "backend": opts.backend,
+        "quantize": str(opts.quantize).lower(), "backend": opts.backend, "configure": str(opts.configure).lower(),
     }  # fmt: skip
     if opts.max_price is not None:
         config["maxPricePerHour"] = str(opts.max_price)

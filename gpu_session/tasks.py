@@ -134,16 +134,17 @@ def _fail(e: Exception) -> None:
         "stack": "the session's name; default dev",
         "yes": "do not ask before spending",
         "json": "progress as JSON lines (CI)",
+        "configure": "configure the host as a model server (default); --no-configure gives just the machine",
     }
 )
 def up(c, model, cloud="auto", gpu="auto", gpus=1, hours=2.0, max_price=None, budget=None, disk=100, quantize=False,
-       backend="auto", stack="dev", yes=False, json=False):  # fmt: skip
+       backend="auto", stack="dev", yes=False, json=False, configure=True):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
     from gpu_session import session
 
     on_event, say = _printer(json)
     opts = session.UpOptions(model, cloud, gpu, int(gpus), float(hours), float(max_price) if max_price else None,
-                             float(budget) if budget else None, int(disk), quantize, backend, stack)  # fmt: skip
+                             float(budget) if budget else None, int(disk), quantize, backend, stack, configure)  # fmt: skip
 
     def confirm(plan) -> bool:
         say(f"plan: {plan.describe()}")

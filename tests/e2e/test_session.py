@@ -104,3 +104,46 @@ def test_kill_9_during_up_then_down_leaves_nothing(sim, sim_env, wheelhouse, poi
     down = invoke("down", "--stack", stack)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     assert not alive(sim, stack) and not keys(sim, stack)
+
+
+def test_a_capacity_error_fails_over_to_the_next_offer(sim, sim_env):
+    sim.inject("lambda:instance-operations/launch", "capacity")
+    up = invoke(
+        "up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--no-configure", "--stack", "failover", "--yes", "--json"
+    )
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    said = [e["message"] for e in events(up.stdout) if e["event"] == "say"]
+
+    def gpu_and_region(plan: str) -> tuple[str, str]:  # "A10 ×1 (24 GB for 0.1 GB needed) in us-east-1, $0.75/h; …"
+        return plan.split(" ×")[0], plan.split(") in ")[1].split(",")[0]
+
+    gpu, region = gpu_and_region(said[0].removeprefix("plan: lambda: "))
+    [failover] = [m for m in said if m.startswith("no capacity:")]
+    assert failover.startswith(f"no capacity: {gpu} in {region} on lambda; trying lambda:")
+    second = gpu_and_region(failover.split("trying lambda: ")[1])
+    [inst] = alive(sim, "failover")
+    assert second != (gpu, region) and inst["region"] == second[1]
+    assert invoke("down", "--stack", "failover").returncode == 0 and not alive(sim, "failover")
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--model", "nobody/nothing"], "nobody/nothing is not on the Hub"),
+        (["--model", "meta-llama/Llama-3.1-70B-Instruct"], "more than any 1-GPU offer has; the cheapest that fits is"),
+        (["--model", "gpu-session/tiny-chat", "--gpu", "TPU v9"], "no GPU type 'TPU v9' here; `invoke available` lists them"),
+        (["--model", "gpu-session/tiny-chat", "--max-price", "0.01"], "above maxPricePerHour $0.01"),
+    ],
+)
+def test_bad_up_says_what_to_do_and_launches_nothing(sim, sim_env, args, says):
+    before = len(sim.world.instances)
+    out = invoke("up", *args, "--cloud", "lambda", "--stack", "bad", "--yes")
+    assert out.returncode == 1 and says in out.stderr, out.stderr
+    assert len(sim.world.instances) == before
+
+
+def test_up_without_any_key_names_the_variables(sim, sim_env, monkeypatch):
+    monkeypatch.delenv("LAMBDA_API_KEY")
+    monkeypatch.delenv("RUNPOD_API_KEY")
+    out = invoke("up", "--model", "gpu-session/tiny-chat", "--stack", "nokeys", "--yes")
+    assert out.returncode == 1 and "export LAMBDA_API_KEY or RUNPOD_API_KEY" in out.stderr
