@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from . import sizing
+from . import sizing, tunnel
 from .clouds import CLOUDS, Cloud, Instance, NotFound, Offer, get_cloud
 from .ledger import Ledger, Session
-from .paths import stack_dir
+from .paths import stack_dir, write_private
+from .ssh import Endpoint
 from .stack import OnEvent, StackError, engine
 
 PREFIX = "gpu-session-"  # <project>-<stack>-gpu: what the program names instances and keys
@@ -145,6 +146,9 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
             raise
         Ledger().open(Session(opts.stack, outputs["cloud"], outputs["instance_id"], outputs.get("gpu") or plan.offer.gpu_name,
                               opts.model, float(outputs["price_per_hour"]), time.time(), budget=opts.budget))  # fmt: skip
+        write_private(stack_dir(opts.stack) / "endpoint.json", json.dumps(vars(Endpoint.of(outputs))))
+        if opts.configure:
+            outputs = {**outputs, "tunnel_port": tunnel.start(opts.stack).port}
         return outputs
     raise SessionError("no offer could be launched")  # not reached: the last failure is raised above
 
@@ -158,6 +162,8 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
     stack's local secrets deleted, the session's cost recorded. A summary."""
     stack = engine(stack_name)
     outputs = stack.outputs()
+    if tunnel.stop(stack_name):
+        say("tunnel closed")
     stack.destroy(on_event)
     receipt_file = stack_dir(stack_name) / "scrub-receipt.json"
     receipt = json.loads(receipt_file.read_text()) if receipt_file.exists() else None

@@ -94,3 +94,35 @@ def pin_first_seen(known_hosts: Path, host: str, port: int) -> None:
     if not keys:
         raise HostKeyError(f"{host}:{port} showed no ed25519 host key: {scan.stderr.strip() or 'no answer'}")
     pin(known_hosts, host, port, keys[0])
+
+
+# --- the connection: one ControlMaster per session, the tunnel kept up by a small supervisor -----
+
+SERVER_PORT = 8000  # the model server, on the host's loopback only
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    user: str
+
+    @classmethod
+    def of(cls, outputs: dict) -> Endpoint:
+        return cls(outputs["host"], int(outputs["port"]), outputs["user"])
+
+
+def ssh_options(keys: SessionKeys) -> list[str]:
+    """Our key only, the pinned host key only, one shared connection (ControlMaster) per session,
+    and a dead link noticed within 15 s."""
+    return [
+        "-i", str(keys.private_key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={keys.known_hosts}",
+        "-o", "ControlMaster=auto", "-o", f"ControlPath={keys.dir / 'cm'}", "-o", "ControlPersist=60",
+        "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
+    ]  # fmt: skip
+
+
+def ssh_command(keys: SessionKeys, endpoint: Endpoint, *extra: str) -> list[str]:
+    """ssh to the host; `extra` options come first, and ssh keeps the first value it is given."""
+    return ["ssh", *extra, *ssh_options(keys), "-p", str(endpoint.port), f"{endpoint.user}@{endpoint.host}"]

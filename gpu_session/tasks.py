@@ -158,7 +158,10 @@ def up(c, model, cloud="auto", gpu="auto", gpus=1, hours=2.0, max_price=None, bu
         say("nothing launched")
         return
     say(f"{outputs['model']} is up on {outputs['cloud']} {outputs['gpu']} at ${float(outputs['price_per_hour']):.2f}/h; "
-        f"lease ends {outputs['lease_expires_at']}. Chat: invoke chat --stack {stack}. End it: invoke down --stack {stack}")  # fmt: skip
+        f"lease ends {outputs['lease_expires_at']}. End it: invoke down --stack {stack}")  # fmt: skip
+    if outputs.get("tunnel_port"):
+        say(f"OpenAI-compatible endpoint: http://127.0.0.1:{outputs['tunnel_port']}/v1 (model {outputs['served_model_name']}; "
+            f"API key in {outputs['session_dir']}/api_key)")  # fmt: skip
 
 
 @task(help={"stack": "the session's name; default dev", "json": "progress as JSON lines (CI)"})
@@ -176,6 +179,43 @@ def down(c, stack="dev", json=False):
     for s in summary["sessions"]:
         say(f"{s['cloud']} {s['gpu']}: {s['cost']:.4f} USD for {s['model']}")
     say(f"stack {stack}: nothing left at the cloud")
+
+
+@task(help={"action": "start, stop or status", "stack": "the session's name; default dev"})
+def tunnel(c, action="status", stack="dev"):
+    """The session's tunnel to its model server: start, stop or status. It reconnects by itself when the link drops."""
+    from gpu_session import tunnel as tunnels
+
+    try:
+        if action == "start":
+            t = tunnels.start(stack)
+            print(f"tunnel up: http://127.0.0.1:{t.port}/v1")
+        elif action == "stop":
+            print("tunnel closed" if tunnels.stop(stack) else "no tunnel was running")
+        elif action == "status":
+            t = tunnels.status(stack)
+            print(f"127.0.0.1:{t.port}: {'connected' if t.connected else 'reconnecting'}" if t.running else "no tunnel")
+        else:
+            _fail(ValueError(f"unknown action {action!r}: start, stop or status"))
+    except (tunnels.TunnelError, ValueError) as e:
+        _fail(e)
+
+
+@task(help={"stack": "the session's name; default dev", "command": "run this instead of a shell"})
+def ssh(c, stack="dev", command=""):
+    """A shell on the session's host, with its own key and pinned host key (over the tunnel's connection)."""
+    import os as _os
+    import shlex as _shlex
+
+    from gpu_session import tunnel as tunnels
+    from gpu_session.ssh import session_keys, ssh_command
+
+    try:
+        endpoint = tunnels.endpoint_of(stack)
+    except tunnels.TunnelError as e:
+        _fail(e)
+    argv = ssh_command(session_keys(stack), endpoint) + (_shlex.split(command) if command else [])
+    _os.execvp(argv[0], argv)
 
 
 @task(help={"yes": "terminate every orphan without asking"})

@@ -50,10 +50,21 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
                 "--stack", stack, "--yes", "--json")  # fmt: skip
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     said = [e["message"] for e in events(up.stdout) if e["event"] == "say"]
-    assert said[0].startswith(f"plan: {cloud}:") and "lease ≈ $" in said[0] and "is up on" in said[-1]
+    assert said[0].startswith(f"plan: {cloud}:") and "lease ≈ $" in said[0] and "is up on" in said[-2]
+    assert said[-1].startswith("OpenAI-compatible endpoint: http://127.0.0.1:")
     [inst] = alive(sim, stack)
     session_dir = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "stacks" / stack
     assert (session_dir / "api_key").exists()
+
+    # The tunnel: a streamed reply from the model through it; a dropped link costs a delay, not an error.
+    port = json.loads((session_dir / "tunnel.json").read_text())["port"]
+    api_key = (session_dir / "api_key").read_text().strip()
+    assert len(stream_reply(port, api_key)) > 1
+    supervisor = json.loads((session_dir / "tunnel.json").read_text())
+    os.kill(supervisor["ssh_pid"], signal.SIGKILL)  # the link drops
+    assert len(stream_reply(port, api_key, retry_for=60)) > 1
+    assert json.loads((session_dir / "tunnel.json").read_text())["ssh_pid"] != supervisor["ssh_pid"]
+    assert "the link dropped" in (session_dir / "tunnel.log").read_text()
 
     again = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--stack", stack, "--yes")
     assert again.returncode == 1 and f"stack {stack} is already up" in again.stderr and len(alive(sim, stack)) == 1
@@ -66,11 +77,43 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     gone = [i for i in sim.world.snapshot()["instances"] if i["id"] == inst["id"]]
     assert not gone or not gone[0]["host_dir_exists"]  # the host's files went with it
     assert not session_dir.exists()  # the session's key, known_hosts and API key are deleted
+    assert not pid_alive(supervisor["pid"])  # the tunnel is closed
     [entry] = [s for s in Ledger().sessions(stack=stack)]
     assert entry.instance_id == inst["id"] and entry.ended_at is not None and entry.cost > 0
 
     nothing = invoke("down", "--stack", stack)
     assert nothing.returncode == 0 and "nothing was up" in nothing.stderr
+
+
+def stream_reply(port: int, api_key: str, retry_for: float = 0) -> list[str]:
+    """A streamed chat completion through the tunnel: the content of each chunk as it arrives."""
+    import httpx
+
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            with httpx.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                headers={"Authorization": f"Bearer {api_key}"},
+                json={"model": "gpu-session/tiny-chat", "stream": True, "max_tokens": 8,
+                      "messages": [{"role": "user", "content": "Say hello"}]},
+            ) as r:  # fmt: skip
+                r.raise_for_status()
+                chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # all 8 tokens came
+            return [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+        except (httpx.TransportError, httpx.HTTPStatusError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not open(f"/proc/{pid}/stat").read().split(") ", 1)[1].startswith("Z")  # noqa: SIM115
 
 
 def _wait(what, timeout=120):
