@@ -146,11 +146,67 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
             raise
         Ledger().open(Session(opts.stack, outputs["cloud"], outputs["instance_id"], outputs.get("gpu") or plan.offer.gpu_name,
                               opts.model, float(outputs["price_per_hour"]), time.time(), budget=opts.budget))  # fmt: skip
-        write_private(stack_dir(opts.stack) / "endpoint.json", json.dumps(vars(Endpoint.of(outputs))))
+        remember(opts.stack, outputs)
         if opts.configure:
             outputs = {**outputs, "tunnel_port": tunnel.start(opts.stack).port}
         return outputs
     raise SessionError("no offer could be launched")  # not reached: the last failure is raised above
+
+
+def remember(stack: str, outputs: dict) -> None:
+    """What status, tunnel and ssh need without asking the engine (outputs hold no secret)."""
+    write_private(stack_dir(stack) / "outputs.json", json.dumps(outputs))
+    write_private(stack_dir(stack) / "endpoint.json", json.dumps(vars(Endpoint.of(outputs))))
+
+
+def extend(stack_name: str, hours: float, *, on_event: OnEvent) -> str:
+    """Move the lease's end `hours` later (the host's watchdog takes it without a restart). The new end."""
+    if hours <= 0:
+        raise SessionError("extend by a positive number of hours")
+    stack = engine(stack_name)
+    if not stack.outputs().get("instance_id"):
+        raise SessionError(f"stack {stack_name} is not up: nothing to extend")
+    config = stack.config()
+    stack.set_config({**config, "hours": str(float(config.get("hours") or 2) + hours)})
+    outputs = stack.up(on_event)
+    remember(stack_name, outputs)
+    return outputs["lease_expires_at"]
+
+
+def status() -> list[dict]:
+    """Every session the ledger thinks is running, checked with its cloud, its tunnel and its server."""
+    import urllib.request
+
+    found = []
+    for s in Ledger().sessions(live=True):
+        row = {"stack": s.stack, "cloud": s.cloud, "gpu": s.gpu, "model": s.model, "instance_id": s.instance_id,
+               "uptime_h": round(s.hours, 2), "cost_so_far": s.cost, "price_per_hour": s.price_per_hour}  # fmt: skip
+        try:
+            inst = cloud_client(s.cloud).get(s.instance_id)
+            row["cloud_status"] = inst.raw_status if inst.alive else f"gone ({inst.raw_status})"
+        except NotFound:
+            row["cloud_status"] = "gone"
+        except SessionError as e:
+            row["cloud_status"] = f"unknown: {e}"
+        if row["cloud_status"].startswith("gone"):
+            row["drift"] = (
+                f"the instance ended outside this tool (lease end or console): `invoke down --stack {s.stack}` tidies up"
+            )
+        outputs_file = stack_dir(s.stack) / "outputs.json"
+        expires = json.loads(outputs_file.read_text()).get("lease_expires_at") if outputs_file.exists() else None
+        if expires:
+            row["lease_left_h"] = round((datetime.fromisoformat(expires) - datetime.now(UTC)).total_seconds() / 3600, 2)
+        t = tunnel.status(s.stack)
+        row["tunnel"] = f"127.0.0.1:{t.port} {'connected' if t.connected else 'reconnecting'}" if t.running else "closed"
+        row["server"] = "unknown (no tunnel)"
+        if t.connected:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{t.port}/health", timeout=5) as r:
+                    row["server"] = "healthy" if r.status == 200 else f"HTTP {r.status}"
+            except OSError as e:
+                row["server"] = f"not answering: {e}"
+        found.append(row)
+    return found
 
 
 def ours(stack: str, cloud: Cloud) -> list[Instance]:

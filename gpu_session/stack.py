@@ -76,6 +76,10 @@ class StackEngine(ABC):
         """Replace the stack's config: keys as in Pulumi.example.yaml (secrets are stored as secrets)."""
 
     @abstractmethod
+    def config(self) -> dict[str, str]:
+        """The stack's config, keys without the namespace."""
+
+    @abstractmethod
     def up(self, on_event: OnEvent = _ignore) -> dict: ...
 
     @abstractmethod
@@ -214,6 +218,10 @@ class PulumiEngine(StackEngine):
             {k: self._auto.ConfigValue(v, secret=k.split(":")[-1] in SECRETS) for k, v in namespaced(values).items()}
         )
 
+    def config(self) -> dict[str, str]:
+        prefix = f"{NAMESPACE}:"
+        return {k.removeprefix(prefix): v.value for k, v in self._stack.get_all_config().items() if k.startswith(prefix)}
+
     def up(self, on_event: OnEvent = _ignore) -> dict:
         result = self._run("up", lambda: self._stack.up(on_event=self._handler(on_event), color="never"))
         return {k: v.value for k, v in result.outputs.items()}
@@ -251,6 +259,10 @@ class MockEngine(StackEngine):
 
     def set_config(self, values: dict[str, str]) -> None:
         write_private(self.config_file, json.dumps(namespaced(values)))
+
+    def config(self) -> dict[str, str]:
+        stored = json.loads(self.config_file.read_text()) if self.config_file.exists() else {}
+        return {k.removeprefix(f"{NAMESPACE}:"): v for k, v in stored.items() if k.startswith(f"{NAMESPACE}:")}
 
     def _run(self, op: str, on_event: OnEvent) -> dict:
         from .mock_engine import EVENT_PREFIX

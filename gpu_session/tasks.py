@@ -205,7 +205,6 @@ def tunnel(c, action="status", stack="dev"):
 def ssh(c, stack="dev", command=""):
     """A shell on the session's host, with its own key and pinned host key (over the tunnel's connection)."""
     import os as _os
-    import shlex as _shlex
 
     from gpu_session import tunnel as tunnels
     from gpu_session.ssh import session_keys, ssh_command
@@ -214,8 +213,48 @@ def ssh(c, stack="dev", command=""):
         endpoint = tunnels.endpoint_of(stack)
     except tunnels.TunnelError as e:
         _fail(e)
-    argv = ssh_command(session_keys(stack), endpoint) + (_shlex.split(command) if command else [])
+    argv = ssh_command(session_keys(stack), endpoint) + ([command] if command else [])  # the host's shell parses it
     _os.execvp(argv[0], argv)
+
+
+@task(help={"json": "as JSON"})
+def status(c, json=False):
+    """Every running session: cloud, GPU, uptime, cost so far, lease left, server health, tunnel; drift flagged."""
+    import json as jsonlib
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from gpu_session import session
+
+    rows = session.status()
+    if json:
+        print(jsonlib.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no session is running")
+        return
+    table = Table("stack", "cloud", "GPU", "up (h)", "USD so far", "lease left (h)", "server", "tunnel", "at the cloud")
+    for r in rows:
+        table.add_row(r["stack"], r["cloud"], r["gpu"], f"{r['uptime_h']:.2f}", f"{r['cost_so_far']:.4f}",
+                      str(r.get("lease_left_h", "?")), r["server"], r["tunnel"], r["cloud_status"])  # fmt: skip
+    Console().print(table)
+    for r in rows:
+        if r.get("drift"):
+            print(f"{r['stack']}: {r['drift']}")
+
+
+@task(help={"hours": "how many hours more", "stack": "the session's name; default dev", "json": "progress as JSON lines"})
+def extend(c, hours, stack="dev", json=False):
+    """Move the session's lease end later; the host keeps serving."""
+    from gpu_session import session
+
+    on_event, say = _printer(json)
+    try:
+        ends = session.extend(stack, float(hours), on_event=on_event)
+    except (session.SessionError, session.StackError, ValueError) as e:
+        _fail(e)
+    say(f"the lease now ends {ends}")
 
 
 @task(help={"yes": "terminate every orphan without asking"})

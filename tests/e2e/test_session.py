@@ -66,6 +66,18 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     assert json.loads((session_dir / "tunnel.json").read_text())["ssh_pid"] != supervisor["ssh_pid"]
     assert "the link dropped" in (session_dir / "tunnel.log").read_text()
 
+    # status sees it all; extend moves the lease on the host without a restart.
+    [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
+    assert row["server"] == "healthy" and row["tunnel"] == f"127.0.0.1:{port} connected" and "drift" not in row
+    assert 0.9 < row["lease_left_h"] <= 1 and row["cost_so_far"] >= 0
+    lease = "cat /etc/gpu-session/lease.json 2>/dev/null || sudo -n cat /etc/gpu-session/lease.json"
+    before = json.loads(invoke("ssh", "--stack", stack, "--command", lease).stdout)["expires_at"]
+    extended = invoke("extend", "1", "--stack", stack)
+    assert extended.returncode == 0 and "the lease now ends" in extended.stderr, extended.stderr[-2000:]
+    assert json.loads(invoke("ssh", "--stack", stack, "--command", lease).stdout)["expires_at"] == before + 3600
+    [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
+    assert 1.9 < row["lease_left_h"] <= 2 and row["server"] == "healthy"
+
     again = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--stack", stack, "--yes")
     assert again.returncode == 1 and f"stack {stack} is already up" in again.stderr and len(alive(sim, stack)) == 1
 
@@ -101,7 +113,9 @@ def stream_reply(port: int, api_key: str, retry_for: float = 0) -> list[str]:
                 r.raise_for_status()
                 chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
             assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # all 8 tokens came
-            return [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+            return [
+                c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")
+            ]
         except (httpx.TransportError, httpx.HTTPStatusError):
             if time.monotonic() > deadline:
                 raise
