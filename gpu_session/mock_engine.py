@@ -21,8 +21,10 @@ import fcntl
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +38,23 @@ KEPT_SECRETS = ("__provider",)
 
 class StepFailed(RuntimeError):
     pass
+
+
+# Ctrl-C or SIGTERM, as the engine takes them: the step in flight finishes (and is recorded), no new
+# one starts; a second Ctrl-C stops at once.
+CANCELLED = threading.Event()
+
+
+def on_cancel(signum, frame) -> None:
+    if CANCELLED.is_set() and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    CANCELLED.set()
+    emit("log", message="cancelling: the step in flight will finish and be recorded")
+
+
+def check_cancelled(what: str) -> None:
+    if CANCELLED.is_set():
+        raise StepFailed(f"cancelled before {what}")
 
 
 def emit(kind: str, **fields) -> None:
@@ -192,6 +211,7 @@ def type_label(typ: str) -> str:
 
 
 def delete(record: dict, config: dict) -> None:
+    check_cancelled(f"deleting {type_label(record['type'])} {record['name']}")
     emit("start", op="delete", type=type_label(record["type"]), name=record["name"])
     started = time.monotonic()
     if record["type"] == COMMAND:
@@ -229,6 +249,7 @@ class Engine:
             raise StepFailed(f"{type_label(typ)} {name}: {type(e).__name__}: {e}") from None
 
     def _step(self, urn: str, typ: str, name: str, raw_inputs: dict) -> tuple[str, dict]:
+        check_cancelled(f"{type_label(typ)} {name}")
         inputs, secret = unwrap_inputs(raw_inputs)
         self.registered.append(urn)
         old = self.state.find(urn)
@@ -338,6 +359,8 @@ def main() -> int:
         emit("log", message=f"another operation on stack {args.stack} is running: waiting for it to end")
         fcntl.flock(lock, fcntl.LOCK_EX)
     state = State(args.state, Secrets(args.secrets_key))
+    signal.signal(signal.SIGINT, on_cancel)
+    signal.signal(signal.SIGTERM, on_cancel)
     try:
         if args.op in ("up", "preview"):
             engine = Engine(state, config, preview=args.op == "preview")

@@ -49,6 +49,10 @@ class StackError(RuntimeError):
     """An operation on the stack failed; the message says which resource and why."""
 
 
+class StackCancelled(StackError):
+    """Ctrl-C or SIGTERM came during the operation: what finished is recorded, the rest was not started."""
+
+
 class PulumiMissing(StackError):
     def __init__(self):
         super().__init__(INSTALL_PULUMI)
@@ -106,17 +110,20 @@ class StackEngine(ABC):
 # --- Ctrl-C -----------------------------------------------------------------------------------
 
 
+class Presses:
+    count = 0
+
+
 @contextmanager
-def sigint_guard(say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Iterator[None]:
-    """The first Ctrl-C lets operations in flight finish (the CLI, in our process group, got the same
-    signal and is cancelling gracefully; killing it now would orphan a launching GPU). The second
-    raises KeyboardInterrupt here, as it makes the CLI stop at once."""
-    presses = 0
+def sigint_guard(say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Iterator[Presses]:
+    """The first Ctrl-C lets operations in flight finish (the engine, in our process group, got the
+    same signal and is cancelling gracefully; killing it now would orphan a launching GPU). The second
+    raises KeyboardInterrupt here, as it makes the engine stop at once. Yields how many came."""
+    presses = Presses()
 
     def handler(signum, frame):
-        nonlocal presses
-        presses += 1
-        if presses == 1:
+        presses.count += 1
+        if presses.count == 1:
             say(
                 "\nCancelling: operations in flight will finish and be recorded. Ctrl-C again to stop at once (may orphan a GPU)."
             )
@@ -125,7 +132,7 @@ def sigint_guard(say: Callable[[str], None] = lambda m: print(m, file=sys.stderr
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        yield presses
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -199,11 +206,16 @@ class PulumiEngine(StackEngine):
         )
 
     def _run(self, what: str, call):
-        try:
-            with sigint_guard():
-                return call()
-        except self._auto.errors.CommandError as e:
-            raise StackError(f"pulumi {what} failed on stack {self.stack}: {e}") from None
+        with sigint_guard() as pressed:
+            try:
+                result = call()
+            except self._auto.errors.CommandError as e:
+                if pressed.count:
+                    raise StackCancelled(f"pulumi {what} cancelled on stack {self.stack}") from None
+                raise StackError(f"pulumi {what} failed on stack {self.stack}: {e}") from None
+        if pressed.count:
+            raise StackCancelled(f"pulumi {what} on stack {self.stack} finished, but was cancelled")
+        return result
 
     def _handler(self, on_event: OnEvent):
         def handle(event) -> None:
@@ -277,7 +289,7 @@ class MockEngine(StackEngine):
         proc.stdin.write(json.dumps({"config": config}))
         proc.stdin.close()
         outputs, failure, said = {}, "", []
-        with sigint_guard():
+        with sigint_guard() as pressed:
             for line in proc.stdout:
                 if not line.startswith(EVENT_PREFIX):
                     said.append(line.rstrip())
@@ -291,6 +303,8 @@ class MockEngine(StackEngine):
                     failure = data.get("message", "")
                 on_event(StackEvent(**{k: v for k, v in data.items() if k in StackEvent.__dataclass_fields__}))
             rc = proc.wait()
+        if pressed.count:
+            raise StackCancelled(f"{op} cancelled on stack {self.stack}" + (f": {failure}" if failure else ""))
         if rc != 0:
             raise StackError(f"{op} failed on stack {self.stack}: {failure or ' | '.join(said[-5:]) or f'exit {rc}'}")
         return outputs

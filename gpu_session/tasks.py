@@ -5,6 +5,7 @@ Tasks stay thin: each parses its options and calls into the package.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -114,6 +115,22 @@ def _printer(as_json: bool):
     return on_event, say
 
 
+def _offer_teardown(stack: str, say, on_event) -> None:
+    """After a cancelled up: whatever exists may bill. Ask (tear down by default); without a
+    terminal to ask, tear down."""
+    from gpu_session import session
+
+    say(f"up was cancelled; stack {stack} may have created things that bill")
+    if sys.stdin.isatty():
+        if input("Tear down what exists now? [Y/n] ").strip().lower() not in ("", "y", "yes"):
+            say(f"kept: `invoke down --stack {stack}` ends it later")
+            return
+    else:
+        say("no terminal to ask: tearing down")
+    session.down(stack, say=say, on_event=on_event)
+    say(f"stack {stack}: nothing left at the cloud")
+
+
 def _fail(e: Exception) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -150,10 +167,19 @@ def up(c, model, cloud="auto", gpu="auto", gpus=1, hours=2.0, max_price=None, bu
         say(f"plan: {plan.describe()}")
         return yes or input("Launch it? [y/N] ").strip().lower() in ("y", "yes")
 
+    import signal
+
+    from gpu_session.stack import StackCancelled
+
+    # SIGTERM (a closed terminal, a cancelled CI job) is taken like Ctrl-C: the engine, in our process
+    # group, finishes the step in flight and starts no other.
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.killpg(os.getpgrp(), signal.SIGINT))
     try:
         outputs = session.up(opts, confirm=confirm, say=say, on_event=on_event)
-    except (session.SessionError, session.StackError) as e:
-        _fail(e)
+    except (session.SessionError, session.StackError, KeyboardInterrupt) as e:
+        if isinstance(e, KeyboardInterrupt | StackCancelled):
+            _offer_teardown(stack, say, on_event)
+        _fail(e if not isinstance(e, KeyboardInterrupt) else RuntimeError("interrupted"))
     if not outputs:
         say("nothing launched")
         return

@@ -204,3 +204,25 @@ def test_up_without_any_key_names_the_variables(sim, sim_env, monkeypatch):
     monkeypatch.delenv("RUNPOD_API_KEY")
     out = invoke("up", "--model", "gpu-session/tiny-chat", "--stack", "nokeys", "--yes")
     assert out.returncode == 1 and "export LAMBDA_API_KEY or RUNPOD_API_KEY" in out.stderr
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_cancelled_up_tears_down_what_it_made(sim, sim_env, how):
+    """Ctrl-C (the whole foreground group gets SIGINT) or SIGTERM (up alone) while the machine boots:
+    the step in flight finishes, nothing new starts, and with no terminal to ask, up tears down."""
+    stack = f"cancel-{how}"
+    proc = subprocess.Popen(
+        [INVOKE, "up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", stack, "--yes"],
+        cwd=ROOT, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    _wait(lambda: alive(sim, stack))
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    assert "up was cancelled" in err and "no terminal to ask: tearing down" in err and f"stack {stack}: nothing left" in err
+    assert not alive(sim, stack) and not keys(sim, stack)
+    assert "create Command configure" not in err  # the instance's create finished; configuring never started
