@@ -352,7 +352,7 @@ def main() -> int:
     project = os.environ.setdefault("PULUMI_PROJECT", "gpu-session")
     # One operation on a stack at a time (the engine's lock): a second waits for the first, even for
     # one whose caller was killed, and the lock goes with a process that dies.
-    lock = open(args.state.with_suffix(".lock"), "a")  # noqa: SIM115 (held for the process's life)
+    lock = os.open(args.state.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT, 0o600)  # held for the process's life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

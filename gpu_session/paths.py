@@ -26,9 +26,13 @@ def config_dir() -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """`path` and any missing parents, created 0700."""
+    """`path`, created 0700, and so is every folder between it and our state or config root."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.chmod(0o700)
+    roots = {state_dir(), config_dir()}
+    for folder in [path, *path.parents]:
+        if not any(folder == root or root in folder.parents for root in roots):
+            break  # above our roots: the user's own folders, not ours to change
+        folder.chmod(0o700)
     return path
 
 

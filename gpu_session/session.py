@@ -173,6 +173,25 @@ def extend(stack_name: str, hours: float, *, on_event: OnEvent) -> str:
     return outputs["lease_expires_at"]
 
 
+def reconfigure(stack_name: str, *, say: Say) -> None:
+    """The site playbook again, on the live host, with the stack's settings (what Configure runs)."""
+    from . import converge
+
+    outputs_file = stack_dir(stack_name) / "outputs.json"
+    if not outputs_file.exists():
+        raise SessionError(f"stack {stack_name} is not up: `invoke up --stack {stack_name}` first")
+    outputs = json.loads(outputs_file.read_text())
+    config = engine(stack_name).config()
+    settings = converge.HostSettings(
+        stack=stack_name, cloud=outputs["cloud"], instance_id=outputs["instance_id"], host=outputs["host"],
+        port=int(outputs["port"]), user=outputs["user"], model=outputs["model"], backend=outputs["backend"],
+        quantize=config.get("quantize") == "true", lease_expires_at=outputs["lease_expires_at"],
+    )  # fmt: skip
+    env = {**os.environ, **({"HF_TOKEN": config["hfToken"]} if config.get("hfToken") else {})}
+    converge.site(settings, env)
+    say(f"stack {stack_name}: configured")
+
+
 def status() -> list[dict]:
     """Every session the ledger thinks is running, checked with its cloud, its tunnel and its server."""
     import urllib.request

@@ -283,6 +283,30 @@ def extend(c, hours, stack="dev", json=False):
     say(f"the lease now ends {ends}")
 
 
+@task
+def doctor(c):
+    """Check this machine: the Pulumi CLI, ssh, the cloud keys (asked of each API), the privacy of config and state files."""
+    from gpu_session import doctor as checks
+
+    results = checks.run()
+    for check in results:
+        print(f"{'ok ' if check.ok else 'FIX'}  {check.name:<12} {check.detail}")
+    if not all(c.ok for c in results if not c.name.endswith(" key")) or not any(c.ok for c in results if c.name.endswith(" key")):
+        sys.exit(1)
+
+
+@task(help={"stack": "the session's name; default dev"})
+def configure(c, stack="dev"):
+    """Run the site playbook again on the session's live host (after a change to the roles, or to repair it)."""
+    from gpu_session import session
+
+    _, say = _printer(False)
+    try:
+        session.reconfigure(stack, say=say)
+    except (session.SessionError, RuntimeError) as e:
+        _fail(e)
+
+
 @task(help={"yes": "terminate every orphan without asking"})
 def sweep(c, yes=False):
     """Find instances named like ours that no stack owns, and offer to terminate them."""

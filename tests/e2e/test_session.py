@@ -78,6 +78,12 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
     assert 1.9 < row["lease_left_h"] <= 2 and row["server"] == "healthy"
 
+    # configure runs the playbook again (it changes nothing now); doctor finds everything private.
+    reconfigured = invoke("configure", "--stack", stack)
+    assert reconfigured.returncode == 0 and f"stack {stack}: configured" in reconfigured.stderr, reconfigured.stdout[-2000:]
+    doctor = invoke("doctor")
+    assert doctor.returncode == 0 and "ok   permissions" in doctor.stdout, doctor.stdout
+
     again = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--stack", stack, "--yes")
     assert again.returncode == 1 and f"stack {stack} is already up" in again.stderr and len(alive(sim, stack)) == 1
 

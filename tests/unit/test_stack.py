@@ -87,3 +87,19 @@ def test_the_mock_engine_seals_exactly_the_secret_values(tmp_path):
     sealed = secrets.seal(inputs, paths)
     assert "hf_secret" not in str(sealed) and sealed["environment"]["GPU_SESSION_HOST"] == "10.0.0.1"
     assert secrets.open(sealed, paths) == inputs and stat.S_IMODE(os.stat(tmp_path / "key").st_mode) == 0o600
+
+
+def test_doctor_names_every_file_others_could_read(tmp_path):
+    from gpu_session.doctor import private_files_problems
+
+    (tmp_path / "stacks" / "dev").mkdir(parents=True, mode=0o700)
+    tmp_path.chmod(0o700)
+    (tmp_path / "stacks").chmod(0o700)
+    (tmp_path / "stacks" / "dev" / "api_key").write_text("x")
+    (tmp_path / "stacks" / "dev" / "api_key").chmod(0o600)
+    assert private_files_problems(tmp_path) == []
+    (tmp_path / "stacks" / "dev" / "known_hosts").write_text("x")
+    (tmp_path / "stacks" / "dev" / "known_hosts").chmod(0o644)
+    (tmp_path / "stacks").chmod(0o755)
+    problems = private_files_problems(tmp_path)
+    assert len(problems) == 2 and "known_hosts is 0o644: chmod 600" in problems[1] and "stacks is 0o755: chmod 700" in problems[0]
