@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from . import sizing, tunnel
+from . import sizing, tunnel, watch
 from .clouds import CLOUDS, Cloud, Instance, NotFound, Offer, get_cloud
 from .ledger import Ledger, Session
 from .paths import stack_dir, write_private
@@ -54,6 +54,7 @@ class Plan:
     region: str | None  # None: any
     need_gb: float
     hours: float
+    budget: float | None = None  # USD: the watch ends the session when it is spent
 
     @property
     def estimate(self) -> float:
@@ -63,7 +64,9 @@ class Plan:
         o = self.offer
         ends = (datetime.now(UTC) + timedelta(hours=self.hours)).strftime("%H:%M UTC")
         return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({o.total_vram_gb} GB for {self.need_gb} GB needed) in "
-                f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}")  # fmt: skip
+                f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}"
+                + (f"; the ${self.budget:g} budget ends it after {self.budget / o.price_per_hour:.2g} h"
+                   if self.budget is not None and self.budget < self.estimate else ""))  # fmt: skip
 
 
 def cloud_client(name: str) -> Cloud:
@@ -93,13 +96,9 @@ def plans(opts: UpOptions, info: sizing.ModelInfo) -> list[Plan]:
     if gpu and not any(gpu in (o.instance_type, o.gpu_name) for o in offers):
         raise SessionError(f"no GPU type {gpu!r} here; `invoke available` lists them")
     fit = sizing.fitting(offers, need, gpu_count=opts.gpus, max_price=opts.max_price, gpu_type=gpu)
-    if opts.budget is not None:
-        fit = [o for o in fit if o.price_per_hour * opts.hours <= opts.budget]
-    found = [Plan(o, None if r == "any" else r, need, opts.hours) for o in fit for r in o.regions]
+    found = [Plan(o, None if r == "any" else r, need, opts.hours, opts.budget) for o in fit for r in o.regions]
     if not found:
         why = sizing.explain_no_fit(offers, need, gpu_count=opts.gpus, max_price=opts.max_price, gpu_type=gpu)
-        if opts.budget is not None and fit == [] and "above" not in why and "capacity" not in why:
-            why = f"nothing that fits costs under the ${opts.budget:.2f} budget for {opts.hours:g} h"
         raise SessionError(f"{opts.model} {why}")
     return found
 
@@ -147,6 +146,8 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
         Ledger().open(Session(opts.stack, outputs["cloud"], outputs["instance_id"], outputs.get("gpu") or plan.offer.gpu_name,
                               opts.model, float(outputs["price_per_hour"]), time.time(), budget=opts.budget))  # fmt: skip
         remember(opts.stack, outputs)
+        if opts.budget is not None or outputs["cloud"] == "lambda":
+            watch.start(opts.stack)  # the budget, and the lease end where the host cannot end itself
         if opts.configure:
             outputs = {**outputs, "tunnel_port": tunnel.start(opts.stack).port}
         return outputs
@@ -215,6 +216,7 @@ def status() -> list[dict]:
         expires = json.loads(outputs_file.read_text()).get("lease_expires_at") if outputs_file.exists() else None
         if expires:
             row["lease_left_h"] = round((datetime.fromisoformat(expires) - datetime.now(UTC)).total_seconds() / 3600, 2)
+        row["protections"] = watch.protections(s.stack, s.cloud, s.budget)
         t = tunnel.status(s.stack)
         row["tunnel"] = f"127.0.0.1:{t.port} {'connected' if t.connected else 'reconnecting'}" if t.running else "closed"
         row["server"] = "unknown (no tunnel)"
@@ -237,6 +239,7 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
     stack's local secrets deleted, the session's cost recorded. A summary."""
     stack = engine(stack_name)
     outputs = stack.outputs()
+    watch.stop(stack_name)
     if tunnel.stop(stack_name):
         say("tunnel closed")
     stack.destroy(on_event)

@@ -144,7 +144,7 @@ def _fail(e: Exception) -> None:
         "gpus": "how many GPUs (tensor parallel); default 1",
         "hours": "the lease: the host wipes itself after this many hours; default 2",
         "max_price": "refuse any offer above this many dollars an hour",
-        "budget": "refuse a plan whose lease would cost more than this many dollars",
+        "budget": "dollars this session may spend: warned at 80 %, scrubbed and destroyed at 100 %",
         "disk": "disk in GB; default 100",
         "quantize": "serve 4-bit weights (less memory, cheaper GPUs)",
         "backend": "vllm, transformers or auto",
@@ -266,6 +266,7 @@ def status(c, json=False):
                       str(r.get("lease_left_h", "?")), r["server"], r["tunnel"], r["cloud_status"])  # fmt: skip
     Console().print(table)
     for r in rows:
+        print(f"{r['stack']}: protected by " + "; ".join(r["protections"]))
         if r.get("drift"):
             print(f"{r['stack']}: {r['drift']}")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gpu_session import daemon
 from gpu_session.ledger import Ledger
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
@@ -64,7 +65,7 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     os.kill(supervisor["ssh_pid"], signal.SIGKILL)  # the link drops
     assert len(stream_reply(port, api_key, retry_for=60)) > 1
     assert json.loads((session_dir / "tunnel.json").read_text())["ssh_pid"] != supervisor["ssh_pid"]
-    assert "the link dropped" in (session_dir / "tunnel.log").read_text()
+    assert "the link dropped" in daemon.log_path(stack, "tunnel").read_text()
 
     # status sees it all; extend moves the lease on the host without a restart.
     [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
@@ -232,3 +233,35 @@ def test_a_cancelled_up_tears_down_what_it_made(sim, sim_env, how):
     assert "up was cancelled" in err and "no terminal to ask: tearing down" in err and f"stack {stack}: nothing left" in err
     assert not alive(sim, stack) and not keys(sim, stack)
     assert "create Command configure" not in err  # the instance's create finished; configuring never started
+
+
+def test_the_budget_cap_warns_then_tears_the_session_down(sim, sim_env, monkeypatch):
+    monkeypatch.setenv("GPU_SESSION_WATCH_INTERVAL", "0.5")
+    stack = "budget"
+    up = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--no-configure", "--budget", "0.002",
+                "--stack", stack, "--yes", "--json")  # fmt: skip
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    plan = [e["message"] for e in events(up.stdout) if e["event"] == "say"][0]
+    assert "the $0.002 budget ends it after" in plan and alive(sim, stack)
+    [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
+    assert any("budget $0.002 (warns at 80 %, destroys at 100 %)" in p for p in row["protections"])
+
+    _wait(lambda: Ledger().sessions(stack=stack)[0].ended_at, timeout=120)  # $0.002 at $0.75/h: about 10 s
+    log = daemon.log_path(stack, "watch").read_text()
+    assert "warning: 8" in log and "of the $0.002 budget is spent" in log and "the budget is spent" in log, log
+    assert log.index("warning:") < log.index("the budget is spent")
+    [entry] = Ledger().sessions(stack=stack)
+    assert entry.cost >= 0.002 and not alive(sim, stack) and not keys(sim, stack)
+
+
+def test_the_watch_ends_a_lambda_instance_at_its_lease_end(sim, sim_env, monkeypatch):
+    """A Lambda host without an uploaded key can only wipe itself at the lease's end; this machine's
+    watch destroys it then."""
+    monkeypatch.setenv("GPU_SESSION_WATCH_INTERVAL", "0.5")
+    stack = "lease-end"
+    up = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--no-configure", "--hours", "0.003",
+                "--stack", stack, "--yes")  # fmt: skip
+    assert up.returncode == 0 and alive(sim, stack), up.stderr[-3000:]
+    _wait(lambda: Ledger().sessions(stack=stack)[0].ended_at, timeout=120)  # 0.003 h: about 11 s
+    assert "the lease has ended: scrubbing and destroying" in daemon.log_path(stack, "watch").read_text()
+    assert not alive(sim, stack) and not keys(sim, stack)
