@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +69,48 @@ class Plan:
                 f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}"
                 + (f"; the ${self.budget:g} budget ends it after {self.budget / o.price_per_hour:.2g} h"
                    if self.budget is not None and self.budget < self.estimate else ""))  # fmt: skip
+
+
+def use_simulator(say: Say) -> dict[str, str]:
+    """Point this process at the simulator (`--sim`), starting one in the background when none is
+    running; and at the mock engine when the Pulumi CLI is not installed. The environment used."""
+    import requests
+
+    from . import daemon
+    from .sim import default_state_dir
+    from .stack import PulumiMissing, pulumi_binary
+
+    info_file = default_state_dir() / "sim.json"
+
+    def answering() -> dict | None:
+        if not info_file.exists():
+            return None
+        info = json.loads(info_file.read_text())
+        try:
+            requests.get(info["url"] + "/_sim/state", headers={"X-Sim-Admin": info["admin_token"]}, timeout=5).raise_for_status()
+        except requests.RequestException:
+            return None
+        return info
+
+    info = answering()
+    if info is None:
+        say("starting the cloud simulator in the background (the first start builds its small models)")
+        log = daemon.log_path("sim", "simulator")
+        with open(log, "ab") as out:
+            subprocess.Popen([sys.executable, "-m", "gpu_session.sim", "--boot-delay", "1", "--no-rate-limits"],
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while (info := answering()) is None:
+            if time.monotonic() > deadline:
+                raise SessionError(f"the simulator did not start: {log.read_text()[-500:]}")
+            time.sleep(0.5)
+    env = dict(info["env"])
+    try:
+        pulumi_binary()
+    except PulumiMissing:
+        env["GPU_SESSION_ENGINE"] = "mock"
+    os.environ.update(env)
+    return env
 
 
 def cloud_client(name: str) -> Cloud:

@@ -115,6 +115,19 @@ def _printer(as_json: bool):
     return on_event, say
 
 
+def _simulate(say) -> None:
+    from gpu_session import session
+
+    try:
+        env = session.use_simulator(say)
+    except session.SessionError as e:
+        _fail(e)
+    say(
+        "rehearsing against the simulator"
+        + (" with the mock engine (no Pulumi CLI here)" if env.get("GPU_SESSION_ENGINE") else "")
+    )
+
+
 def _offer_teardown(stack: str, say, on_event) -> None:
     """After a cancelled up: whatever exists may bill. Ask (tear down by default); without a
     terminal to ask, tear down."""
@@ -152,14 +165,20 @@ def _fail(e: Exception) -> None:
         "yes": "do not ask before spending",
         "json": "progress as JSON lines (CI)",
         "configure": "configure the host as a model server (default); --no-configure gives just the machine",
+        "sim": "rehearse against the cloud simulator (started in the background if none runs): no account, no GPU, no bill",
     }
 )
-def up(c, model, cloud="auto", gpu="auto", gpus=1, hours=2.0, max_price=None, budget=None, disk=100, quantize=False,
-       backend="auto", stack="dev", yes=False, json=False, configure=True):  # fmt: skip
+def up(c, model="", cloud="auto", gpu="auto", gpus=1, hours=2.0, max_price=None, budget=None, disk=100, quantize=False,
+       backend="auto", stack="dev", yes=False, json=False, configure=True, sim=False):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
     from gpu_session import session
 
     on_event, say = _printer(json)
+    if sim:
+        _simulate(say)
+        model = model or "gpu-session/tiny-chat"
+    if not model:
+        _fail(ValueError("which model? --model owner/name (or --sim, to rehearse with the simulator's small model)"))
     opts = session.UpOptions(model, cloud, gpu, int(gpus), float(hours), float(max_price) if max_price else None,
                              float(budget) if budget else None, int(disk), quantize, backend, stack, configure)  # fmt: skip
 
@@ -190,12 +209,20 @@ def up(c, model, cloud="auto", gpu="auto", gpus=1, hours=2.0, max_price=None, bu
             f"API key in {outputs['session_dir']}/api_key)")  # fmt: skip
 
 
-@task(help={"stack": "the session's name; default dev", "json": "progress as JSON lines (CI)"})
-def down(c, stack="dev", json=False):
+@task(
+    help={
+        "stack": "the session's name; default dev",
+        "json": "progress as JSON lines (CI)",
+        "sim": "the session is on the simulator",
+    }
+)
+def down(c, stack="dev", json=False, sim=False):
     """Scrub the host, destroy it, check with the cloud that nothing is left, delete the session's secrets."""
     from gpu_session import session
 
     on_event, say = _printer(json)
+    if sim:
+        _simulate(say)
     try:
         summary = session.down(stack, say=say, on_event=on_event)
     except (session.SessionError, session.StackError) as e:

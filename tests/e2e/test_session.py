@@ -265,3 +265,22 @@ def test_the_watch_ends_a_lambda_instance_at_its_lease_end(sim, sim_env, monkeyp
     _wait(lambda: Ledger().sessions(stack=stack)[0].ended_at, timeout=120)  # 0.003 h: about 11 s
     assert "the lease has ended: scrubbing and destroying" in daemon.log_path(stack, "watch").read_text()
     assert not alive(sim, stack) and not keys(sim, stack)
+
+
+def test_up_sim_rehearses_without_an_account(tmp_path):
+    """A new user's first command: no keys, no simulator running, no Pulumi CLI."""
+    clean = {k: v for k, v in env().items() if k not in ("GPU_SESSION_ENGINE", "LAMBDA_API_KEY", "RUNPOD_API_KEY", "LAMBDA_API_BASE",
+                                                         "RUNPOD_API_BASE_URL", "HF_ENDPOINT", "HF_TOKEN")}  # fmt: skip
+    clean["GPU_SESSION_SIM_DIR"] = str(tmp_path / "sim")
+    run = lambda *args: subprocess.run([INVOKE, *args], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=600)  # noqa: E731
+    try:
+        up = run("up", "--sim", "--no-configure", "--stack", "first", "--yes")
+        assert up.returncode == 0, up.stderr[-3000:]
+        assert "starting the cloud simulator" in up.stderr and "with the mock engine" in up.stderr and "plan: " in up.stderr
+        down = run("down", "--sim", "--stack", "first")
+        assert down.returncode == 0 and "stack first: nothing left at the cloud" in down.stderr, down.stderr[-3000:]
+    finally:
+        info = tmp_path / "sim" / "sim.json"
+        if info.exists():
+            os.kill(json.loads(info.read_text())["pid"], signal.SIGTERM)
+            _wait(lambda: not info.exists(), timeout=60)
