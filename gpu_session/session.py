@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from . import sizing, tunnel, watch
@@ -170,6 +170,7 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
             f"stack {opts.stack} is already up: `invoke chat --stack {opts.stack}`, or `invoke down --stack {opts.stack}`"
         )
     try:
+        opts = replace(opts, model=sizing.resolve(opts.model))
         info = sizing.model_info(opts.model)
     except sizing.SizingError as e:
         raise SessionError(str(e)) from None
@@ -352,6 +353,14 @@ def sweep(*, confirm: Callable[[str, Instance], bool], say: Say) -> list[str]:
     return ended
 
 
-def available(cloud: str = "auto") -> list[Offer]:
+def available(cloud: str = "auto") -> list[tuple[Offer, list[str]]]:
+    """Offers, cheapest first, each with the catalog's models that fit it."""
     offers = [o for c in clouds_for(cloud) for o in cloud_client(c).offers() if not o.spot]
-    return sorted(offers, key=lambda o: (o.price_per_hour, o.cloud, o.instance_type))
+    needs = {}
+    for alias, model in sizing.catalog().items():
+        try:
+            needs[alias] = sizing.model_info(model).need_gb()
+        except sizing.SizingError:
+            continue  # a model the Hub does not show here is simply not listed
+    ranked = sorted(offers, key=lambda o: (o.price_per_hour, o.cloud, o.instance_type))
+    return [(o, [a for a, need in needs.items() if need <= o.total_vram_gb]) for o in ranked]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from .clouds import Offer
 
@@ -44,6 +45,42 @@ class ModelInfo:
         return "transformers" if self.vision else "vllm"
 
 
+def catalog() -> dict[str, str]:
+    """Alias → Hub id (gpu_session/catalog.yaml)."""
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent / "catalog.yaml").read_text())["models"]
+
+
+def resolve(name: str) -> str:
+    """A Hub id for an alias or an id; anything else is refused with the nearest names."""
+    from .stack_config import HUB_ID
+
+    aliases = catalog()
+    if name in aliases:
+        return aliases[name]
+    if HUB_ID.match(name):
+        return name
+    raise SizingError(f"{name!r} is neither a model id (owner/name) nor a known alias" + suggest(name))
+
+
+def suggest(name: str) -> str:
+    """ "; did you mean …" from the catalog and the Hub's search, or "" when nothing is near."""
+    import difflib
+
+    aliases = catalog()
+    known = [*aliases, *aliases.values()]
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    try:
+        from huggingface_hub import HfApi
+
+        term = name.rsplit("/", 1)[-1]
+        near += [m.id for m in HfApi().list_models(search=term, limit=3) if m.id not in near]
+    except Exception:  # noqa: BLE001 (suggestions are a courtesy: a Hub that does not answer just gives fewer)
+        pass
+    return f"; did you mean {', '.join(near[:5])}?" if near else ""
+
+
 def model_info(model: str, token: str | None = None) -> ModelInfo:
     """The Hub's description of `model` (HF_ENDPOINT honoured). Raises SizingError."""
     from huggingface_hub import HfApi
@@ -53,7 +90,7 @@ def model_info(model: str, token: str | None = None) -> ModelInfo:
     try:
         info = HfApi().model_info(model, files_metadata=True, token=token)
     except RepositoryNotFoundError:
-        raise SizingError(f"{model} is not on the Hub, or is private and the HF token cannot see it: check the id") from None
+        raise SizingError(f"{model} is not on the Hub, or is private and the HF token cannot see it{suggest(model)}") from None
     except HfHubHTTPError as e:
         raise SizingError(f"the Hub could not describe {model}: {e}") from None
     except OSError as e:  # connection refused, DNS: say where we looked

@@ -151,7 +151,7 @@ def _fail(e: Exception) -> None:
 
 @task(
     help={
-        "model": "a Hugging Face model id (owner/name)",
+        "model": "a Hugging Face model id (owner/name), or an alias from gpu_session/catalog.yaml (llama-8b, qwen-7b, …)",
         "cloud": "lambda, runpod or auto (the cheapest that fits, among the clouds you have keys for)",
         "gpu": "auto (the cheapest with room for the model) or a type: gpu_1x_a10, NVIDIA GeForce RTX 4090, A100 …",
         "gpus": "how many GPUs (tensor parallel); default 1",
@@ -365,10 +365,10 @@ def available(c, cloud="auto"):
         offers = session.available(cloud)
     except session.SessionError as e:
         _fail(e)
-    table = Table("cloud", "GPU", "type", "GPUs", "memory", "$/h", "capacity")
-    for o in offers:
+    table = Table("cloud", "GPU", "type", "GPUs", "memory", "$/h", "capacity", "catalog models that fit")
+    for o, fits in offers:
         table.add_row(o.cloud, o.gpu_name, o.instance_type, str(o.gpu_count), f"{o.total_vram_gb} GB", f"{o.price_per_hour:.2f}",
-                      ", ".join(o.regions) or "none")  # fmt: skip
+                      ", ".join(o.regions) or "none", ", ".join(fits))  # fmt: skip
     Console().print(table)
 
 

@@ -194,6 +194,11 @@ def test_a_capacity_error_fails_over_to_the_next_offer(sim, sim_env):
     "args, says",
     [
         (["--model", "nobody/nothing"], "nobody/nothing is not on the Hub"),
+        (["--model", "lama-8b"], "'lama-8b' is neither a model id (owner/name) nor a known alias; did you mean llama-8b"),
+        (
+            ["--model", "gpu-session/tiny-chatt"],
+            "is not on the Hub, or is private and the HF token cannot see it; did you mean gpu-session/tiny-chat",
+        ),
         (["--model", "meta-llama/Llama-3.1-70B-Instruct"], "more than any 1-GPU offer has; the cheapest that fits is"),
         (["--model", "gpu-session/tiny-chat", "--gpu", "TPU v9"], "no GPU type 'TPU v9' here; `invoke available` lists them"),
         (["--model", "gpu-session/tiny-chat", "--max-price", "0.01"], "above maxPricePerHour $0.01"),
@@ -284,3 +289,15 @@ def test_up_sim_rehearses_without_an_account(tmp_path):
         if info.exists():
             os.kill(json.loads(info.read_text())["pid"], signal.SIGTERM)
             _wait(lambda: not info.exists(), timeout=60)
+
+
+def test_available_lists_offers_with_the_catalog_models_that_fit(sim, sim_env):
+    from gpu_session import session
+
+    offers = session.available("lambda")
+    prices = [o.price_per_hour for o, _ in offers]
+    assert prices == sorted(prices) and all(not o.spot for o, _ in offers)
+    for offer, fits in offers:
+        assert "tiny" in fits
+        assert ("llama-70b" in fits) == (offer.total_vram_gb >= 157.7)
+        assert ("llama-8b" in fits) == (offer.total_vram_gb >= 18.0)
