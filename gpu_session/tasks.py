@@ -115,6 +115,18 @@ def _printer(as_json: bool):
     return on_event, say
 
 
+def _user_config() -> dict:
+    """~/.config/gpu-session/config.yaml: its keys fill the environment's gaps; its defaults are returned."""
+    from gpu_session import config
+
+    try:
+        data = config.load()
+    except config.ConfigFileError as e:
+        _fail(e)
+    config.apply_keys(data)
+    return data
+
+
 def _simulate(say) -> None:
     from gpu_session import session
 
@@ -152,7 +164,7 @@ def _fail(e: Exception) -> None:
 @task(
     help={
         "model": "a Hugging Face model id (owner/name), or an alias from gpu_session/catalog.yaml (llama-8b, qwen-7b, …)",
-        "cloud": "lambda, runpod or auto (the cheapest that fits, among the clouds you have keys for)",
+        "cloud": "lambda, runpod or auto (the cheapest that fits, among the clouds you have keys for); `invoke setup` sets defaults",
         "gpu": "auto (the cheapest with room for the model) or a type: gpu_1x_a10, NVIDIA GeForce RTX 4090, A100 …",
         "gpus": "how many GPUs (tensor parallel); default 1",
         "hours": "the lease: the host wipes itself after this many hours; default 2",
@@ -168,15 +180,23 @@ def _fail(e: Exception) -> None:
         "sim": "rehearse against the cloud simulator (started in the background if none runs): no account, no GPU, no bill",
     }
 )
-def up(c, model="", cloud="auto", gpu="auto", gpus=1, hours=2.0, max_price=None, budget=None, disk=100, quantize=False,
+def up(c, model="", cloud="", gpu="", gpus=1, hours=None, max_price=None, budget=None, disk=100, quantize=False,
        backend="auto", stack="dev", yes=False, json=False, configure=True, sim=False):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
     from gpu_session import session
 
     on_event, say = _printer(json)
+    defaults = _user_config()
     if sim:
         _simulate(say)
         model = model or "gpu-session/tiny-chat"
+    model, cloud, gpu = (
+        model or defaults.get("model", ""),
+        cloud or defaults.get("cloud", "auto"),
+        gpu or defaults.get("gpu", "auto"),
+    )
+    hours = hours or defaults.get("hours", 2.0)
+    budget = budget or defaults.get("budget")
     if not model:
         _fail(ValueError("which model? --model owner/name (or --sim, to rehearse with the simulator's small model)"))
     opts = session.UpOptions(model, cloud, gpu, int(gpus), float(hours), float(max_price) if max_price else None,
@@ -218,6 +238,7 @@ def up(c, model="", cloud="auto", gpu="auto", gpus=1, hours=2.0, max_price=None,
 )
 def down(c, stack="dev", json=False, sim=False):
     """Scrub the host, destroy it, check with the cloud that nothing is left, delete the session's secrets."""
+    _user_config()
     from gpu_session import session
 
     on_event, say = _printer(json)
@@ -273,6 +294,7 @@ def ssh(c, stack="dev", command=""):
 @task(help={"json": "as JSON"})
 def status(c, json=False):
     """Every running session: cloud, GPU, uptime, cost so far, lease left, server health, tunnel; drift flagged."""
+    _user_config()
     import json as jsonlib
 
     from rich.console import Console
@@ -301,6 +323,7 @@ def status(c, json=False):
 @task(help={"hours": "how many hours more", "stack": "the session's name; default dev", "json": "progress as JSON lines"})
 def extend(c, hours, stack="dev", json=False):
     """Move the session's lease end later; the host keeps serving."""
+    _user_config()
     from gpu_session import session
 
     on_event, say = _printer(json)
@@ -314,6 +337,7 @@ def extend(c, hours, stack="dev", json=False):
 @task
 def doctor(c):
     """Check this machine: the Pulumi CLI, ssh, the cloud keys (asked of each API), the privacy of config and state files."""
+    _user_config()
     from gpu_session import doctor as checks
 
     results = checks.run()
@@ -326,6 +350,7 @@ def doctor(c):
 @task(help={"stack": "the session's name; default dev"})
 def configure(c, stack="dev"):
     """Run the site playbook again on the session's live host (after a change to the roles, or to repair it)."""
+    _user_config()
     from gpu_session import session
 
     _, say = _printer(False)
@@ -335,9 +360,48 @@ def configure(c, stack="dev"):
         _fail(e)
 
 
+@task(
+    help={
+        "from_env": "take the keys from LAMBDA_API_KEY, RUNPOD_API_KEY and HF_TOKEN instead of asking",
+        "model": "default model for up", "cloud": "default cloud", "gpu": "default GPU type",
+        "hours": "default lease", "budget": "default budget (USD)",
+    }
+)  # fmt: skip
+def setup(c, from_env=False, model="", cloud="", gpu="", hours=None, budget=None):
+    """Save API keys (each checked against its API) and defaults in ~/.config/gpu-session/config.yaml (0600)."""
+    import getpass
+
+    from gpu_session import config
+
+    try:
+        data = config.load()
+    except config.ConfigFileError as e:
+        _fail(e)
+    for key, var in config.KEYS.items():
+        if from_env:
+            value = os.environ.get(var, "")
+        else:  # never an argument: it would show in the process list
+            value = getpass.getpass(f"{var} (Enter keeps {'the saved one' if data.get(key) else 'none'}): ").strip()
+        if not value:
+            continue
+        try:
+            print(f"ok  {config.check_key(key, value)}")
+        except config.ConfigFileError as e:
+            _fail(ValueError(f"{e}; nothing was saved"))
+        data[key] = value
+    for key, value in (("model", model), ("cloud", cloud), ("gpu", gpu)):
+        if value:
+            data[key] = value
+    for key, value in (("hours", hours), ("budget", budget)):
+        if value is not None:
+            data[key] = float(value)
+    print(f"saved {config.save(data)}")
+
+
 @task(help={"yes": "terminate every orphan without asking"})
 def sweep(c, yes=False):
     """Find instances named like ours that no stack owns, and offer to terminate them."""
+    _user_config()
     from gpu_session import session
 
     _, say = _printer(False)
@@ -356,6 +420,7 @@ def sweep(c, yes=False):
 @task(help={"cloud": "lambda, runpod or auto (every cloud you have a key for)"})
 def available(c, cloud="auto"):
     """GPU offers with their prices and where they have capacity now."""
+    _user_config()
     from rich.console import Console
     from rich.table import Table
 

@@ -301,3 +301,25 @@ def test_available_lists_offers_with_the_catalog_models_that_fit(sim, sim_env):
         assert "tiny" in fits
         assert ("llama-70b" in fits) == (offer.total_vram_gb >= 157.7)
         assert ("llama-8b" in fits) == (offer.total_vram_gb >= 18.0)
+
+
+def test_setup_saves_checked_keys_and_defaults_that_up_uses(sim, sim_env, monkeypatch):
+    config_file = Path(os.environ["XDG_CONFIG_HOME"]) / "gpu-session" / "config.yaml"
+    monkeypatch.setenv("LAMBDA_API_KEY", "not-a-key")
+    refused = invoke("setup", "--from-env")
+    assert refused.returncode == 1 and "the lambda key was refused" in refused.stderr and "nothing was saved" in refused.stderr
+    assert not config_file.exists()
+
+    monkeypatch.setenv("LAMBDA_API_KEY", sim.lambda_key)
+    saved = invoke("setup", "--from-env", "--model", "tiny", "--cloud", "lambda", "--hours", "1")
+    assert saved.returncode == 0, saved.stderr
+    assert "ok  lambda: " in saved.stdout and "ok  Hugging Face: sim-user" in saved.stdout
+    assert oct(config_file.stat().st_mode & 0o777) == "0o600" and sim.lambda_key in config_file.read_text()
+
+    # A shell with no keys: the file's keys and defaults are used.
+    for var in ("LAMBDA_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN"):
+        monkeypatch.delenv(var)
+    up = invoke("up", "--no-configure", "--stack", "from-config", "--yes")
+    assert up.returncode == 0 and "plan: lambda: " in up.stderr and "1 h lease" in up.stderr, up.stderr[-2000:]
+    assert invoke("down", "--stack", "from-config").returncode == 0 and not alive(sim, "from-config")
+    config_file.unlink()
