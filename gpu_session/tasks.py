@@ -232,6 +232,44 @@ def up(c, model="", cloud="", gpu="", gpus=1, hours=None, max_price=None, budget
 @task(
     help={
         "stack": "the session's name; default dev",
+        "prompt": "send this one message, print the reply and leave (piped stdin works the same)",
+        "system": "a system prompt",
+        "keep": "leave the session running after the chat (default: ask whether to end it)",
+        "max_tokens": "cap each answer at this many tokens",
+    }
+)
+def chat(c, stack="dev", prompt="", system="", keep=False, max_tokens=0):
+    """Chat with the session's model through the tunnel; the answer streams as it is generated."""
+    from gpu_session.chat.client import ChatClient, ChatError, printable
+
+    _user_config()
+    try:
+        client = ChatClient.for_stack(stack)
+    except ChatError as e:
+        _fail(e)
+    messages = [{"role": "system", "content": system}] if system else []
+    if prompt or not sys.stdin.isatty():
+        messages.append({"role": "user", "content": prompt or sys.stdin.read()})
+        try:
+            shown = printable if sys.stdout.isatty() else str  # a pipe gets the bytes as they are
+            reply = client.stream(
+                messages, on_token=lambda t: print(shown(t), end="", flush=True), max_tokens=int(max_tokens) or None
+            )
+        except ChatError as e:
+            _fail(e)
+        print()
+        print(reply.stats(), file=sys.stderr)
+        return
+    from gpu_session.chat import repl
+
+    repl.run(client, system)
+    if not keep and input("End the session now (scrub and destroy)? [Y/n] ").strip().lower() in ("", "y", "yes"):
+        down(c, stack=stack)
+
+
+@task(
+    help={
+        "stack": "the session's name; default dev",
         "json": "progress as JSON lines (CI)",
         "sim": "the session is on the simulator",
     }

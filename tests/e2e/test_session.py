@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +67,16 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     assert len(stream_reply(port, api_key, retry_for=60)) > 1
     assert json.loads((session_dir / "tunnel.json").read_text())["ssh_pid"] != supervisor["ssh_pid"]
     assert "the link dropped" in daemon.log_path(stack, "tunnel").read_text()
+
+    # The chat, as a script would use it: a streamed reply through the tunnel, by argument and by pipe.
+    chat = invoke("chat", "--stack", stack, "--prompt", "Say hello", "--max-tokens", "8")
+    assert chat.returncode == 0 and chat.stdout.strip() and re.search(r"\d+ ms to first token, [1-8] tokens, ", chat.stderr), (
+        chat.stderr
+    )
+    piped = invoke("chat", "--stack", stack, "--max-tokens", "4", input="Say hello")
+    assert piped.returncode == 0 and piped.stdout.strip() and re.search(r"ms to first token, [1-4] tokens, ", piped.stderr), (
+        piped.stderr
+    )
 
     # status sees it all; extend moves the lease on the host without a restart.
     [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]

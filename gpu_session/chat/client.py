@@ -1,0 +1,101 @@
+"""A streaming client for the session's model server, through the tunnel, with the session's key.
+
+Nothing here logs what is said: the conversation lives in memory (and in the encrypted history,
+when there is one), never in a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .. import tunnel
+from ..paths import stack_dir
+
+
+class ChatError(RuntimeError):
+    pass
+
+
+# C0 and C1 control characters but newline and tab: a model's output must not drive the terminal
+# (escape sequences can retitle, recolour, or hide text).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    return _CONTROL.sub("\ufffd", text)
+
+
+@dataclass
+class Reply:
+    text: str
+    first_token_s: float | None  # from sending to the first token
+    tokens: int
+    seconds: float
+    stopped: bool = False  # cut short by the person
+
+    @property
+    def tokens_per_s(self) -> float:
+        generating = self.seconds - (self.first_token_s or 0)
+        return self.tokens / generating if generating > 0 else 0.0
+
+    def stats(self) -> str:
+        first = f"{self.first_token_s * 1000:.0f} ms to first token, " if self.first_token_s is not None else ""
+        return f"{first}{self.tokens} tokens, {self.tokens_per_s:.1f} tokens/s" + (" (stopped)" if self.stopped else "")
+
+
+class ChatClient:
+    def __init__(self, base_url: str, api_key: str, model: str):
+        from openai import OpenAI
+
+        self.model = model
+        # The tunnel may be reconnecting after a dropped link: retry for a while rather than fail.
+        self._client = OpenAI(base_url=base_url, api_key=api_key, max_retries=6, timeout=120)
+
+    @classmethod
+    def for_stack(cls, stack: str) -> ChatClient:
+        """The client for a stack that is up: its tunnel (started if it is not running), key and model."""
+        folder = stack_dir(stack)
+        outputs_file = folder / "outputs.json"
+        if not outputs_file.exists():
+            raise ChatError(f"stack {stack} is not up: `invoke up --stack {stack}` first")
+        outputs = json.loads(outputs_file.read_text())
+        try:
+            port = tunnel.start(stack).port
+        except tunnel.TunnelError as e:
+            raise ChatError(str(e)) from None
+        return cls(f"http://127.0.0.1:{port}/v1", (folder / "api_key").read_text().strip(), outputs["served_model_name"])
+
+    def stream(self, messages: list[dict], on_token: Callable[[str], None], stop: threading.Event | None = None,
+               max_tokens: int | None = None) -> Reply:  # fmt: skip
+        """Send the conversation; each piece of the answer goes to on_token as it arrives. Setting
+        `stop` (or Ctrl-C) ends the generation early: what came so far is the reply."""
+        from openai import OpenAIError
+
+        started = time.monotonic()
+        first, pieces, stopped = None, [], False
+        try:
+            response = self._client.chat.completions.create(
+                model=self.model, messages=messages, stream=True, **({"max_tokens": max_tokens} if max_tokens else {})
+            )
+            try:
+                for chunk in response:
+                    if stop is not None and stop.is_set():
+                        stopped = True
+                        break
+                    piece = chunk.choices[0].delta.content if chunk.choices else None
+                    if piece:
+                        first = first if first is not None else time.monotonic() - started
+                        pieces.append(piece)
+                        on_token(piece)
+            except KeyboardInterrupt:
+                stopped = True
+            finally:
+                response.close()  # stops the generation on the server too
+        except OpenAIError as e:
+            raise ChatError(f"the model server did not answer: {e}") from None
+        return Reply("".join(pieces), first, len(pieces), time.monotonic() - started, stopped)
