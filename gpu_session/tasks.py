@@ -436,6 +436,30 @@ def setup(c, from_env=False, model="", cloud="", gpu="", hours=None, budget=None
     print(f"saved {config.save(data)}")
 
 
+@task(
+    help={
+        "backend": "transformers (default: quick) or vllm",
+        "cloud": "lambda (default) or runpod",
+        "json": "also write the report to this file",
+    }
+)
+def bench(c, backend="transformers", cloud="lambda", json=""):
+    """Time one whole session against the simulator: up (provision, configure, server start), the tunnel's first-token overhead, a no-change configure, down."""
+    from pathlib import Path
+
+    from gpu_session import bench as benchmark
+    from gpu_session import session
+
+    _, say = _printer(False)
+    try:
+        report = benchmark.run(backend, cloud, say=say)
+    except (session.SessionError, session.StackError) as e:
+        _fail(e)
+    print(benchmark.table(report))
+    if json:
+        benchmark.save(report, Path(json))
+
+
 @task(help={"yes": "terminate every orphan without asking"})
 def sweep(c, yes=False):
     """Find instances named like ours that no stack owns, and offer to terminate them."""

