@@ -39,9 +39,10 @@ class TunnelStatus:
     pid: int | None = None
 
 
-def _accepts(port: int) -> bool:
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on host:port."""
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        socket.create_connection((host, port), timeout=1).close()
         return True
     except OSError:
         return False
@@ -58,7 +59,7 @@ def status(stack: str) -> TunnelStatus:
     if not state:
         return TunnelStatus(False)
     running = daemon.alive(state.get("pid"))
-    return TunnelStatus(running, state.get("port"), running and _accepts(state["port"]), state.get("pid"))
+    return TunnelStatus(running, state.get("port"), running and accepts(state["port"]), state.get("pid"))
 
 
 def endpoint_of(stack: str) -> Endpoint:
@@ -80,7 +81,7 @@ def start(stack: str, port: int = 0, timeout: float = 30) -> TunnelStatus:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
-        if _accepts(port):
+        if accepts(port):
             return status(stack)
         time.sleep(0.1)
     stop(stack)

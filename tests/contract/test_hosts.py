@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from conftest import FAST_RETRY, ssh
 from gpu_session.clouds import LaunchSpec
 from gpu_session.clouds.lambda_cloud import LambdaCloud
 from gpu_session.sim import SimConfig, Simulator
+from gpu_session.tunnel import accepts, free_port
 
 pytestmark = pytest.mark.netns
 
@@ -33,17 +33,7 @@ def two_hosts(sim, sim_env, keypair, name):
 
 
 def can_connect(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return accepts(port, host)
 
 
 def test_loopback_services_are_reachable_only_through_ssh(two_hosts, keypair, tmp_path):

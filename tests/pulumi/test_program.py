@@ -19,6 +19,7 @@ from conftest import FAST_RETRY
 from gpu_session.clouds import LaunchSpec
 from gpu_session.clouds.lambda_cloud import LambdaCloud
 from gpu_session.stack import MockEngine, StackError, StackEvent
+from gpu_session.tunnel import free_port
 
 
 @pytest.fixture
@@ -71,12 +72,6 @@ def tunnel(outputs: dict, local_port: int) -> subprocess.Popen:
         except OSError:
             time.sleep(0.2)
     raise AssertionError("the tunnel did not open")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ask(port: int, path: str, key: str | None) -> tuple[int, dict]:
