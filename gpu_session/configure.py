@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .paths import state_dir
+from .paths import private_dir, state_dir
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: ansible.cfg, playbooks/, roles/
 
@@ -93,6 +93,15 @@ def _message(result: dict) -> str:
     return str(msg).strip()
 
 
+def remove_orphaned_runs() -> None:
+    """A run killed outright (kill -9, a crash) leaves its folder, extra vars and all: remove those
+    whose process is gone. Every run does this first, and so does `down`."""
+    for folder in (state_dir() / "runs").glob("ansible-*-*"):
+        pid = folder.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def run(
     target: Target,
     *,
@@ -106,9 +115,10 @@ def run(
 
     if (playbook is None) == (role is None):
         raise ValueError("give exactly one of playbook or role")
-    runs = state_dir() / "runs"
-    runs.mkdir(parents=True, exist_ok=True, mode=0o700)
-    private = Path(tempfile.mkdtemp(prefix="ansible-", dir=runs))  # mkdtemp: 0700
+    runs = private_dir(state_dir() / "runs")
+    remove_orphaned_runs()
+    private = Path(tempfile.mkdtemp(prefix=f"ansible-{os.getpid()}-", dir=runs))  # mkdtemp: 0700
+    control = tempfile.mkdtemp(prefix="gs-cp-")
     failures: list[Event] = []
     facts: dict = {}  # what set_fact tasks set: the roles' published results
     changed = 0
@@ -147,7 +157,8 @@ def run(
         "ANSIBLE_HOST_KEY_CHECKING": "True",
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
         "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
-        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(private / "cp"),
+        # Unix sockets allow ~100 bytes of path: the control sockets (no secrets in them) go in a short folder.
+        "ANSIBLE_SSH_CONTROL_PATH_DIR": control,
         "ANSIBLE_LOCAL_TEMP": str(private / "tmp"),
         # ansible-playbook sits beside this Python, even when its venv is not activated.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -172,6 +183,7 @@ def run(
             failures.append(Event("failed", "ansible", " ".join(said[-3:]) or f"ansible-playbook exited {r.rc}"))
     finally:
         shutil.rmtree(private, ignore_errors=True)
+        shutil.rmtree(control, ignore_errors=True)
     if not result.ok:
         raise ConfigureError(result)
     return result

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from . import sizing, tunnel, watch
 from .clouds import CLOUDS, Cloud, Instance, NotFound, Offer, get_cloud
+from .configure import remove_orphaned_runs
 from .ledger import Ledger, Session
 from .paths import stack_dir, write_private
 from .ssh import Endpoint
@@ -291,6 +292,7 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
     receipt_file = stack_dir(stack_name) / "scrub-receipt.json"
     receipt = json.loads(receipt_file.read_text()) if receipt_file.exists() else None
     left = verify_gone(stack_name, say)
+    remove_orphaned_runs()  # what a killed converge left (its extra vars hold secrets)
     stack.remove()
     shutil.rmtree(stack_dir(stack_name), ignore_errors=True)
     ledger = Ledger()

@@ -334,3 +334,22 @@ def test_setup_saves_checked_keys_and_defaults_that_up_uses(sim, sim_env, monkey
     assert up.returncode == 0 and "plan: lambda: " in up.stderr and "1 h lease" in up.stderr, up.stderr[-2000:]
     assert invoke("down", "--stack", "from-config").returncode == 0 and not alive(sim, "from-config")
     config_file.unlink()
+
+
+def test_a_killed_converge_leaves_no_secrets_behind_after_the_next_run(sim, sim_env, wheelhouse, tmp_path):
+    """kill -9 during the playbook leaves ansible-runner's private folder (its extra vars hold the
+    server's key); `down` removes it."""
+    stack = "kill-secrets"
+    runs = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "runs"
+    proc = subprocess.Popen(
+        [INVOKE, "up", "--model", "tiny", "--cloud", "lambda", "--backend", "transformers", "--stack", stack, "--yes"],
+        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"), start_new_session=True,
+    )  # fmt: skip
+    _wait(lambda: any(runs.glob("ansible-*")), timeout=180)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = list(runs.glob("ansible-*"))
+    assert left, (list(runs.iterdir()), proc.returncode, (tmp_path / "err").read_text()[-3000:])
+    assert invoke("down", "--stack", stack).returncode == 0
+    assert not [p for p in left if p.exists()] and not alive(sim, stack)
