@@ -78,6 +78,9 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
         piped.stderr
     )
 
+    if cloud == "lambda":
+        interactive_chat(stack)
+
     # status sees it all; extend moves the lease on the host without a restart.
     [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
     assert row["server"] == "healthy" and row["tunnel"] == f"127.0.0.1:{port} connected" and "drift" not in row
@@ -113,6 +116,43 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
 
     nothing = invoke("down", "--stack", stack)
     assert nothing.returncode == 0 and "nothing was up" in nothing.stderr
+
+
+def interactive_chat(stack: str) -> None:
+    """The interactive chat in a real terminal (tmux): a streamed reply, a command, an answer stopped
+    with Ctrl-C without leaving, Ctrl-D to leave."""
+    name = f"chat-{stack}"
+    command = " ".join([INVOKE, "chat", "--stack", stack, "--keep"])
+    environment = " ".join(f"{k}={v}" for k, v in env().items() if k.startswith(("XDG_", "GPU_SESSION_")))
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "50", f"cd {ROOT} && env {environment} {command}"],
+        check=True,
+    )
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", name, "-S", "-200"], capture_output=True, text=True).stdout
+
+    def keys(*k: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", name, *k], check=True)
+
+    try:
+        _wait(lambda: "chatting with gpu-session/tiny-chat" in screen(), timeout=60)
+        keys("/help", "Enter")
+        _wait(lambda: "/system TEXT" in screen(), timeout=30)
+        keys("Say hello", "Enter")
+        _wait(lambda: "tokens/s" in screen(), timeout=60)
+        done = screen().count("tokens/s")
+        keys("Tell me a very long story", "Enter")
+        time.sleep(1.5)  # streaming by now (the first token comes in about 0.1 s; the whole answer takes many seconds)
+        keys("C-c")
+        _wait(lambda: screen().count("tokens/s") > done, timeout=60)
+        assert "(stopped)" in screen().rsplit("Tell me a very long story", 1)[-1]
+        keys("still here?", "Enter")  # Ctrl-C stopped the answer, not the chat
+        _wait(lambda: screen().count("tokens/s") > done + 1, timeout=60)
+        keys("C-d")
+        _wait(lambda: subprocess.run(["tmux", "has-session", "-t", name], capture_output=True).returncode != 0, timeout=30)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
 
 
 def stream_reply(port: int, api_key: str, retry_for: float = 0) -> list[str]:
@@ -341,10 +381,11 @@ def test_a_killed_converge_leaves_no_secrets_behind_after_the_next_run(sim, sim_
     server's key); `down` removes it."""
     stack = "kill-secrets"
     runs = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "runs"
-    proc = subprocess.Popen(
-        [INVOKE, "up", "--model", "tiny", "--cloud", "lambda", "--backend", "transformers", "--stack", stack, "--yes"],
-        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"), start_new_session=True,
-    )  # fmt: skip
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(
+            [INVOKE, "up", "--model", "tiny", "--cloud", "lambda", "--backend", "transformers", "--stack", stack, "--yes"],
+            cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        )  # fmt: skip
     _wait(lambda: any(runs.glob("ansible-*")), timeout=180)
     time.sleep(2)
     os.killpg(proc.pid, signal.SIGKILL)
