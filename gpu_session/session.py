@@ -336,7 +336,7 @@ def orphans() -> list[tuple[str, Instance]]:
                 continue
             stack = inst.name.removeprefix(PREFIX).removesuffix("-gpu")
             try:
-                owned = engine(stack).outputs().get("instance_id") == inst.id
+                owned = engine(stack, create=False).outputs().get("instance_id") == inst.id  # looking creates nothing
             except (StackError, ValueError):
                 owned = False
             if not owned:

@@ -189,21 +189,25 @@ def engine_event(event) -> StackEvent | None:
 
 
 class PulumiEngine(StackEngine):
-    def __init__(self, stack: str):
+    def __init__(self, stack: str, create: bool = True):
         super().__init__(stack)
         from pulumi import automation as auto
 
         binary = pulumi_binary()
         self._auto = auto
-        self._stack = auto.create_or_select_stack(
-            stack_name=stack,
-            work_dir=str(ROOT),
-            opts=auto.LocalWorkspaceOptions(
-                env_vars=pulumi_env(),
-                pulumi_command=auto.PulumiCommand(root=str(binary.parent.parent)),
-                secrets_provider="passphrase",
-            ),
-        )
+        select = auto.create_or_select_stack if create else auto.select_stack
+        try:
+            self._stack = select(
+                stack_name=stack,
+                work_dir=str(ROOT),
+                opts=auto.LocalWorkspaceOptions(
+                    env_vars=pulumi_env(),
+                    pulumi_command=auto.PulumiCommand(root=str(binary.parent.parent)),
+                    secrets_provider="passphrase",
+                ),
+            )
+        except auto.errors.StackNotFoundError:
+            raise StackError(f"no stack {stack}") from None
 
     def _run(self, what: str, call):
         with sigint_guard() as pressed:
@@ -340,7 +344,8 @@ class MockEngine(StackEngine):
             path.unlink(missing_ok=True)
 
 
-def engine(stack: str) -> StackEngine:
+def engine(stack: str, create: bool = True) -> StackEngine:
+    """The stack (created on first use unless `create` is False: then StackError when there is none)."""
     if os.environ.get("GPU_SESSION_ENGINE") == "mock":
         return MockEngine(stack)
-    return PulumiEngine(stack)
+    return PulumiEngine(stack, create)

@@ -395,3 +395,24 @@ def test_a_killed_converge_leaves_no_secrets_behind_after_the_next_run(sim, sim_
     assert left, (list(runs.iterdir()), proc.returncode, (tmp_path / "err").read_text()[-3000:])
     assert invoke("down", "--stack", stack).returncode == 0
     assert not [p for p in left if p.exists()] and not alive(sim, stack)
+
+
+def test_sweep_ends_what_no_stack_owns_and_nothing_else(sim, sim_env, keypair):
+    from gpu_session.clouds import LaunchSpec
+    from gpu_session.clouds.runpod import RunpodCloud
+
+    assert invoke("up", "--model", "tiny", "--cloud", "runpod", "--no-configure", "--stack", "owned", "--yes").returncode == 0
+    cloud = RunpodCloud(api_key=sim.runpod_key, base_url=sim.env()["RUNPOD_API_BASE_URL"])
+    ghost = cloud.launch(
+        LaunchSpec(name="gpu-session-ghost-gpu", instance_type="NVIDIA GeForce RTX 4090", ssh_public_key=keypair.public)
+    )
+
+    swept = invoke("sweep", "--yes")
+    assert (
+        swept.returncode == 0
+        and f"terminated runpod instance {ghost}" in swept.stderr
+        and "1 orphan(s) terminated" in swept.stderr
+    )
+    assert not alive(sim, "ghost") and len(alive(sim, "owned")) == 1
+    assert invoke("sweep", "--yes").stderr.strip().endswith("no orphans")
+    assert invoke("down", "--stack", "owned").returncode == 0 and not alive(sim, "owned")
