@@ -236,9 +236,10 @@ def up(c, model="", cloud="", gpu="", gpus=1, hours=None, max_price=None, budget
         "system": "a system prompt",
         "keep": "leave the session running after the chat (default: ask whether to end it)",
         "max_tokens": "cap each answer at this many tokens",
+        "no_history": "keep nothing of this chat (by default it is saved, encrypted, per stack)",
     }
 )
-def chat(c, stack="dev", prompt="", system="", keep=False, max_tokens=0):
+def chat(c, stack="dev", prompt="", system="", keep=False, max_tokens=0, no_history=False):
     """Chat with the session's model through the tunnel; the answer streams as it is generated."""
     from gpu_session.chat.client import ChatClient, ChatError, printable
 
@@ -261,10 +262,53 @@ def chat(c, stack="dev", prompt="", system="", keep=False, max_tokens=0):
         print(reply.stats(), file=sys.stderr)
         return
     from gpu_session.chat import repl
+    from gpu_session.chat.history import History
 
-    repl.run(client, system)
+    repl.run(client, system, history=None if no_history else History(stack))
     if not keep and input("End the session now (scrub and destroy)? [Y/n] ").strip().lower() in ("", "y", "yes"):
         down(c, stack=stack)
+
+
+@task(
+    help={
+        "action": "list, show, export or purge",
+        "stack": "whose history; default dev",
+        "id": "a conversation (show, export); default the latest",
+        "format": "export as markdown (default) or json",
+        "out": "export to this file (default: print)",
+    }
+)
+def history(c, action, stack="dev", id="", format="markdown", out=""):
+    """The stack's chat history, encrypted at rest: list, show, export or purge (deletes it and its key)."""
+    from gpu_session.chat.history import History, HistoryError, export
+
+    h = History(stack)
+    try:
+        if action == "list":
+            for conversation_id in h.ids():
+                conversation = h.load(conversation_id)
+                print(f"{conversation_id}  {conversation.model}  {len(conversation.messages)} messages")
+            return
+        if action == "purge":
+            print(f"deleted {h.purge()} conversation(s) and the key of stack {stack}")
+            return
+        if action not in ("show", "export"):
+            raise HistoryError(f"unknown action {action!r}: list, show, export or purge")
+        ids = h.ids()
+        if not ids:
+            raise HistoryError(f"stack {stack} has no chat history")
+        text = export(h.load(id or ids[-1]), "markdown" if action == "show" else format)
+    except HistoryError as e:
+        _fail(e)
+    if out:
+        from pathlib import Path
+
+        if Path(out).exists():
+            _fail(FileExistsError(f"{out} exists: give another name (nothing is overwritten)"))
+        Path(out).write_text(text)
+        Path(out).chmod(0o600)
+    else:
+        print(text, end="")
 
 
 @task(
@@ -294,7 +338,7 @@ def down(c, stack="dev", json=False, sim=False):
 
 
 @task(help={"action": "start, stop or status", "stack": "the session's name; default dev"})
-def tunnel(c, action="status", stack="dev"):
+def tunnel(c, action, stack="dev"):
     """The session's tunnel to its model server: start, stop or status. It reconnects by itself when the link drops."""
     from gpu_session import tunnel as tunnels
 
@@ -358,7 +402,10 @@ def status(c, json=False):
             print(f"{r['stack']}: {r['drift']}")
 
 
-@task(help={"hours": "how many hours more", "stack": "the session's name; default dev", "json": "progress as JSON lines"})
+@task(
+    help={"hours": "how many hours more", "stack": "the session's name; default dev", "json": "progress as JSON lines"},
+    positional=["hours"],
+)
 def extend(c, hours, stack="dev", json=False):
     """Move the session's lease end later; the host keeps serving."""
     _user_config()

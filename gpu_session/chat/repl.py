@@ -5,26 +5,42 @@ without leaving; Ctrl-D (or /exit) leaves.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
 from .client import ChatClient, ChatError, printable
+from .history import Conversation, History, export
 
 HELP = """\
 /help           this help
 /system TEXT    set the system prompt (starts the conversation again)
-/clear          forget the conversation
+/clear          forget the conversation (a new one begins)
+/save [FILE]    export the conversation: Markdown, or JSON for a .json name (default: chat-<id>.md)
 /exit           leave (Ctrl-D too); Ctrl-C stops an answer"""
 
 
-def run(client: ChatClient, system: str = "", console: Console | None = None) -> None:
+def save_export(conversation: Conversation, name: str, console: Console) -> None:
+    path = Path(name or f"chat-{conversation.id}.md").expanduser()
+    if path.exists():
+        console.print(f"[red]{path} exists[/]: give another name (nothing is overwritten)")
+        return
+    path.write_text(export(conversation, "json" if path.suffix == ".json" else "markdown"))
+    path.chmod(0o600)
+    console.print(f"[dim]saved {path}[/]")
+
+
+def run(client: ChatClient, system: str = "", history: History | None = None, console: Console | None = None) -> None:
+    """The chat loop; each exchange is saved to the (encrypted) history unless history is None."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import InMemoryHistory  # input history in memory only: nothing on disk
 
     console = console or Console()
     session = PromptSession(history=InMemoryHistory())
-    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    conversation = Conversation(client.model, [{"role": "system", "content": system}] if system else [])
+    messages = conversation.messages
     console.print(f"[dim]chatting with {client.model}: /help for commands, Ctrl-D to leave[/]")
     while True:
         try:
@@ -42,11 +58,15 @@ def run(client: ChatClient, system: str = "", console: Console | None = None) ->
             if command == "/help":
                 console.print(HELP)
             elif command == "/clear":
-                messages = [m for m in messages if m["role"] == "system"]
+                conversation = Conversation(client.model, [m for m in messages if m["role"] == "system"])
+                messages = conversation.messages
                 console.print("[dim]conversation cleared[/]")
             elif command == "/system":
-                messages = [{"role": "system", "content": rest}] if rest else []
+                conversation = Conversation(client.model, [{"role": "system", "content": rest}] if rest else [])
+                messages = conversation.messages
                 console.print("[dim]system prompt set; conversation started again[/]")
+            elif command == "/save":
+                save_export(conversation, rest.strip(), console)
             else:
                 console.print(f"[red]unknown command {command}[/]: /help lists them")
             continue
@@ -68,3 +88,5 @@ def run(client: ChatClient, system: str = "", console: Console | None = None) ->
                 continue
         messages.append({"role": "assistant", "content": reply.text})
         console.print(f"[dim]{reply.stats()}[/]")
+        if history is not None:
+            history.save(conversation)

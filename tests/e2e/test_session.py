@@ -46,7 +46,7 @@ def events(out: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("cloud", ["lambda", "runpod"])
-def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhouse, cloud):
+def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhouse, cloud, tmp_path):
     stack = f"e2e-{cloud}"
     up = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--backend", "transformers", "--hours", "1",
                 "--stack", stack, "--yes", "--json")  # fmt: skip
@@ -82,7 +82,14 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     )
 
     if cloud == "lambda":
-        interactive_chat(stack)
+        interactive_chat(stack, tmp_path / "chat.md")
+        # The chat went into the stack's history, encrypted; `history` shows it.
+        [saved] = (Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "history" / stack).glob("*.enc")
+        assert b"Say hello" not in saved.read_bytes()
+        listed = invoke("history", "list", "--stack", stack)
+        assert listed.returncode == 0 and f"{saved.stem}  gpu-session/tiny-chat" in listed.stdout
+        assert "## User\n\nSay hello\n" in invoke("history", "show", "--stack", stack).stdout
+        assert "## User\n\nSay hello\n" in (tmp_path / "chat.md").read_text()  # /save
 
     # status sees it all; extend moves the lease on the host without a restart.
     [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
@@ -121,7 +128,7 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     assert nothing.returncode == 0 and "nothing was up" in nothing.stderr
 
 
-def interactive_chat(stack: str) -> None:
+def interactive_chat(stack: str, export_to: Path) -> None:
     """The interactive chat in a real terminal (tmux): a streamed reply, a command, an answer stopped
     with Ctrl-C without leaving, Ctrl-D to leave."""
     name = f"chat-{stack}"
@@ -144,6 +151,8 @@ def interactive_chat(stack: str) -> None:
         _wait(lambda: "/system TEXT" in screen(), timeout=30)
         keys("Say hello", "Enter")
         _wait(lambda: "tokens/s" in screen(), timeout=60)
+        keys(f"/save {export_to}", "Enter")
+        _wait(lambda: f"saved {export_to}" in screen(), timeout=30)
         # Ctrl-C while an answer streams stops it. The tiny model may end an answer by itself first
         # (a random end-of-text token): then the race is lost, and another try is made.
         for attempt in range(6):
