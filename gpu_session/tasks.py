@@ -264,7 +264,7 @@ def chat(c, stack="dev", prompt="", system="", keep=False, max_tokens=0, no_hist
     from gpu_session.chat import repl
     from gpu_session.chat.history import History
 
-    repl.run(client, system, history=None if no_history else History(stack))
+    repl.run(client, system, history=None if no_history else History(stack), stack=stack)
     if not keep and input("End the session now (scrub and destroy)? [Y/n] ").strip().lower() in ("", "y", "yes"):
         down(c, stack=stack)
 

@@ -11,14 +11,20 @@ from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
+from . import files
 from .client import ChatClient, ChatError, printable
 from .history import Conversation, History, export
+
+TEXT_INLINE_BYTES = 32 * 1024  # a text file larger than this is uploaded but not put in the conversation
 
 HELP = """\
 /help           this help
 /system TEXT    set the system prompt (starts the conversation again)
 /clear          forget the conversation (a new one begins)
 /save [FILE]    export the conversation: Markdown, or JSON for a .json name (default: chat-<id>.md)
+/upload PATH    copy a file to the host's uploads folder; a text file also joins the conversation
+/download REMOTE [LOCAL]
+                copy a file of the session's data root (e.g. uploads/notes.txt) here
 /exit           leave (Ctrl-D too); Ctrl-C stops an answer"""
 
 
@@ -32,7 +38,20 @@ def save_export(conversation: Conversation, name: str, console: Console) -> None
     console.print(f"[dim]saved {path}[/]")
 
 
-def run(client: ChatClient, system: str = "", history: History | None = None, console: Console | None = None) -> None:
+def upload(stack: str, path: str, messages: list[dict], console: Console) -> None:
+    remote = files.upload(stack, path)
+    data = files.local_source(path).read_bytes()
+    try:
+        text = data.decode() if len(data) <= TEXT_INLINE_BYTES else None
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:
+        messages.append({"role": "user", "content": f"File {Path(remote).name}:\n```\n{text}\n```"})
+    console.print(f"[dim]uploaded to {remote}" + (" and added to the conversation" if text is not None else "") + "[/]")
+
+
+def run(client: ChatClient, system: str = "", history: History | None = None, console: Console | None = None,
+        stack: str = "dev") -> None:  # fmt: skip
     """The chat loop; each exchange is saved to the (encrypted) history unless history is None."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import InMemoryHistory  # input history in memory only: nothing on disk
@@ -67,6 +86,16 @@ def run(client: ChatClient, system: str = "", history: History | None = None, co
                 console.print("[dim]system prompt set; conversation started again[/]")
             elif command == "/save":
                 save_export(conversation, rest.strip(), console)
+            elif command in ("/upload", "/download"):
+                try:
+                    if command == "/upload":
+                        upload(stack, rest.strip(), messages, console)
+                    else:
+                        remote, _, local = rest.strip().partition(" ")
+                        ask = lambda p: session.prompt(f"{p} exists: overwrite? [y/N] ").strip().lower() == "y"  # noqa: E731
+                        console.print(f"[dim]saved {files.download(stack, remote, local.strip() or None, ask)}[/]")
+                except files.TransferError as e:
+                    console.print(f"[red]{e}[/]")
             else:
                 console.print(f"[red]unknown command {command}[/]: /help lists them")
             continue

@@ -91,6 +91,8 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
         assert "## User\n\nSay hello\n" in invoke("history", "show", "--stack", stack).stdout
         assert "## User\n\nSay hello\n" in (tmp_path / "chat.md").read_text()  # /save
 
+    transfers(stack, tmp_path)
+
     # status sees it all; extend moves the lease on the host without a restart.
     [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
     assert row["server"] == "healthy" and row["tunnel"] == f"127.0.0.1:{port} connected" and "drift" not in row
@@ -126,6 +128,29 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
 
     nothing = invoke("down", "--stack", stack)
     assert nothing.returncode == 0 and "nothing was up" in nothing.stderr
+
+
+def transfers(stack: str, tmp_path: Path) -> None:
+    """/upload then /download give back the same bytes; nothing outside the host's data root comes
+    back, whatever the path or symlink; nothing here is overwritten without a yes."""
+    from gpu_session.chat import files
+
+    sent = tmp_path / "notes.bin"
+    sent.write_bytes(b"canary\n" + os.urandom(4096))
+    assert files.upload(stack, str(sent)) == "/opt/gpu-session/uploads/notes.bin"
+    back = files.download(stack, "uploads/notes.bin", str(tmp_path / "back.bin"))
+    assert back.read_bytes() == sent.read_bytes() and oct(back.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(files.TransferError, match="exists: nothing was overwritten"):
+        files.download(stack, "uploads/notes.bin", str(back))
+    files._on_host(stack, "ln -s /etc/passwd /opt/gpu-session/uploads/link")  # a symlink planted on the host
+    for outside in ("../../etc/passwd", "/etc/hostname", "uploads/../../../etc/passwd", "uploads/link"):
+        with pytest.raises(files.TransferError, match="outside /opt/gpu-session"):
+            files.download(stack, outside, str(tmp_path / "stolen"))
+    assert not (tmp_path / "stolen").exists()
+    weird = tmp_path / "a;b"
+    weird.write_text("x")
+    with pytest.raises(files.TransferError, match="name the file with"):
+        files.upload(stack, str(weird))
 
 
 def interactive_chat(stack: str, export_to: Path) -> None:
