@@ -92,7 +92,7 @@ def _printer(as_json: bool):
 
     from rich.console import Console
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)  # a message is one line, even in a log
 
     def on_event(event) -> None:
         if as_json:
