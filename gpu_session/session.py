@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from . import sizing, tunnel, watch
+from .clouds import API_KEY_ENV as KEY_ENV
 from .clouds import CLOUDS, Cloud, Instance, NotFound, Offer, get_cloud
 from .configure import remove_orphaned_runs
 from .ledger import Ledger, Session
@@ -27,7 +28,6 @@ from .ssh import Endpoint
 from .stack import OnEvent, StackError, engine
 
 PREFIX = "gpu-session-"  # <project>-<stack>-gpu: what the program names instances and keys
-KEY_ENV = {"lambda": "LAMBDA_API_KEY", "runpod": "RUNPOD_API_KEY"}
 Say = Callable[[str], None]
 
 

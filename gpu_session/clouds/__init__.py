@@ -22,8 +22,10 @@ from .base import (
 )
 
 CLOUDS = ("lambda", "runpod")
+API_KEY_ENV = {"lambda": "LAMBDA_API_KEY", "runpod": "RUNPOD_API_KEY"}  # where each cloud's key is looked for
 
 __all__ = [
+    "API_KEY_ENV",
     "CLOUDS",
     "AuthError",
     "CapacityError",

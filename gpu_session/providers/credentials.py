@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import os
 
-from ..clouds import Cloud, get_cloud
+from ..clouds import API_KEY_ENV, Cloud, get_cloud
 
 CONFIG_KEYS = {"lambda": "lambdaApiKey", "runpod": "runpodApiKey"}
-ENV_KEYS = {"lambda": "LAMBDA_API_KEY", "runpod": "RUNPOD_API_KEY"}
 
 
 class CloudAccess:
@@ -21,5 +20,5 @@ class CloudAccess:
         self._config_keys = {cloud: req.config.get(key) for cloud, key in CONFIG_KEYS.items()}
 
     def cloud(self, name: str) -> Cloud:
-        key = (getattr(self, "_config_keys", None) or {}).get(name) or os.environ.get(ENV_KEYS.get(name, ""))
+        key = (getattr(self, "_config_keys", None) or {}).get(name) or os.environ.get(API_KEY_ENV.get(name, ""))
         return get_cloud(name, api_key=key)
