@@ -53,11 +53,12 @@ def apply_keys(data: dict) -> None:
 def check_key(key: str, value: str) -> str:
     """Ask the key's API whether it works: what it said, or raise ConfigFileError."""
     if key == "hf_token":
-        from huggingface_hub import HfApi
         from huggingface_hub.errors import HfHubHTTPError
 
+        from .sizing import hub
+
         try:
-            return f"Hugging Face: {HfApi().whoami(token=value)['name']}"
+            return f"Hugging Face: {hub().whoami(token=value)['name']}"
         except (HfHubHTTPError, OSError) as e:
             raise ConfigFileError(f"the Hugging Face token was refused: {e}") from None
     from .clouds import CloudError, get_cloud

@@ -45,6 +45,13 @@ class ModelInfo:
         return "transformers" if self.vision else "vllm"
 
 
+def hub():
+    """A Hub client for HF_ENDPOINT as it is now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+
+
 def catalog() -> dict[str, str]:
     """Alias → Hub id (gpu_session/catalog.yaml)."""
     import yaml
@@ -72,10 +79,8 @@ def suggest(name: str) -> str:
     known = [*aliases, *aliases.values()]
     near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     try:
-        from huggingface_hub import HfApi
-
         term = name.rsplit("/", 1)[-1]
-        near += [m.id for m in HfApi().list_models(search=term, limit=3) if m.id not in near]
+        near += [m.id for m in hub().list_models(search=term, limit=3) if m.id not in near]
     except Exception:  # noqa: BLE001 (suggestions are a courtesy: a Hub that does not answer just gives fewer)
         pass
     return f"; did you mean {', '.join(near[:5])}?" if near else ""
@@ -83,12 +88,11 @@ def suggest(name: str) -> str:
 
 def model_info(model: str, token: str | None = None) -> ModelInfo:
     """The Hub's description of `model` (HF_ENDPOINT honoured). Raises SizingError."""
-    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     token = token or os.environ.get("HF_TOKEN") or None
     try:
-        info = HfApi().model_info(model, files_metadata=True, token=token)
+        info = hub().model_info(model, files_metadata=True, token=token)
     except RepositoryNotFoundError:
         raise SizingError(f"{model} is not on the Hub, or is private and the HF token cannot see it{suggest(model)}") from None
     except HfHubHTTPError as e:
