@@ -5,19 +5,25 @@ noisy, so the report leans on ratios measured in the same run).
   model server's own start inside it; the share of up spent outside the server's start;
 - the tunnel's first-token overhead: time to first token through client and tunnel, minus the same
   request made on the host (median of several);
-- a no-change configure; down (scrub, destroy, verify).
+- a no-change configure; down (scrub, destroy, verify);
+- the chat's rendering: a long markdown answer fed at 200 tokens/s to the chat's view; and as
+  fast as it goes, to the chat's view drawing on every token and to the usual view that parses and
+  draws the whole answer on every token.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import session
 from .chat.client import ChatClient
+from .chat.repl import streamed_markdown
 from .paths import stack_dir
 from .ssh import Endpoint, session_keys, ssh_command
 
@@ -54,6 +60,74 @@ def _host_first_token(endpoint: Endpoint, model: str) -> float:
     if out.returncode != 0:
         raise session.SessionError(f"the on-host measurement failed: {out.stderr.strip()[-500:]}")
     return float(out.stdout.strip())
+
+
+def _answer_pieces(count: int) -> list[str]:
+    """A long markdown answer in token-sized pieces: paragraphs, a list, a code block."""
+    words = ("the", "model", "streams", "**tokens**", "as", "`code`", "and", "prose", "while", "it", "thinks,")
+    pieces, i = [], 0
+    while len(pieces) < count:
+        if i % 60 == 59:
+            pieces += ["\n\n", "- item", " one", "\n", "- item", " two", "\n\n", "```python", "\n", "x = 1", "\n", "```", "\n\n"]
+        pieces.append(" " + words[i % len(words)])
+        i += 1
+    return pieces[:count]
+
+
+@contextmanager
+def _whole_answer_view(console):
+    """The usual way, for comparison: the whole answer parsed and drawn again on every token."""
+    from rich.live import Live
+    from rich.markdown import Markdown
+
+    pieces: list[str] = []
+    with Live(Markdown(""), console=console, auto_refresh=False, vertical_overflow="visible") as live:
+
+        def show(piece: str) -> None:
+            pieces.append(piece)
+            live.update(Markdown("".join(pieces)), refresh=True)
+
+        yield show
+
+
+def render(view, tokens: int = 2000, rate: float = 200) -> dict:
+    """Feed an answer to a markdown `view` at `rate` tokens/s (as fast as it takes them for rate 0):
+    how long the view kept the stream waiting, at worst and in all, how late it ended, and the
+    rate it managed."""
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=100, height=40)
+    pieces, busy, worst = _answer_pieces(tokens), 0.0, 0.0
+    start = time.monotonic()
+    with view(console) as show:
+        for i, piece in enumerate(pieces):
+            if rate:
+                time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            began = time.monotonic()
+            show(piece)
+            took = time.monotonic() - began
+            busy, worst = busy + took, max(worst, took)
+    ended = time.monotonic()
+    return {
+        "busy_s": busy,
+        "worst_ms": worst * 1000,
+        "late_ms": (ended - (start + (tokens - 1) / rate)) * 1000 if rate else None,
+        "tokens_per_s": tokens / (ended - start),
+    }
+
+
+def render_report(tokens: int = 2000, rate: float = 200) -> dict:
+    paced = render(streamed_markdown, tokens, rate)
+    every_token = render(lambda console: streamed_markdown(console, frames_per_s=float("inf")), tokens, 0)
+    whole = render(_whole_answer_view, tokens, 0)
+    return {
+        "render_tokens": tokens,
+        "render_at_200_tok_s_busy_share": round(paced["busy_s"] / (tokens / rate), 3),
+        "render_at_200_tok_s_worst_frame_ms": round(paced["worst_ms"], 1),
+        "render_at_200_tok_s_ends_late_ms": round(paced["late_ms"], 1),
+        "render_max_tok_s_drawing_every_token": round(every_token["tokens_per_s"]),
+        "render_max_tok_s_whole_answer_every_token": round(whole["tokens_per_s"]),
+    }
 
 
 def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict:
@@ -95,6 +169,7 @@ def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict
         "tunnel_overhead_ms": round((tunnel_s - host_s) * 1000, 1),
         "no_change_configure_s": round(no_change_s, 1),
         "down_s": round(down_s, 1),
+        **render_report(),
     }
 
 

@@ -239,6 +239,28 @@ def reconfigure(stack_name: str, *, say: Say) -> None:
     say(f"stack {stack_name}: configured")
 
 
+def lease_left_h(stack: str) -> float | None:
+    """Hours until the stack's lease ends (negative: it has ended), or None without one."""
+    outputs_file = stack_dir(stack) / "outputs.json"
+    expires = json.loads(outputs_file.read_text()).get("lease_expires_at") if outputs_file.exists() else None
+    return (datetime.fromisoformat(expires) - datetime.now(UTC)).total_seconds() / 3600 if expires else None
+
+
+def spend(stack: str) -> str:
+    """One line on what the stack's session has cost so far, its rate, its lease and its budget."""
+    live = Ledger().sessions(live=True, stack=stack)
+    if not live:
+        return f"stack {stack} has no running session in the ledger"
+    s = live[-1]
+    parts = [f"${s.cost:.2f} so far ({s.hours:.2f} h at ${s.price_per_hour:.2f}/h)"]
+    left = lease_left_h(stack)
+    if left is not None:
+        parts.append(f"lease ends in {left:.2f} h (≈ ${max(left, 0) * s.price_per_hour:.2f} more)" if left > 0 else "lease ended")
+    if s.budget:
+        parts.append(f"budget ${s.budget:.2f}, ${max(s.budget - s.cost, 0):.2f} left")
+    return "; ".join(parts)
+
+
 def status() -> list[dict]:
     """Every session the ledger thinks is running, checked with its cloud, its tunnel and its server."""
     import urllib.request
@@ -258,10 +280,9 @@ def status() -> list[dict]:
             row["drift"] = (
                 f"the instance ended outside this tool (lease end or console): `invoke down --stack {s.stack}` tidies up"
             )
-        outputs_file = stack_dir(s.stack) / "outputs.json"
-        expires = json.loads(outputs_file.read_text()).get("lease_expires_at") if outputs_file.exists() else None
-        if expires:
-            row["lease_left_h"] = round((datetime.fromisoformat(expires) - datetime.now(UTC)).total_seconds() / 3600, 2)
+        left = lease_left_h(s.stack)
+        if left is not None:
+            row["lease_left_h"] = round(left, 2)
         row["protections"] = watch.protections(s.stack, s.cloud, s.budget)
         t = tunnel.status(s.stack)
         row["tunnel"] = f"127.0.0.1:{t.port} {'connected' if t.connected else 'reconnecting'}" if t.running else "closed"

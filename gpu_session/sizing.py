@@ -97,12 +97,29 @@ def model_info(model: str, token: str | None = None) -> ModelInfo:
         raise SizingError(f"{model} is not on the Hub, or is private and the HF token cannot see it{suggest(model)}") from None
     except HfHubHTTPError as e:
         raise SizingError(f"the Hub could not describe {model}: {e}") from None
-    except OSError as e:  # connection refused, DNS: say where we looked
+    except Exception as e:  # noqa: BLE001 (connection refused, DNS, timeouts, in whatever class the HTTP library of the day raises)
         raise SizingError(f"the Hub at {os.environ.get('HF_ENDPOINT') or 'huggingface.co'} is unreachable: {e}") from None
     weights = sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(WEIGHT_SUFFIXES))
     tags = set(info.tags or [])
     vision = info.pipeline_tag in ("image-text-to-text", "image-to-text") or "vision" in tags
     return ModelInfo(model, weights, bool(info.gated), vision, info.sha or "")
+
+
+def context_length(model: str, token: str | None = None) -> int | None:
+    """The longest context the model was trained for (its config.json), or None where it does not say."""
+    import json
+    import tempfile
+
+    token = token or os.environ.get("HF_TOKEN") or None
+    try:
+        with tempfile.TemporaryDirectory() as cache:  # a throwaway cache: the simulator's files never mix with the Hub's
+            config = json.loads(Path(hub().hf_hub_download(model, "config.json", token=token, cache_dir=cache)).read_text())
+    except Exception as e:  # noqa: BLE001 (any Hub failure: the caller goes on without a context length)
+        raise SizingError(f"the Hub could not give {model}'s config.json: {e}") from None
+    for section in (config, config.get("text_config") or {}):
+        if isinstance(section.get("max_position_embeddings"), int):
+            return section["max_position_embeddings"]
+    return None
 
 
 def fitting(offers: list[Offer], need_gb: float, *, gpu_count: int | None = None, max_price: float | None = None,

@@ -233,38 +233,50 @@ def up(c, model="", cloud="", gpu="", gpus=1, hours=None, max_price=None, budget
     help={
         "stack": "the session's name; default dev",
         "prompt": "send this one message, print the reply and leave (piped stdin works the same)",
+        "image": "with --prompt (or piped stdin): ask about this picture (vision models)",
         "system": "a system prompt",
         "keep": "leave the session running after the chat (default: ask whether to end it)",
         "max_tokens": "cap each answer at this many tokens",
         "no_history": "keep nothing of this chat (by default it is saved, encrypted, per stack)",
     }
 )
-def chat(c, stack="dev", prompt="", system="", keep=False, max_tokens=0, no_history=False):
+def chat(c, stack="dev", prompt="", image="", system="", keep=False, max_tokens=0, no_history=False):
     """Chat with the session's model through the tunnel; the answer streams as it is generated."""
+    from rich.console import Console
+
+    from gpu_session.chat import context, images, repl
     from gpu_session.chat.client import ChatClient, ChatError, printable
+    from gpu_session.chat.history import History
 
     _user_config()
     try:
         client = ChatClient.for_stack(stack)
     except ChatError as e:
         _fail(e)
-    messages = [{"role": "system", "content": system}] if system else []
-    if prompt or not sys.stdin.isatty():
-        messages.append({"role": "user", "content": prompt or sys.stdin.read()})
+    facts = context.facts(stack, client.served_context())
+    one_shot = bool(prompt or image) or not sys.stdin.isatty()
+    chat = repl.Chat(
+        client, facts, stack=stack, system=system, max_tokens=int(max_tokens) or None,
+        history=None if no_history or one_shot else History(stack), console=Console(stderr=one_shot),
+    )  # fmt: skip
+    if one_shot:
+        text = prompt or ("" if sys.stdin.isatty() else sys.stdin.read())
         try:
-            shown = printable if sys.stdout.isatty() else str  # a pipe gets the bytes as they are
-            reply = client.stream(
-                messages, on_token=lambda t: print(shown(t), end="", flush=True), max_tokens=int(max_tokens) or None
+            message = (
+                images.message(image, text, vision=facts.vision, model=facts.model)
+                if image
+                else {"role": "user", "content": text}
             )
-        except ChatError as e:
+            shown = printable if sys.stdout.isatty() else str  # a pipe gets the bytes as they are
+            reply = chat.send(message, on_token=lambda t: print(shown(t), end="", flush=True))
+        except (ChatError, images.ImageError) as e:
             _fail(e)
+        if reply is None:
+            sys.exit(1)  # it did not fit the context: said why
         print()
         print(reply.stats(), file=sys.stderr)
         return
-    from gpu_session.chat import repl
-    from gpu_session.chat.history import History
-
-    repl.run(client, system, history=None if no_history else History(stack), stack=stack)
+    repl.run(chat)
     if not keep and input("End the session now (scrub and destroy)? [Y/n] ").strip().lower() in ("", "y", "yes"):
         down(c, stack=stack)
 

@@ -25,6 +25,7 @@ from .ssh import SERVER_PORT, Endpoint, session_keys, ssh_command
 NAME = "tunnel"
 BACKOFF = (0.5, 1, 2, 4, 8, 10)
 STABLE_S = 30  # a connection that lived this long resets the backoff
+IDLE = "exec sleep 2147483647"  # the remote end of the tunnel's terminal session: waits, does nothing
 
 
 class TunnelError(RuntimeError):
@@ -97,7 +98,10 @@ def stop(stack: str) -> bool:
 def supervise(stack: str, port: int) -> None:
     keys = session_keys(stack)
     endpoint = endpoint_of(stack)
-    forward = ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "ControlMaster=yes", "-o", "ControlPersist=no",
+    # A terminal session beside the forward (-tt and an idle remote command, rather than -N): sshd
+    # turns Nagle off only for interactive connections, and without that each streamed answer's
+    # first chunks wait out a 40 ms delayed ACK (measured: first token 44 ms through, 10 ms on host).
+    forward = ["-tt", "-o", "ExitOnForwardFailure=yes", "-o", "ControlMaster=yes", "-o", "ControlPersist=no",
                "-L", f"127.0.0.1:{port}:127.0.0.1:{SERVER_PORT}"]  # fmt: skip
     child: subprocess.Popen | None = None
 
@@ -111,7 +115,7 @@ def supervise(stack: str, port: int) -> None:
     while True:
         started = time.monotonic()
         (keys.dir / "cm").unlink(missing_ok=True)  # a master that died leaves its socket behind
-        child = subprocess.Popen(ssh_command(keys, endpoint, *forward), stdin=subprocess.DEVNULL)
+        child = subprocess.Popen(ssh_command(keys, endpoint, *forward) + [IDLE], stdin=subprocess.DEVNULL)
         daemon.update(stack, NAME, ssh_pid=child.pid)
         print(f"{time.strftime('%H:%M:%S')} connecting to {endpoint.user}@{endpoint.host}:{endpoint.port}", flush=True)
         code = child.wait()

@@ -37,6 +37,7 @@ class Reply:
     tokens: int
     seconds: float
     stopped: bool = False  # cut short by the person
+    prompt_tokens: int | None = None  # the server's count of what was sent, where it says
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,7 +46,8 @@ class Reply:
 
     def stats(self) -> str:
         first = f"{self.first_token_s * 1000:.0f} ms to first token, " if self.first_token_s is not None else ""
-        return f"{first}{self.tokens} tokens, {self.tokens_per_s:.1f} tokens/s" + (" (stopped)" if self.stopped else "")
+        prompt = f", prompt {self.prompt_tokens} tokens" if self.prompt_tokens is not None else ""
+        return f"{first}{self.tokens} tokens, {self.tokens_per_s:.1f} tokens/s{prompt}" + (" (stopped)" if self.stopped else "")
 
 
 class ChatClient:
@@ -74,19 +76,22 @@ class ChatClient:
                max_tokens: int | None = None) -> Reply:  # fmt: skip
         """Send the conversation; each piece of the answer goes to on_token as it arrives. Setting
         `stop` (or Ctrl-C) ends the generation early: what came so far is the reply."""
-        from openai import OpenAIError
+        from openai import APIStatusError, OpenAIError
 
         started = time.monotonic()
-        first, pieces, stopped = None, [], False
+        first, pieces, stopped, prompt_tokens = None, [], False, None
         try:
             response = self._client.chat.completions.create(
-                model=self.model, messages=messages, stream=True, **({"max_tokens": max_tokens} if max_tokens else {})
-            )
+                model=self.model, messages=messages, stream=True, stream_options={"include_usage": True},
+                **({"max_tokens": max_tokens} if max_tokens else {}),
+            )  # fmt: skip
             try:
                 for chunk in response:
                     if stop is not None and stop.is_set():
                         stopped = True
                         break
+                    if chunk.usage is not None:
+                        prompt_tokens = chunk.usage.prompt_tokens
                     piece = chunk.choices[0].delta.content if chunk.choices else None
                     if piece:
                         first = first if first is not None else time.monotonic() - started
@@ -96,6 +101,19 @@ class ChatClient:
                 stopped = True
             finally:
                 response.close()  # stops the generation on the server too
+        except APIStatusError as e:  # it answered, with an error: say what it said
+            raise ChatError(f"the model server refused the request ({e.status_code}): {e.message}") from None
         except OpenAIError as e:
             raise ChatError(f"the model server did not answer: {e}") from None
-        return Reply("".join(pieces), first, len(pieces), time.monotonic() - started, stopped)
+        return Reply("".join(pieces), first, len(pieces), time.monotonic() - started, stopped, prompt_tokens)
+
+    def served_context(self) -> int | None:
+        """The context length the server enforces, where it says (vLLM's max_model_len)."""
+        from openai import OpenAIError
+
+        try:
+            served = [m for m in self._client.models.list().data if m.id == self.model]
+        except OpenAIError:
+            return None
+        length = (served[0].model_extra or {}).get("max_model_len") if served else None
+        return int(length) if isinstance(length, int | float) else None

@@ -7,9 +7,11 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -45,10 +47,11 @@ def events(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.parametrize("cloud", ["lambda", "runpod"])
-def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhouse, cloud, tmp_path):
+# The text model on Lambda, the vision model on RunPod: both on transformers (it starts in seconds).
+@pytest.mark.parametrize("cloud, model", [("lambda", "gpu-session/tiny-chat"), ("runpod", "gpu-session/tiny-vision")])
+def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhouse, cloud, model, tmp_path):
     stack = f"e2e-{cloud}"
-    up = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--backend", "transformers", "--hours", "1",
+    up = invoke("up", "--model", model, "--cloud", cloud, "--backend", "transformers", "--hours", "1",
                 "--stack", stack, "--yes", "--json")  # fmt: skip
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     said = [e["message"] for e in events(up.stdout) if e["event"] == "say"]
@@ -61,14 +64,14 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     # The tunnel: a streamed reply from the model through it; a dropped link costs a delay, not an error.
     port = json.loads((session_dir / "tunnel.json").read_text())["port"]
     api_key = (session_dir / "api_key").read_text().strip()
-    assert len(stream_reply(port, api_key)) > 1
+    assert len(stream_reply(port, api_key, model)) > 1
     supervisor = json.loads((session_dir / "tunnel.json").read_text())
     os.kill(supervisor["ssh_pid"], signal.SIGKILL)  # the link drops
     # The chat, sent at once, only waits: its client retries while the tunnel reconnects.
     across = invoke("chat", "--stack", stack, "--prompt", "Are you there?", "--max-tokens", "4")
     assert across.returncode == 0 and across.stdout.strip() and "tokens/s" in across.stderr, across.stderr[-2000:]
     assert json.loads((session_dir / "tunnel.json").read_text())["ssh_pid"] != supervisor["ssh_pid"]
-    assert len(stream_reply(port, api_key)) > 1
+    assert len(stream_reply(port, api_key, model)) > 1
     assert "the link dropped" in daemon.log_path(stack, "tunnel").read_text()
 
     # The chat, as a script would use it: a streamed reply through the tunnel, by argument and by pipe.
@@ -81,15 +84,35 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
         piped.stderr
     )
 
+    picture = tmp_path / "red.png"
+    picture.write_bytes(png(56, 56, (200, 30, 30)))
+    question = ("chat", "--stack", stack, "--prompt", "What colour is this?", "--max-tokens", "2")
+    seen = invoke(*question, "--image", str(picture))
+    if cloud == "runpod":
+        # The vision model takes the picture through the tunnel: its image tokens reach the model.
+        plain = invoke(*question)
+        assert seen.returncode == 0 and plain.returncode == 0, seen.stderr[-2000:] + plain.stderr[-2000:]
+        assert prompt_tokens(seen.stderr) > prompt_tokens(plain.stderr)
+
     if cloud == "lambda":
-        interactive_chat(stack, tmp_path / "chat.md")
+        assert seen.returncode == 1 and "gpu-session/tiny-chat does not take images" in seen.stderr, seen.stderr[-2000:]
+        interactive_chat(stack, tmp_path)
+        # What was typed is in no log or file here or on the host (the history holds it, encrypted),
+        # only in the export the person asked for (which shows that the search finds it).
+        host = sim.world.hosts.dir / inst["id"]
+        places = [os.environ["XDG_STATE_HOME"], os.environ["XDG_CONFIG_HOME"], str(host), str(tmp_path)]
+        assert (host / "opt/gpu-session/logs").is_dir() and list((host / "opt/gpu-session/logs").iterdir())
+        found = subprocess.run(
+            ["grep", "-rlF", "--exclude-dir=engines", "--exclude-dir=hf", CANARY, *places], capture_output=True, text=True
+        )
+        assert found.stdout.split() == [str(tmp_path / "chat.md")], found.stdout + found.stderr
         # The chat went into the stack's history, encrypted; `history` shows it.
         [saved] = (Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "history" / stack).glob("*.enc")
-        assert b"Say hello" not in saved.read_bytes()
+        assert CANARY.encode() not in saved.read_bytes()
         listed = invoke("history", "list", "--stack", stack)
         assert listed.returncode == 0 and f"{saved.stem}  gpu-session/tiny-chat" in listed.stdout
-        assert "## User\n\nSay hello\n" in invoke("history", "show", "--stack", stack).stdout
-        assert "## User\n\nSay hello\n" in (tmp_path / "chat.md").read_text()  # /save
+        assert f"## User\n\n{CANARY}\n" in invoke("history", "show", "--stack", stack).stdout
+        assert f"## User\n\n{CANARY}\n" in (tmp_path / "chat.md").read_text()  # /save
 
     transfers(stack, tmp_path)
 
@@ -153,31 +176,50 @@ def transfers(stack: str, tmp_path: Path) -> None:
         files.upload(stack, str(weird))
 
 
-def interactive_chat(stack: str, export_to: Path) -> None:
-    """The interactive chat in a real terminal (tmux): a streamed reply, a command, an answer stopped
-    with Ctrl-C without leaving, Ctrl-D to leave."""
+CANARY = "Say hello to canary-5f1e"  # typed in the interactive chat; must reach no log
+
+
+def interactive_chat(stack: str, tmp_path: Path) -> None:
+    """The interactive chat in a real terminal (tmux): a streamed reply, the commands, a long upload
+    trimmed to the context with a notice, an answer stopped with Ctrl-C without leaving, Ctrl-D to leave."""
     name = f"chat-{stack}"
     command = " ".join([INVOKE, "chat", "--stack", stack, "--keep"])
-    environment = " ".join(f"{k}={v}" for k, v in env().items() if k.startswith(("XDG_", "GPU_SESSION_")))
+    environment = " ".join(f"{k}={v}" for k, v in env().items() if k.startswith(("XDG_", "GPU_SESSION_")) or k == "HF_ENDPOINT")
     subprocess.run(
         ["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "50", f"cd {ROOT} && env {environment} {command}"],
         check=True,
     )
 
     def screen() -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", name, "-S", "-200"], capture_output=True, text=True).stdout
+        return subprocess.run(
+            ["tmux", "capture-pane", "-p", "-J", "-t", name, "-S", "-400"], capture_output=True, text=True
+        ).stdout
 
     def keys(*k: str) -> None:
         subprocess.run(["tmux", "send-keys", "-t", name, *k], check=True)
 
+    def after(line: str, shows: str, timeout: int = 60) -> None:
+        """Type `line`, Enter, and wait until the screen shows `shows` below it."""
+        keys(line, "Enter")
+        try:
+            _wait(lambda: line in (now := screen()) and shows in now.rsplit(line, 1)[-1], timeout=timeout)
+        except AssertionError:
+            raise AssertionError(f"{line!r} never showed {shows!r}:\n{screen()}") from None
+
     try:
         _wait(lambda: "chatting with gpu-session/tiny-chat" in screen(), timeout=60)
-        keys("/help", "Enter")
-        _wait(lambda: "/system TEXT" in screen(), timeout=30)
-        keys("Say hello", "Enter")
-        _wait(lambda: "tokens/s" in screen(), timeout=60)
-        keys(f"/save {export_to}", "Enter")
-        _wait(lambda: f"saved {export_to}" in screen(), timeout=30)
+        after("/help", "/image PATH [QUESTION]")
+        after(CANARY, "tokens/s")
+        after("/model", "gpu-session/tiny-chat: 2,048 tokens of context, text only, served by transformers on")
+        after("/cost", "so far (")
+        assert "lease ends in 0.9" in screen().rsplit("/cost", 1)[-1]
+        after(f"/image {tmp_path / 'red.png'}", "gpu-session/tiny-chat does not take images")
+        after(f"/save {tmp_path / 'chat.md'}", f"saved {tmp_path / 'chat.md'}")
+        long = tmp_path / "long.txt"
+        long.write_text("All work and no play makes a long file. " * 500)  # 20 KB: far past 2,048 tokens
+        after(f"/upload {long}", "added to the conversation")
+        after("What is in the file?", "tokens/s")
+        assert "its 3 oldest message(s) are left out of what is sent" in screen().rsplit("What is in the file?", 1)[-1]
         # Ctrl-C while an answer streams stops it. The tiny model may end an answer by itself first
         # (a random end-of-text token): then the race is lost, and another try is made.
         for attempt in range(6):
@@ -185,28 +227,43 @@ def interactive_chat(stack: str, export_to: Path) -> None:
             keys(marker, "Enter")
             time.sleep(0.3)  # streaming by now: the first token comes in well under 0.1 s
             keys("C-c")
-            _wait(lambda m=marker: "tokens/s" in screen().rsplit(m, 1)[-1], timeout=60)
+            _wait(lambda m=marker: m in (now := screen()) and "tokens/s" in now.rsplit(m, 1)[-1], timeout=60)
             if "(stopped)" in screen().rsplit(marker, 1)[-1]:
                 break
         else:
             raise AssertionError(f"Ctrl-C never showed a stopped answer:\n{screen()}")
-        done = screen().count("tokens/s")
-        keys("still here?", "Enter")  # Ctrl-C stopped the answer, not the chat
-        _wait(lambda: screen().count("tokens/s") > done, timeout=60)
+        after("still here?", "tokens/s")  # Ctrl-C stopped the answer, not the chat
         keys("C-d")
         _wait(lambda: subprocess.run(["tmux", "has-session", "-t", name], capture_output=True).returncode != 0, timeout=30)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
 
 
-def stream_reply(port: int, api_key: str) -> list[str]:
+def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A one-colour PNG, written by hand."""
+    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def prompt_tokens(stats: str) -> int:
+    found = re.search(r"prompt (\d+) tokens", stats)
+    assert found, stats[-2000:]
+    return int(found.group(1))
+
+
+def stream_reply(port: int, api_key: str, model: str) -> list[str]:
     """A streamed chat completion straight through the tunnel: the content of each chunk as it arrives."""
     import httpx
 
     with httpx.stream(
         "POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
         headers={"Authorization": f"Bearer {api_key}"},
-        json={"model": "gpu-session/tiny-chat", "stream": True, "max_tokens": 8,
+        json={"model": model, "stream": True, "max_tokens": 8,
               "messages": [{"role": "user", "content": "Say hello"}]},
     ) as r:  # fmt: skip
         r.raise_for_status()

@@ -1,8 +1,17 @@
-"""What the chat shows: nothing from the model may drive the terminal; the numbers after a reply."""
+"""The chat's parts that need no server: what it shows, what it sends of a long conversation, /image."""
 
 from __future__ import annotations
 
+import base64
+import io
+
+import pytest
+from rich.console import Console
+
+from gpu_session.chat import images
 from gpu_session.chat.client import Reply, printable
+from gpu_session.chat.context import ContextError, Window
+from gpu_session.chat.repl import settled, streamed_markdown
 
 
 def test_control_characters_from_the_model_are_defused_but_newlines_and_tabs_kept():
@@ -13,3 +22,122 @@ def test_reply_stats():
     reply = Reply("hello there", first_token_s=0.25, tokens=10, seconds=2.25)
     assert reply.tokens_per_s == 5.0 and reply.stats() == "250 ms to first token, 10 tokens, 5.0 tokens/s"
     assert Reply("", None, 0, 1.0, stopped=True).stats() == "0 tokens, 0.0 tokens/s (stopped)"
+
+
+def test_reply_stats_name_the_prompt_tokens_when_the_server_counts_them():
+    assert Reply("hi", 0.1, 2, 1.1, prompt_tokens=42).stats().endswith("2.0 tokens/s, prompt 42 tokens")
+
+
+# --- the context window ---
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def test_a_conversation_that_fits_is_sent_whole():
+    window = Window(1000, reserve=100)
+    messages = [{"role": "system", "content": "be brief"}, user("a" * 100), assistant("b" * 100), user("c" * 100)]
+    assert window.fit(messages) == (messages, 0)
+
+
+def test_a_long_conversation_keeps_the_system_prompt_and_the_newest_messages_starting_with_the_person():
+    window = Window(1000, reserve=100)
+    system = {"role": "system", "content": "be brief"}
+    old = [user("a" * 300), assistant("b" * 300), user("c" * 300), assistant("d" * 300)]
+    sent, dropped = window.fit([system, *old, user("e" * 100)])
+    assert sent == [system, user("c" * 300), assistant("d" * 300), user("e" * 100)] and dropped == 2
+    assert window.tokens(sent) <= 900
+    # The pair is dropped whole: an assistant message never opens what is sent.
+    sent, dropped = Window(700, reserve=100).fit([system, *old, user("e" * 100)])
+    assert sent == [system, user("e" * 100)] and dropped == 4
+
+
+def test_a_message_too_long_alone_is_refused_with_its_size():
+    with pytest.raises(ContextError, match=r"about 1,008 tokens .* holds 1,000, 100 of them kept for the answer: shorten it"):
+        Window(1000, reserve=100).fit([user("x" * 1000)])
+
+
+def test_an_unknown_context_sends_everything():
+    messages = [user("x" * 10**6)]
+    assert Window(None, reserve=256).fit(messages) == (messages, 0)
+
+
+def test_the_servers_count_teaches_the_bytes_per_token_and_images_count_apart():
+    window = Window(2048, reserve=256)
+    sent = [user("word " * 400)]  # 2000 bytes, counted by the server as 508 tokens (500 + the template's 8)
+    window.learn(sent, 508)
+    assert window.bytes_per_token == pytest.approx(2000 / 500 * 0.9)
+    window.learn([images_message()], 300)  # a picture's tokens say nothing of text: ignored
+    assert window.bytes_per_token == pytest.approx(3.6)
+    assert window.tokens([images_message()]) == int(len(b"Describe this image.") / 3.6) + 256 + 8
+    window.learn(sent, None)  # a server that does not count changes nothing
+    assert window.bytes_per_token == pytest.approx(3.6)
+
+
+# --- /image ---
+
+PNG_1PX = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc000000301010018dd8db00000000049454e44ae426082"
+)
+
+
+def images_message() -> dict:
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": "Describe this image."}, {"type": "image_url", "image_url": {"url": "x"}}],
+    }
+
+
+def test_an_image_becomes_a_data_url_part_after_the_question(tmp_path):
+    pic = tmp_path / "dot.png"
+    pic.write_bytes(PNG_1PX)
+    m = images.message(str(pic), "what colour?", vision=True, model="m")
+    assert m["content"][0] == {"type": "text", "text": "what colour?"}
+    assert m["content"][1]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(PNG_1PX).decode()
+    assert images.message(str(pic), vision=True, model="m")["content"][0]["text"] == "Describe this image."
+
+
+def test_images_are_refused_with_the_reason(tmp_path):
+    pic = tmp_path / "dot.png"
+    pic.write_bytes(PNG_1PX)
+    with pytest.raises(images.ImageError, match="tiny-chat does not take images: start a session with a vision model"):
+        images.message(str(pic), vision=False, model="gpu-session/tiny-chat")
+    fake = tmp_path / "notes.png"
+    fake.write_text("not a picture")
+    with pytest.raises(images.ImageError, match="not a PNG, JPEG, GIF or WebP picture"):
+        images.message(str(fake), vision=True, model="m")
+    with pytest.raises(images.ImageError, match="not a file"):
+        images.message(str(tmp_path), vision=True, model="m")
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as f:
+        f.write(PNG_1PX)
+        f.truncate(images.MAX_BYTES + 1)  # sparse: no 10 MB written
+    with pytest.raises(images.ImageError, match="larger than 10 MB"):
+        images.message(str(huge), vision=True, model="m")
+
+
+# --- the streamed view ---
+
+
+def test_the_streamed_view_shows_the_whole_answer_and_redraws_at_most_at_its_frame_rate():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=80)
+    with streamed_markdown(console, frames_per_s=1) as show:  # one frame a second: only the first piece and the end
+        for piece in ["**Hello**", " world", "\x1b]0;owned\x07", *[" more"] * 50, " done"]:
+            show(piece)
+    screen = out.getvalue()
+    assert "world" in screen and "done" in screen and "\x1b]0;owned" not in screen
+    assert screen.count("Hello") == 2  # drawn at the first piece and once more at the end, not per piece
+
+
+def test_finished_blocks_end_at_a_blank_line_outside_code():
+    text = "One para.\n\nTwo para.\n\n```python\nx = 1\n\ny = 2"
+    assert settled(text, 0) == text.index("```")  # the fence is still open: its blank line does not count
+    assert settled(text + "\n```\n\nThree", 0) == len(text + "\n```\n\n")
+    assert settled(text, text.index("```")) == text.index("```")  # nothing new is finished
+    assert settled("no blank line yet", 0) == 0
