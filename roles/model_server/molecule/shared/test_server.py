@@ -45,6 +45,19 @@ def test_lists_and_serves_the_model_with_the_key(host):
     assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] is not None
 
 
+def test_says_its_context_length_where_the_chat_reads_it(host):
+    """The chat trims a conversation to the context the server enforces: vLLM gives it with the model
+    (max_model_len, read through the openai types as the chat reads it); transformers serve does not,
+    and the chat asks the Hub instead."""
+    from openai.types import Model
+
+    status, body = request(host, "/v1/models", KEY)
+    # construct, as the client does: it does not validate (transformers serve's `created` is a float)
+    [served] = [Model.construct(**m) for m in json.loads(body)["data"] if m["id"] == MODEL]
+    length = (served.model_extra or {}).get("max_model_len")
+    assert length == (2048 if os.environ["MODEL_SERVER_BACKEND"] == "vllm" else None)
+
+
 def test_secrets_live_in_private_files_only(host):
     with host.sudo():
         for path in ("/opt/gpu-session/env", "/opt/gpu-session/model-server.env"):
