@@ -106,6 +106,13 @@ class Window:
             )
         return system + rest, dropped
 
+    def answer_limit(self, sent: list[dict], wanted: int | None) -> int | None:
+        """`wanted` answer tokens, cut to what the context has left after `sent` (a server refuses a
+        request whose prompt and answer together exceed it); None leaves it to the server."""
+        if not wanted or not self.context_length:
+            return wanted or None
+        return max(1, min(wanted, self.context_length - self.tokens(sent)))
+
     def learn(self, sent: list[dict], prompt_tokens: int | None) -> None:
         """The server counted `prompt_tokens` for `sent`: estimate with its ratio from now on."""
         text = sum(_bytes(m)[0] for m in sent)

@@ -132,7 +132,7 @@ class Chat:
                 f"[yellow]the conversation is longer than the model's {self.facts.context_length:,}-token context: "
                 f"its {dropped} oldest message(s) are left out of what is sent[/]"
             )
-        reply = self.client.stream(sent, on_token=on_token, max_tokens=self.max_tokens)
+        reply = self.client.stream(sent, on_token=on_token, max_tokens=self.window.answer_limit(sent, self.max_tokens))
         self.window.learn(sent, reply.prompt_tokens)
         self.messages.extend([message, {"role": "assistant", "content": reply.text}])
         if self.history is not None:

@@ -67,6 +67,13 @@ def test_an_unknown_context_sends_everything():
     assert Window(None, reserve=256).fit(messages) == (messages, 0)
 
 
+def test_an_answer_longer_than_the_context_has_left_is_cut_to_fit():
+    window = Window(1000, reserve=500)
+    sent = [user("x" * 392)]  # 400 tokens with the template
+    assert window.answer_limit(sent, 4000) == 600 and window.answer_limit(sent, 100) == 100
+    assert window.answer_limit(sent, None) is None and Window(None, reserve=256).answer_limit(sent, 4000) == 4000
+
+
 def test_the_servers_count_teaches_the_bytes_per_token_and_images_count_apart():
     window = Window(2048, reserve=256)
     sent = [user("word " * 400)]  # 2000 bytes, counted by the server as 508 tokens (500 + the template's 8)
