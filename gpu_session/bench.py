@@ -161,7 +161,7 @@ def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict
         "model": MODEL,
         "up_to_ready_s": round(up_s, 1),
         "provision_s": round(took.get("GpuInstance", 0) + took.get("LambdaSshKey", 0), 1),
-        "configure_s": round(took.get("Command", 0), 1),
+        "configure_s": round(took.get("Configure", 0), 1),
         "server_start_s": server_s,
         "outside_server_start_share": round((up_s - server_s) / up_s, 2),
         "first_token_through_tunnel_ms": round(tunnel_s * 1000, 1),

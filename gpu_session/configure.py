@@ -18,9 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .paths import private_dir, state_dir
-
-ROOT = Path(__file__).resolve().parent.parent  # the checkout: ansible.cfg, playbooks/, roles/
+from .paths import ROOT, private_dir, state_dir
 
 
 @dataclass

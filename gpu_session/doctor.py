@@ -21,8 +21,6 @@ class Check:
 
 
 def _pulumi() -> Check:
-    if os.environ.get("GPU_SESSION_ENGINE") == "mock":
-        return Check("pulumi", True, "GPU_SESSION_ENGINE=mock: the mock engine runs the stack (rehearsals and tests only)")
     try:
         return Check("pulumi", True, str(pulumi_binary()))
     except PulumiMissing as e:
@@ -70,7 +68,7 @@ def private_files_problems(*roots: Path) -> list[str]:
 
 
 def _permissions() -> Check:
-    roots = [config_dir(), state_dir() / "stacks", state_dir() / "pulumi", state_dir() / "mock-engine", state_dir() / "ledger.db"]
+    roots = [config_dir(), state_dir() / "stacks", state_dir() / "pulumi", state_dir() / "ledger.db"]
     problems = private_files_problems(*roots)
     return Check("permissions", not problems, "; ".join(problems[:5]) or "config and state files are private (0600/0700)")
 

@@ -12,6 +12,8 @@ import re
 import tempfile
 from pathlib import Path
 
+# The checkout: Pulumi.yaml, infra/, ansible.cfg, playbooks/, roles/, templates/.
+ROOT = Path(__file__).resolve().parent.parent
 STACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
 
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from . import sizing, tunnel, watch
 from .clouds import API_KEY_ENV as KEY_ENV
 from .clouds import CLOUDS, Cloud, Instance, NotFound, Offer, get_cloud
-from .configure import remove_orphaned_runs
+from .configure import ConfigureError, remove_orphaned_runs
 from .ledger import Ledger, Session
 from .paths import stack_dir, write_private
 from .ssh import Endpoint
@@ -74,13 +74,15 @@ class Plan:
 
 def use_simulator(say: Say) -> dict[str, str]:
     """Point this process at the simulator (`--sim`), starting one in the background when none is
-    running; and at the mock engine when the Pulumi CLI is not installed. The environment used."""
+    running. The environment used; SessionError when the simulator does not start, and
+    PulumiMissing (saying how to install it) before anything starts when the Pulumi CLI is missing."""
     import requests
 
     from . import daemon
     from .sim import default_state_dir
-    from .stack import PulumiMissing, pulumi_binary
+    from .stack import pulumi_binary
 
+    pulumi_binary()  # a rehearsal runs the real engine: say how to get it before starting anything
     info_file = default_state_dir() / "sim.json"
 
     def answering() -> dict | None:
@@ -106,10 +108,6 @@ def use_simulator(say: Say) -> dict[str, str]:
                 raise SessionError(f"the simulator did not start: {log.read_text()[-500:]}")
             time.sleep(0.5)
     env = dict(info["env"])
-    try:
-        pulumi_binary()
-    except PulumiMissing:
-        env["GPU_SESSION_ENGINE"] = "mock"
     os.environ.update(env)
     return env
 
@@ -309,6 +307,7 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
     watch.stop(stack_name)
     if tunnel.stop(stack_name):
         say("tunnel closed")
+    scrub_half_configured(stack, say, on_event)
     stack.destroy(on_event)
     receipt_file = stack_dir(stack_name) / "scrub-receipt.json"
     receipt = json.loads(receipt_file.read_text()) if receipt_file.exists() else None
@@ -326,6 +325,30 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
         "terminated_orphans": left,
         "sessions": [vars(s) | {"cost": s.cost} for s in closed if s],
     }
+
+
+def scrub_half_configured(stack, say: Say, on_event: OnEvent) -> None:
+    """An `up` killed while it configured the host left Configure's create pending: the state drops
+    it (stack.recover), so `destroy` would terminate the host without scrubbing it. Scrub it here
+    first, as Configure's delete would have. SessionError when the host answers but the scrub fails."""
+    from . import converge
+
+    rows = stack.recover(on_event)
+    if not any(r["type"] == "Configure" and r["pending"] == "creating" for r in rows):
+        return
+    [host] = [r["outputs"] for r in rows if r["type"] == "GpuInstance" and not r["pending"]] or [{}]
+    if not host.get("host"):
+        return
+    say(f"up was killed while it configured {host['instance_id']}: scrubbing it before it is destroyed")
+    settings = converge.HostSettings(stack=stack.stack, cloud=host["cloud"], instance_id=host["instance_id"],
+                                     host=host["host"], port=int(host["port"]), user=host["user"])  # fmt: skip
+    try:
+        converge.scrub(settings, dict(os.environ))
+    except ConfigureError as e:
+        raise SessionError(
+            f"the scrub of {host['instance_id']} failed: {e}\nNothing was destroyed. Run `invoke down --stack {stack.stack}` "
+            f"again, or set {converge.SKIP_SCRUB}=1 to destroy without scrubbing."
+        ) from None
 
 
 def verify_gone(stack_name: str, say: Say) -> list[str]:

@@ -1,12 +1,10 @@
-"""The stack: one Pulumi stack per session, driven through a small seam (`StackEngine`).
+"""The stack: one Pulumi stack per session, driven through the Automation API (`PulumiEngine`).
 
-`PulumiEngine` is the real thing: the Automation API over this repository's project (Pulumi.yaml,
-infra/), a local file backend under the state dir unless PULUMI_BACKEND_URL says otherwise,
+`PulumiEngine` is the Automation API over this repository's project (Pulumi.yaml, infra/) and the
+`pulumi` CLI: a local file backend under the state dir unless PULUMI_BACKEND_URL says otherwise,
 passphrase secrets with a generated passphrase kept 0600 in the config dir unless
-PULUMI_CONFIG_PASSPHRASE(_FILE) is set, and the provider process pointed at this Python and this
-package. `MockEngine` runs the same program and providers with gpu_session.mock_engine standing in
-for the CLI: what the tests use, as no registry here ships the Pulumi CLI.
-`engine(stack)` picks: GPU_SESSION_ENGINE=mock, else Pulumi.
+PULUMI_CONFIG_PASSPHRASE(_FILE) is set, the program and its provider processes pointed at this
+Python and this package, and no plugin downloads (every provider of ours is a dynamic one).
 """
 
 from __future__ import annotations
@@ -16,22 +14,22 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
+import socket
 import sys
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import config_dir, private_dir, state_dir, write_private
+from .daemon import alive
+from .paths import ROOT, config_dir, private_dir, state_dir, write_private
 from .stack_config import NAMESPACE, SECRETS
 
-ROOT = Path(__file__).resolve().parent.parent  # Pulumi.yaml, infra/
 INSTALL_PULUMI = (
     "The Pulumi CLI is not installed. Install it the official way and open a new shell:\n"
     "  curl -fsSL https://get.pulumi.com | sh        (Linux, macOS; or: brew install pulumi/tap/pulumi)\n"
-    "  https://www.pulumi.com/docs/iac/download-install/   (Windows and other options)"
+    "  https://www.pulumi.com/docs/iac/download-install/   (Windows and other options)\n"
+    f"or, on a machine without the internet but with Go and a Go module proxy: {ROOT / 'scripts' / 'install-pulumi'}"
 )
 
 
@@ -69,44 +67,6 @@ def namespaced(values: dict[str, str]) -> dict[str, str]:
     return {k if ":" in k else f"{NAMESPACE}:{k}": str(v) for k, v in values.items()}
 
 
-class StackEngine(ABC):
-    """What the session needs of a stack."""
-
-    def __init__(self, stack: str):
-        self.stack = stack
-
-    @abstractmethod
-    def set_config(self, values: dict[str, str]) -> None:
-        """Replace the stack's config: keys as in Pulumi.example.yaml (secrets are stored as secrets)."""
-
-    @abstractmethod
-    def config(self) -> dict[str, str]:
-        """The stack's config, keys without the namespace."""
-
-    @abstractmethod
-    def up(self, on_event: OnEvent = _ignore) -> dict: ...
-
-    @abstractmethod
-    def preview(self, on_event: OnEvent = _ignore) -> None: ...
-
-    @abstractmethod
-    def destroy(self, on_event: OnEvent = _ignore) -> None: ...
-
-    @abstractmethod
-    def refresh(self, on_event: OnEvent = _ignore) -> None: ...
-
-    @abstractmethod
-    def outputs(self) -> dict: ...
-
-    @abstractmethod
-    def cancel(self) -> None:
-        """Clear what an interrupted operation left (the backend's lock)."""
-
-    @abstractmethod
-    def remove(self) -> None:
-        """Forget the stack (after destroy): its state and its config, secrets included."""
-
-
 # --- Ctrl-C -----------------------------------------------------------------------------------
 
 
@@ -141,10 +101,13 @@ def sigint_guard(say: Callable[[str], None] = lambda m: print(m, file=sys.stderr
 
 
 def pulumi_binary() -> Path:
-    found = shutil.which("pulumi") or str(Path.home() / ".pulumi" / "bin" / "pulumi")
-    if not os.access(found, os.X_OK):
-        raise PulumiMissing()
-    return Path(found)
+    """The `pulumi` CLI: on PATH, else where the official installer and scripts/install-pulumi put it
+    ($PULUMI_HOME/bin, ~/.pulumi/bin). PulumiMissing, saying how to install it, when there is none."""
+    homes = [os.environ.get("PULUMI_HOME", ""), str(Path.home() / ".pulumi")]
+    for found in [shutil.which("pulumi") or "", *(str(Path(h) / "bin" / "pulumi") for h in homes if h)]:
+        if found and os.access(found, os.X_OK):
+            return Path(found)
+    raise PulumiMissing()
 
 
 def passphrase_env() -> dict[str, str]:
@@ -162,6 +125,8 @@ def pulumi_env() -> dict[str, str]:
     return {
         "PULUMI_BACKEND_URL": backend,
         "PULUMI_SKIP_UPDATE_CHECK": "true",
+        # Our providers are dynamic ones (no plugin): a plugin the engine would fetch is a mistake, said at once.
+        "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
         # The provider process must run this Python and import this package (pulumi#7960, #7061).
         "PULUMI_PYTHON_CMD": sys.executable,
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
@@ -188,20 +153,25 @@ def engine_event(event) -> StackEvent | None:
     return None
 
 
-class PulumiEngine(StackEngine):
+class PulumiEngine:
+    """One stack of this project, through the Automation API and the `pulumi` CLI. Every operation
+    first tidies what a killed one left (`recover`); events come as StackEvents, never with secrets
+    shown; Ctrl-C is taken as `sigint_guard` says."""
+
     def __init__(self, stack: str, create: bool = True):
-        super().__init__(stack)
         from pulumi import automation as auto
 
+        self.stack = stack
         binary = pulumi_binary()
         self._auto = auto
+        self._env = pulumi_env()
         select = auto.create_or_select_stack if create else auto.select_stack
         try:
             self._stack = select(
                 stack_name=stack,
                 work_dir=str(ROOT),
                 opts=auto.LocalWorkspaceOptions(
-                    env_vars=pulumi_env(),
+                    env_vars=self._env,
                     pulumi_command=auto.PulumiCommand(root=str(binary.parent.parent)),
                     secrets_provider="passphrase",
                 ),
@@ -221,131 +191,114 @@ class PulumiEngine(StackEngine):
             raise StackCancelled(f"pulumi {what} on stack {self.stack} finished, but was cancelled")
         return result
 
-    def _handler(self, on_event: OnEvent):
+    def _options(self, on_event: OnEvent) -> dict:
         def handle(event) -> None:
             ours = engine_event(event)
             if ours is not None:
                 on_event(ours)
 
-        return handle
+        # show_secrets: the Automation API asks the CLI to print secrets in its events unless told not to.
+        return {"on_event": handle, "color": "never", "show_secrets": False}
 
     def set_config(self, values: dict[str, str]) -> None:
+        """Replace the stack's config: keys as in Pulumi.example.yaml (secrets are stored as secrets)."""
         self._stack.set_all_config(
             {k: self._auto.ConfigValue(v, secret=k.split(":")[-1] in SECRETS) for k, v in namespaced(values).items()}
         )
 
     def config(self) -> dict[str, str]:
+        """The stack's config, keys without the namespace."""
         prefix = f"{NAMESPACE}:"
         return {k.removeprefix(prefix): v.value for k, v in self._stack.get_all_config().items() if k.startswith(prefix)}
 
     def up(self, on_event: OnEvent = _ignore) -> dict:
-        result = self._run("up", lambda: self._stack.up(on_event=self._handler(on_event), color="never"))
+        """`pulumi up`: the outputs (secret ones as plain values)."""
+        self.recover(on_event)
+        result = self._run("up", lambda: self._stack.up(**self._options(on_event)))
         return {k: v.value for k, v in result.outputs.items()}
 
     def preview(self, on_event: OnEvent = _ignore) -> None:
-        self._run("preview", lambda: self._stack.preview(on_event=self._handler(on_event), color="never"))
+        self.recover(on_event)
+        self._run("preview", lambda: self._stack.preview(**self._options(on_event)))
 
     def destroy(self, on_event: OnEvent = _ignore) -> None:
-        self._run("destroy", lambda: self._stack.destroy(on_event=self._handler(on_event), color="never"))
+        self.recover(on_event)
+        self._run("destroy", lambda: self._stack.destroy(**self._options(on_event)))
 
     def refresh(self, on_event: OnEvent = _ignore) -> None:
-        self._run("refresh", lambda: self._stack.refresh(on_event=self._handler(on_event), color="never"))
+        self.recover(on_event)
+        self._run("refresh", lambda: self._stack.refresh(**self._options(on_event)))
 
     def outputs(self) -> dict:
         return {k: v.value for k, v in self._stack.outputs().items()}
 
+    def export(self) -> dict:
+        """The stack's deployment as `pulumi stack export` prints it (secrets encrypted)."""
+        return self._stack.export_stack().deployment or {}
+
+    def resources(self) -> list[dict]:
+        """What the state records, in order: [{"type": "GpuInstance", "name": "gpu", "id": …,
+        "pending": "", "outputs": {…}}] (secret outputs stay encrypted), then each operation a killed
+        run started and never finished, with "pending" saying which ("creating", "updating", "deleting")."""
+        deployment = self.export()
+
+        def row(resource: dict, pending: str) -> dict:
+            name, kind = resource["urn"].rsplit("::", 1)[-1], resource["type"].rsplit(":", 1)[-1]
+            return {
+                "type": kind,
+                "name": name,
+                "id": resource.get("id", ""),
+                "pending": pending,
+                "outputs": resource.get("outputs") or {},
+            }
+
+        return [row(r, "") for r in deployment.get("resources") or [] if not r["type"].startswith("pulumi:")] + [
+            row(op["resource"], op["type"]) for op in deployment.get("pending_operations") or []
+        ]  # the stack itself and provider references (pulumi:*) are left out
+
+    def stale_locks(self) -> list[dict]:
+        """Locks of a file backend left by a pulumi process of this machine that is gone (kill -9):
+        [{"pid", "hostname", "username", "timestamp"}]. A lock of a live process, or of another
+        machine, is never taken for stale."""
+        backend = self._env["PULUMI_BACKEND_URL"]
+        if not backend.startswith("file://"):
+            return []
+        root = Path(backend.removeprefix("file://").split("?", 1)[0]) / ".pulumi" / "locks"
+        stale = []
+        for path in root.glob(f"*/*/{self.stack}/*.json"):  # organization/<project>/<stack>/<uuid>.json
+            try:
+                lock = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if lock.get("hostname") == socket.gethostname() and not alive(int(lock.get("pid") or 0)):
+                stale.append(lock)
+        return stale
+
+    def recover(self, on_event: OnEvent = _ignore) -> list[dict]:
+        """Tidy what a killed operation (kill -9, a crash, a closed laptop) left, before the next one:
+        a lock whose process is gone is removed (`pulumi cancel`), and pending creates are dropped
+        from the state (`pulumi refresh --clear-pending-creates`). What a pending create may have
+        launched is not lost: GpuInstance's create adopts a live instance of its deterministic name,
+        and `invoke down` asks the cloud for anything of that name. The pending operations found."""
+        for lock in self.stale_locks():
+            on_event(StackEvent("log", message=f"pulumi (pid {lock['pid']}) was killed with the stack locked: unlocking it"))
+            self._stack.cancel()
+        pending = [r for r in self.resources() if r["pending"]]
+        if any(r["pending"] == "creating" for r in pending):
+            names = ", ".join(f"{r['type']} {r['name']}" for r in pending if r["pending"] == "creating")
+            on_event(StackEvent("log", message=f"an interrupted operation left {names} half-created: clearing it from the state"))
+            self._run("refresh", lambda: self._stack.refresh(clear_pending_creates=True, **self._options(on_event)))
+        return pending
+
     def cancel(self) -> None:
+        """Remove the stack's lock (`pulumi cancel`): only when no operation of it is running."""
         self._stack.cancel()
 
     def remove(self) -> None:
+        """Forget the stack (after destroy): its state and its config, secrets included."""
         self._stack.workspace.remove_stack(self.stack)
 
 
-# --- the mock engine --------------------------------------------------------------------------
-
-
-class MockEngine(StackEngine):
-    """The same program and providers, run by gpu_session.mock_engine in a child process (as the
-    Automation API runs the CLI). Its config file (0600, under the config dir) plays Pulumi.<stack>.yaml."""
-
-    def __init__(self, stack: str):
-        super().__init__(stack)
-        self.state = private_dir(state_dir() / "mock-engine") / f"{stack}.json"
-        self.config_file = private_dir(config_dir() / "mock-engine") / f"{stack}.json"
-
-    def set_config(self, values: dict[str, str]) -> None:
-        write_private(self.config_file, json.dumps(namespaced(values)))
-
-    def config(self) -> dict[str, str]:
-        stored = json.loads(self.config_file.read_text()) if self.config_file.exists() else {}
-        return {k.removeprefix(f"{NAMESPACE}:"): v for k, v in stored.items() if k.startswith(f"{NAMESPACE}:")}
-
-    def _run(self, op: str, on_event: OnEvent) -> dict:
-        from .mock_engine import EVENT_PREFIX
-
-        config = json.loads(self.config_file.read_text()) if self.config_file.exists() else {}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpu_session.mock_engine", op, "--stack", self.stack, "--state", str(self.state),
-             "--secrets-key", str(self.config_file.with_suffix(".key"))],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PULUMI_PROJECT": "gpu-session", "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
-        proc.stdin.write(json.dumps({"config": config}))
-        proc.stdin.close()
-        outputs, failure, said = {}, "", []
-        with sigint_guard() as pressed:
-            for line in proc.stdout:
-                if not line.startswith(EVENT_PREFIX):
-                    said.append(line.rstrip())
-                    on_event(StackEvent("log", message=line.rstrip()))
-                    continue
-                data = json.loads(line[len(EVENT_PREFIX) :])
-                if data["kind"] == "outputs":
-                    outputs = data["outputs"]
-                    continue
-                if data["kind"] == "failed":
-                    failure = data.get("message", "")
-                on_event(StackEvent(**{k: v for k, v in data.items() if k in StackEvent.__dataclass_fields__}))
-            rc = proc.wait()
-        if pressed.count:
-            raise StackCancelled(f"{op} cancelled on stack {self.stack}" + (f": {failure}" if failure else ""))
-        if rc != 0:
-            raise StackError(f"{op} failed on stack {self.stack}: {failure or ' | '.join(said[-5:]) or f'exit {rc}'}")
-        return outputs
-
-    def up(self, on_event: OnEvent = _ignore) -> dict:
-        return self._run("up", on_event)
-
-    def preview(self, on_event: OnEvent = _ignore) -> None:
-        self._run("preview", on_event)
-
-    def destroy(self, on_event: OnEvent = _ignore) -> None:
-        self._run("destroy", on_event)
-
-    def refresh(self, on_event: OnEvent = _ignore) -> None:
-        self._run("refresh", on_event)
-
-    def outputs(self) -> dict:
-        return json.loads(self.state.read_text()).get("outputs", {}) if self.state.exists() else {}
-
-    def resources(self) -> list[dict]:
-        """What the state records (type, name, id): for status and tests."""
-        if not self.state.exists():
-            return []
-        return [{k: r[k] for k in ("type", "name", "id")} for r in json.loads(self.state.read_text())["resources"]]
-
-    def cancel(self) -> None:
-        pass  # no lock to clear: the state is rewritten after every step
-
-    def remove(self) -> None:
-        if self.resources():
-            raise StackError(f"stack {self.stack} still has resources: destroy it first")
-        for path in (self.state, self.state.with_suffix(".lock"), self.config_file, self.config_file.with_suffix(".key")):
-            path.unlink(missing_ok=True)
-
-
-def engine(stack: str, create: bool = True) -> StackEngine:
+def engine(stack: str, create: bool = True) -> PulumiEngine:
     """The stack (created on first use unless `create` is False: then StackError when there is none)."""
-    if os.environ.get("GPU_SESSION_ENGINE") == "mock":
-        return MockEngine(stack)
     return PulumiEngine(stack, create)

@@ -7,21 +7,16 @@ dir; the HF token and the Lambda host key enter the state only as Pulumi secrets
 """
 
 import hashlib
-import shlex
 import subprocess
 import sys
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import jinja2
 import pulumi
-from pulumi_command import local
 
 from gpu_session import sizing, ssh, stack_config
-from gpu_session.providers import GpuInstance, LambdaSshKey
-
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON = shlex.quote(sys.executable)
+from gpu_session.paths import ROOT
+from gpu_session.providers import Configure, GpuInstance, LambdaSshKey
 
 try:
     cfg = stack_config.from_pulumi()
@@ -67,31 +62,21 @@ if cfg.configure:
     roles_digest = subprocess.run(
         [sys.executable, str(ROOT / "playbooks/files/inputs-digest.py"), ""], capture_output=True, text=True, check=True
     ).stdout.strip()
-    environment = {
-        "GPU_SESSION_STACK": stack,
-        "GPU_SESSION_CLOUD": cfg.cloud,
-        "GPU_SESSION_INSTANCE_ID": instance.instance_id,
-        "GPU_SESSION_HOST": instance.host,
-        "GPU_SESSION_PORT": instance.port.apply(lambda p: str(int(p))),  # numbers cross gRPC as floats
-        "GPU_SESSION_USER": instance.user,
-        "GPU_SESSION_MODEL": cfg.model,
-        "GPU_SESSION_BACKEND": backend,
-        "GPU_SESSION_QUANTIZE": str(cfg.quantize).lower(),
-        "GPU_SESSION_LEASE_EXPIRES_AT": lease_expires_at,
-        "GPU_SESSION_ROLES_DIGEST": roles_digest,
-    }
-    if cfg.hfToken:
-        environment["HF_TOKEN"] = pulumi.Output.secret(cfg.hfToken)
-    local.Command(
+    Configure(
         "configure",
-        create=f"{PYTHON} -m gpu_session.converge site",
-        update=f"{PYTHON} -m gpu_session.converge site",
-        delete=f"{PYTHON} -m gpu_session.converge scrub",
-        environment=environment,
-        dir=str(ROOT),
-        # A new instance: scrub and forget the old one first, then configure the new one.
-        triggers=[instance.instance_id],
-        opts=pulumi.ResourceOptions(delete_before_replace=True, depends_on=[instance]),
+        stack=stack,
+        cloud=cfg.cloud,
+        instance_id=instance.instance_id,
+        host=instance.host,
+        port=instance.port.apply(lambda p: str(int(p))),  # numbers cross gRPC as floats
+        user=instance.user,
+        model=cfg.model,
+        backend=backend,
+        quantize=str(cfg.quantize).lower(),
+        lease_expires_at=lease_expires_at,
+        roles_digest=roles_digest,
+        hf_token=pulumi.Output.secret(cfg.hfToken) if cfg.hfToken else None,
+        opts=pulumi.ResourceOptions(depends_on=[instance]),
     )
 
 pulumi.export("cloud", cfg.cloud)

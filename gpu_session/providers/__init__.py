@@ -6,7 +6,8 @@ Credentials come from the stack config in configure() or from the environment, r
 method: never inputs, never attributes set in __init__ (which would be pickled).
 """
 
+from .configure import Configure, ConfigureProvider
 from .instance import GpuInstance, GpuInstanceProvider
 from .ssh_key import LambdaSshKey, LambdaSshKeyProvider
 
-__all__ = ["GpuInstance", "GpuInstanceProvider", "LambdaSshKey", "LambdaSshKeyProvider"]
+__all__ = ["Configure", "ConfigureProvider", "GpuInstance", "GpuInstanceProvider", "LambdaSshKey", "LambdaSshKeyProvider"]
