@@ -69,10 +69,12 @@ def sim(
     help={
         "lock": "re-resolve the engines' lock files from PyPI first (after changing a pin in gpu_session/engines.py)",
         "dest": "where the wheelhouse goes (default: $GPU_SESSION_WHEELHOUSE or /var/cache/gpu-session/wheels)",
+        "venvs": "where the prebuilt venvs go (default: $GPU_SESSION_VENVS or /var/cache/gpu-session/venvs)",
     }
 )
-def engines(c, lock=False, dest=""):
-    """Build the wheelhouse the model server installs from on hosts without internet (the simulator's)."""
+def engines(c, lock=False, dest="", venvs=""):
+    """Build what the model server installs on hosts without internet (the simulator's): the wheelhouse,
+    and a ready venv per CPU engine that those hosts link to instead of installing."""
     from pathlib import Path
 
     from gpu_session import engines as pinned
@@ -80,7 +82,9 @@ def engines(c, lock=False, dest=""):
     if lock:
         for engine in pinned.ENGINES:
             print(f"locked {engine}: {pinned.lock(engine)}")
-    print(f"wheelhouse ready: {pinned.build_wheelhouse(Path(dest) if dest else None)}")
+    wheelhouse = Path(dest) if dest else pinned.wheelhouse_dir()
+    built = pinned.build_venvs(wheelhouse, Path(venvs) if venvs else None)  # the wheelhouse first
+    print(f"wheelhouse ready: {wheelhouse}\nvenvs ready: {built}")
 
 
 # --- the session -------------------------------------------------------------------------------
@@ -131,13 +135,10 @@ def _simulate(say) -> None:
     from gpu_session import session
 
     try:
-        env = session.use_simulator(say)
-    except session.SessionError as e:
+        session.use_simulator(say)
+    except (session.SessionError, session.StackError) as e:
         _fail(e)
-    say(
-        "rehearsing against the simulator"
-        + (" with the mock engine (no Pulumi CLI here)" if env.get("GPU_SESSION_ENGINE") else "")
-    )
+    say("rehearsing against the simulator")
 
 
 def _offer_teardown(stack: str, say, on_event) -> None:
