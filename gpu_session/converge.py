@@ -122,6 +122,7 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
         "model_server_hf_token": env.get("HF_TOKEN", ""),
         "model_server_quantization": "bitsandbytes" if settings.quantize else "",
         "model_server_wheelhouse": env.get("GPU_SESSION_HOST_WHEELHOUSE", ""),
+        "model_server_prebuilt_venvs": env.get("GPU_SESSION_HOST_VENVS", ""),
         "host_base_hf_endpoint": env.get("HF_ENDPOINT", ""),
         "lease_expires_at": settings.lease_expires_at,
         "lease_instance_id": settings.instance_id,

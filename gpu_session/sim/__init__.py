@@ -15,7 +15,7 @@ import secrets
 import time
 from pathlib import Path
 
-from ..engines import wheelhouse_dir
+from ..engines import venvs_dir, wheelhouse_dir
 from ..paths import state_dir
 from . import hf_hub, lambda_api, runpod_api
 from .http import Request, Router, Server, json_response
@@ -80,8 +80,9 @@ class Simulator:
             "RUNPOD_API_KEY": self.runpod_key,
             "HF_TOKEN": self.hf_token,
             # Hosts have no internet: the model server installs from this machine's wheelhouse
-            # (`invoke engines`), which they see through their /var.
+            # (`invoke engines`), which they see through their /var, or links the venv prebuilt there.
             **({"GPU_SESSION_HOST_WHEELHOUSE": str(wheelhouse)} if (wheelhouse := wheelhouse_dir()).is_dir() else {}),
+            **({"GPU_SESSION_HOST_VENVS": str(venvs)} if (venvs := venvs_dir()).is_dir() else {}),
         }
 
     def _load_keys(self) -> dict[str, list[str]]:
