@@ -11,17 +11,19 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from conftest import on
 
+from gpu_session import engines
 from gpu_session.configure import ConfigureError, run
 
 
 @pytest.fixture(scope="module")
-def site(sim, hosts, wheelhouse):
+def site(sim, hosts, wheelhouse, prebuilt_venvs):
     """site.yml on the Lambda host (ubuntu + sudo), with what a session passes."""
     lease_end = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0).isoformat()
     good = {
         "model_server_model": "gpu-session/tiny-chat",
         "model_server_api_key": secrets.token_urlsafe(32),
         "model_server_wheelhouse": str(wheelhouse),
+        "model_server_prebuilt_venvs": str(prebuilt_venvs),
         "host_base_hf_endpoint": sim.host_url,
         "lease_expires_at": lease_end,
     }
@@ -89,3 +91,25 @@ def test_an_unchanged_converge_ends_early_and_a_changed_one_runs_in_full(site, k
     events = []
     converge(events, model_server_backend="transformers", lease_check_interval_s=7)
     assert "Ask for one token" in [e.task for e in events]
+
+
+def test_engines_link_to_the_prebuilt_venvs_which_scrub_leaves_alone(site, sim, keypair, prebuilt_venvs):
+    """A simulator host links each engine to the venv `invoke engines` built from the same lock (no
+    gigabytes of torch per host), writes nothing into it, and scrub takes the links, never their targets."""
+    target, _, converge = site
+    converge(model_server_backend="transformers")
+    shown = "for e in hub transformers-cpu; do readlink /opt/gpu-session/engines/$e; done"
+    links = on(target, keypair, f"sudo sh -c '{shown}'").split()
+    assert links == [str(engines.prebuilt_venv(e, prebuilt_venvs)) for e in ("hub", "transformers-cpu")]
+    # Serving wrote nothing into the shared venvs: the host's copy-on-write layer of /var holds none of them.
+    [host_id] = [
+        i["id"] for i in sim.instances() if i["host_dir_exists"] and (i["address"], i["ssh_port"]) == (target.host, target.port)
+    ]
+    upper = sim.host_dir(host_id) / "var" / "upper" / prebuilt_venvs.relative_to("/var")
+    assert not upper.exists() or not any(upper.iterdir()), sorted(upper.rglob("*"))[:20]
+    receipt = run(target, playbook="scrub.yml").facts["scrub_receipt"]
+    assert "/opt/gpu-session" in receipt["removed"]
+    # Each venv is still whole on the host: its Python runs, and its lock is the one it is named for.
+    check = "; ".join(f"{v}/bin/python -c pass && sha256sum < {v}/.gpu-session-lock | cut -c1-16" for v in links)
+    left = on(target, keypair, f"sudo sh -c '{check}; test -e /opt/gpu-session || echo gone'").split()
+    assert left == [v.rsplit("-", 1)[1] for v in links] + ["gone"]

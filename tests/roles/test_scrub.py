@@ -72,3 +72,31 @@ def test_scrub_of_a_clean_host_succeeds_and_changes_nothing(hosts):
     run(target, playbook="scrub.yml")
     again = run(target, playbook="scrub.yml")
     assert again.changed == 0 and again.facts["scrub_receipt"]["removed"] == []
+
+
+def test_scrub_removes_links_to_prebuilt_venvs_never_what_they_point_to(hosts, keypair):
+    """The simulator's hosts link their engines to venvs shared by every host (model_server_prebuilt_venvs):
+    scrub removes the links with the data root and leaves the venvs whole, whatever the links point at."""
+    target = hosts["runpod"]
+    run(target, role="host_base")
+    token = f"canary-token-{secrets.token_hex(8)}"
+    venvs = "/var/cache/gpu-session/venvs"
+    venv = f"{venvs}/hub-{'0' * 16}"  # made in the host's own copy-on-write /var, not the machine's
+    on(
+        target,
+        keypair,
+        f"""sudo sh -c '
+        mkdir -p {venv}/bin /opt/gpu-session/engines && echo lock > {venv}/.gpu-session-lock && ln -sf /usr/bin/python3 {venv}/bin/python
+        ln -s {venv} /opt/gpu-session/engines/hub
+        ln -s {venv}/bin /opt/gpu-session/engines/bin
+        ln -s {venv}/.gpu-session-lock /opt/gpu-session/engines/hub.lock
+        ln -s {venvs} /opt/gpu-session/engines/all
+        echo HF_TOKEN={token} >> /opt/gpu-session/env'""",
+    )
+    listing = f"sudo sh -c 'find {venvs} | sort | md5sum; cat {venv}/.gpu-session-lock'"
+    before = on(target, keypair, listing)
+    receipt = run(target, role="scrub", extravars={"scrub_canaries": [token]}).facts["scrub_receipt"]
+    assert receipt["ok"] is True and "/opt/gpu-session" in receipt["removed"]
+    assert on(target, keypair, listing) == before and before.endswith("lock\n")
+    assert on(target, keypair, "test -e /opt/gpu-session || echo gone").strip() == "gone"
+    on(target, keypair, f"sudo rm -r {venv}")
