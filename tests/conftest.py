@@ -55,10 +55,18 @@ def _no_leftover_faults(request):
 
 @pytest.fixture(scope="session")
 def wheelhouse() -> Path:
-    """The engines' wheels, which simulator hosts (no internet) install from: built once per machine."""
+    """The engines' wheels, which simulator hosts (no internet) install from, and the venvs prebuilt
+    from them, which hosts link to: built once per machine (`invoke engines`)."""
     from gpu_session import engines
 
-    return engines.build_wheelhouse(progress=lambda _: None)
+    return engines.build(progress=lambda _: None)[0]
+
+
+@pytest.fixture(scope="session")
+def prebuilt_venvs(wheelhouse) -> Path:
+    from gpu_session import engines
+
+    return engines.venvs_dir()
 
 
 @dataclass
