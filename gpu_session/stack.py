@@ -134,6 +134,20 @@ def pulumi_env() -> dict[str, str]:
     }
 
 
+def workspace(stack: str) -> Path:
+    """The stack's own project folder under the state dir (0700): a Pulumi.yaml that is this
+    checkout's with `main` pointing back at its infra/, and beside it the stack's config
+    (Pulumi.<stack>.yaml, secrets encrypted). So a session's config never lands in the checkout,
+    where `pulumi stack init` by hand, with its own passphrase, would meet it."""
+    import yaml
+
+    folder = private_dir(state_dir() / "workspaces" / stack)
+    project = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
+    project["main"] = os.path.relpath(ROOT / project.get("main", "."), folder)
+    write_private(folder / "Pulumi.yaml", yaml.safe_dump(project, sort_keys=False))
+    return folder
+
+
 def engine_event(event) -> StackEvent | None:
     """An Automation API EngineEvent as ours (None for the ones we do not show)."""
     if event.resource_pre_event is not None:
@@ -169,7 +183,7 @@ class PulumiEngine:
         try:
             self._stack = select(
                 stack_name=stack,
-                work_dir=str(ROOT),
+                work_dir=str(workspace(stack)),
                 opts=auto.LocalWorkspaceOptions(
                     env_vars=self._env,
                     pulumi_command=auto.PulumiCommand(root=str(binary.parent.parent)),
@@ -179,32 +193,39 @@ class PulumiEngine:
         except auto.errors.StackNotFoundError:
             raise StackError(f"no stack {stack}") from None
 
-    def _run(self, what: str, call):
+    def _run(self, what: str, operation, on_event: OnEvent, **options):
+        """Run `operation` (a method of the Automation API's Stack) with our event handler; StackError
+        with what the engine said went wrong, StackCancelled after Ctrl-C. Its result."""
+        failures: list[str] = []
+
+        def handle(event) -> None:
+            ours = engine_event(event)
+            if ours is None:
+                return
+            if ours.kind == "failed" and ours.message and ours.message not in failures:
+                failures.append(ours.message)
+            on_event(ours)
+
         with sigint_guard() as pressed:
             try:
-                result = call()
+                result = operation(on_event=handle, color="never", **options)
             except self._auto.errors.CommandError as e:
                 if pressed.count:
                     raise StackCancelled(f"pulumi {what} cancelled on stack {self.stack}") from None
-                raise StackError(f"pulumi {what} failed on stack {self.stack}: {e}") from None
+                said = "\n".join(failures) or str(e)
+                raise StackError(f"pulumi {what} failed on stack {self.stack}: {said}") from None
         if pressed.count:
             raise StackCancelled(f"pulumi {what} on stack {self.stack} finished, but was cancelled")
         return result
 
-    def _options(self, on_event: OnEvent) -> dict:
-        def handle(event) -> None:
-            ours = engine_event(event)
-            if ours is not None:
-                on_event(ours)
-
-        # show_secrets: the Automation API asks the CLI to print secrets in its events unless told not to.
-        return {"on_event": handle, "color": "never", "show_secrets": False}
-
     def set_config(self, values: dict[str, str]) -> None:
-        """Replace the stack's config: keys as in Pulumi.example.yaml (secrets are stored as secrets)."""
-        self._stack.set_all_config(
-            {k: self._auto.ConfigValue(v, secret=k.split(":")[-1] in SECRETS) for k, v in namespaced(values).items()}
-        )
+        """Replace the stack's config: keys as in Pulumi.example.yaml (secrets are stored as secrets);
+        a key of ours that `values` lacks is removed, so an earlier session's setting never lingers."""
+        wanted = namespaced(values)
+        stale = [k for k in self._stack.get_all_config() if k.startswith(f"{NAMESPACE}:") and k not in wanted]
+        if stale:
+            self._stack.remove_all_config(stale)
+        self._stack.set_all_config({k: self._auto.ConfigValue(v, secret=k.split(":")[-1] in SECRETS) for k, v in wanted.items()})
 
     def config(self) -> dict[str, str]:
         """The stack's config, keys without the namespace."""
@@ -214,31 +235,33 @@ class PulumiEngine:
     def up(self, on_event: OnEvent = _ignore) -> dict:
         """`pulumi up`: the outputs (secret ones as plain values)."""
         self.recover(on_event)
-        result = self._run("up", lambda: self._stack.up(**self._options(on_event)))
+        # show_secrets: the Automation API asks up, refresh and destroy to print secrets in events unless told not to.
+        result = self._run("up", self._stack.up, on_event, show_secrets=False)
         return {k: v.value for k, v in result.outputs.items()}
 
     def preview(self, on_event: OnEvent = _ignore) -> None:
         self.recover(on_event)
-        self._run("preview", lambda: self._stack.preview(**self._options(on_event)))
+        self._run("preview", self._stack.preview, on_event)
 
     def destroy(self, on_event: OnEvent = _ignore) -> None:
         self.recover(on_event)
-        self._run("destroy", lambda: self._stack.destroy(**self._options(on_event)))
+        self._run("destroy", self._stack.destroy, on_event, show_secrets=False)
 
     def refresh(self, on_event: OnEvent = _ignore) -> None:
         self.recover(on_event)
-        self._run("refresh", lambda: self._stack.refresh(**self._options(on_event)))
+        self._run("refresh", self._stack.refresh, on_event, show_secrets=False)
 
     def outputs(self) -> dict:
         return {k: v.value for k, v in self._stack.outputs().items()}
 
     def export(self) -> dict:
-        """The stack's deployment as `pulumi stack export` prints it (secrets encrypted)."""
+        """The stack's deployment as `pulumi stack export --show-secrets` prints it: secrets decrypted
+        (the Automation API always asks for them), so it is for this process only, never to print."""
         return self._stack.export_stack().deployment or {}
 
     def resources(self) -> list[dict]:
         """What the state records, in order: [{"type": "GpuInstance", "name": "gpu", "id": …,
-        "pending": "", "outputs": {…}}] (secret outputs stay encrypted), then each operation a killed
+        "pending": "", "outputs": {…}}] (secret outputs decrypted: see export), then each operation a killed
         run started and never finished, with "pending" saying which ("creating", "updating", "deleting")."""
         deployment = self.export()
 
@@ -287,7 +310,7 @@ class PulumiEngine:
         if any(r["pending"] == "creating" for r in pending):
             names = ", ".join(f"{r['type']} {r['name']}" for r in pending if r["pending"] == "creating")
             on_event(StackEvent("log", message=f"an interrupted operation left {names} half-created: clearing it from the state"))
-            self._run("refresh", lambda: self._stack.refresh(clear_pending_creates=True, **self._options(on_event)))
+            self._run("refresh", self._stack.refresh, on_event, show_secrets=False, clear_pending_creates=True)
         return pending
 
     def cancel(self) -> None:
@@ -297,6 +320,7 @@ class PulumiEngine:
     def remove(self) -> None:
         """Forget the stack (after destroy): its state and its config, secrets included."""
         self._stack.workspace.remove_stack(self.stack)
+        shutil.rmtree(workspace(self.stack), ignore_errors=True)
 
 
 def engine(stack: str, create: bool = True) -> PulumiEngine:

@@ -1,11 +1,12 @@
-"""The real program (infra/__main__.py) under pulumi.runtime.set_mocks, with mocks that do what the
-engine does (gpu_session.mock_engine): the real dynamic providers against the simulator, the real
-Configure commands (site on create, scrub on delete), real hosts, real Ansible."""
+"""The real program (infra/__main__.py) on the real engine (the `pulumi` CLI through the Automation
+API, gpu_session.stack.PulumiEngine) with a file backend: the dynamic providers against the
+simulator, Configure's playbooks (site on create, scrub on delete), real hosts, real Ansible."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -18,7 +19,7 @@ from conftest import FAST_RETRY
 
 from gpu_session.clouds import LaunchSpec
 from gpu_session.clouds.lambda_cloud import LambdaCloud
-from gpu_session.stack import MockEngine, StackError, StackEvent
+from gpu_session.stack import PulumiEngine, StackError, StackEvent, workspace
 from gpu_session.tunnel import free_port
 
 
@@ -26,7 +27,7 @@ from gpu_session.tunnel import free_port
 def stack(request, sim, sim_env):
     """A stack unique to the test; whatever a failing test leaves in the simulator is ended after it."""
     name = "p-" + request.node.name.removeprefix("test_").replace("_", "-")[:30]
-    engine = MockEngine(name)
+    engine = PulumiEngine(name)
     engine.events: list[StackEvent] = []
     yield engine
     for inst in list(sim.world.instances.values()):
@@ -36,6 +37,20 @@ def stack(request, sim, sim_env):
 
 def record(engine):
     return engine.events.append
+
+
+def cli(engine: PulumiEngine, *args: str) -> str:
+    """The `pulumi` CLI on the engine's stack, in its workspace, with its environment."""
+    from gpu_session.stack import pulumi_binary
+
+    done = subprocess.run([str(pulumi_binary()), *args, "--stack", engine.stack], cwd=workspace(engine.stack),
+                          env={**os.environ, **engine._env}, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def types(engine: PulumiEngine) -> list[str]:
+    return [r["type"] for r in engine.resources()]
 
 
 def live(sim, stack_name: str) -> list[dict]:
@@ -92,14 +107,18 @@ def test_up_serves_the_model_and_destroy_scrubs_before_terminating(stack, sim, c
         "model": "gpu-session/tiny-chat", "cloud": cloud, "backend": "transformers", "hours": "1",
         "lambdaApiKey": sim.lambda_key, "runpodApiKey": sim.runpod_key, "hfToken": sim.hf_token,
     })  # fmt: skip
-    outputs = stack.up(record(stack))
+    with ProcessArguments() as arguments:  # every process's command line while up runs
+        outputs = stack.up(record(stack))
     events_of_up = list(stack.events)
 
-    assert [o for o in ops(stack) if o[0] == "done"] == [
+    assert [o for o in ops(stack) if o[0] == "done" and o[2] != "Stack"] == [
         *([("done", "create", "LambdaSshKey")] if cloud == "lambda" else []),
         ("done", "create", "GpuInstance"),
-        ("done", "create", "Command"),
+        ("done", "create", "Configure"),
     ]
+    assert any("pulumi-language-python-exec" in a for a in arguments.seen) and any(
+        "gpu_session.converge" in a for a in arguments.seen
+    )
     session = Path(outputs["session_dir"])
     assert outputs["cloud"] == cloud and outputs["model"] == outputs["served_model_name"] == "gpu-session/tiny-chat"
     assert [i["id"] for i in live(sim, stack.stack)] == [outputs["instance_id"]]
@@ -124,16 +143,26 @@ def test_up_serves_the_model_and_destroy_scrubs_before_terminating(stack, sim, c
     stack.up(record(stack))
     assert {o[1] for o in ops(stack)} == {"same"}, [e.message for e in stack.events if e.message.startswith("changed")]
 
-    # No secret in the state, the provider pickles or the outputs (the events are checked below).
-    state = stack.state.read_text()
-    pickles = [base64.b64decode(r["inputs"]["__provider"]).decode("latin-1") for r in json.loads(state)["resources"]
-               if "__provider" in r["inputs"]]  # fmt: skip
-    produced = [state, *pickles, json.dumps(stack.outputs())]
+    # No secret in the state (as exported, and the backend's files), the stack's config, the engine's
+    # logs, the provider pickles (decrypted) or the outputs; the events and arguments are checked below.
+    decrypted = stack.export()  # as the Automation API exports it: with --show-secrets
+    pickles = [base64.b64decode(plain(r["inputs"]["__provider"])).decode("latin-1") for r in decrypted["resources"]
+               if "__provider" in r.get("inputs", {})]  # fmt: skip
+    assert sim.hf_token in json.dumps(decrypted)  # the export can show it: the scans below can find it
+    files = [f for root in (Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "pulumi", workspace(stack.stack),
+                            Path(os.environ["PULUMI_HOME"])) for f in root.rglob("*") if f.is_file()]  # fmt: skip
+    assert any(f.name == f"{stack.stack}.json" for f in files) and any(f.suffix == ".log" for f in files)
+    produced = [
+        cli(stack, "stack", "export"),
+        *(f.read_text(errors="replace") for f in files),
+        *pickles,
+        json.dumps(stack.outputs()),
+    ]
 
     stack.events.clear()
     stack.destroy(record(stack))
     deletes = [o[2] for o in ops(stack) if o[:2] == ("done", "delete")]
-    assert deletes == ["Command", "GpuInstance", *(["LambdaSshKey"] if cloud == "lambda" else [])]
+    assert deletes == ["Configure", "GpuInstance", *(["LambdaSshKey"] if cloud == "lambda" else []), "Stack"]
     receipt = json.loads((session / "scrub-receipt.json").read_text())
     ended = [t for t in sim.world.snapshot()["terminations"] if t["id"] == outputs["instance_id"]]
     assert receipt["instance_id"] == outputs["instance_id"] and ended and receipt["scrubbed_at"] < ended[0]["t"]
@@ -144,8 +173,37 @@ def test_up_serves_the_model_and_destroy_scrubs_before_terminating(stack, sim, c
         "session private key": (session / "id_ed25519").read_text().splitlines()[1],
         "host private key": (session / "host_ed25519_key").read_text().splitlines()[1],
     }  # fmt: skip
-    produced = "\n".join([*produced, *(repr(e) for e in [*events_of_up, *stack.events])])
+    produced = "\n".join([*produced, *(repr(e) for e in [*events_of_up, *stack.events]), *arguments.seen])
     assert pickles and [what for what, secret in planted.items() if secret in produced] == []
+
+
+def plain(value):
+    """A value of `pulumi stack export --show-secrets`: a secret comes as {<sig>: …, "plaintext": JSON}."""
+    return json.loads(value["plaintext"]) if isinstance(value, dict) and "plaintext" in value else value
+
+
+class ProcessArguments:
+    """Every command line on this machine, sampled while the block runs (a thread, every 20 ms)."""
+
+    def __enter__(self):
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.02):
+                for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                    try:
+                        self.seen.add(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                    except OSError:
+                        pass  # the process ended
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def lambda_cloud(sim) -> LambdaCloud:
@@ -159,8 +217,8 @@ def test_refresh_drops_an_instance_terminated_outside_pulumi(stack, sim):
     lambda_cloud(sim).terminate_and_wait(first["instance_id"], time.monotonic() + 30)  # "the console"
 
     stack.refresh(record(stack))
-    assert ("done", "refresh-delete", "GpuInstance") in ops(stack)
-    assert [r["type"].rsplit(":", 1)[-1] for r in stack.resources()] == ["LambdaSshKey"]
+    assert ("done", "delete", "GpuInstance") in ops(stack)
+    assert types(stack) == ["LambdaSshKey"]
 
     second = stack.up()  # a new machine, not a stale record
     assert second["instance_id"] != first["instance_id"] and [i["id"] for i in live(sim, stack.stack)] == [second["instance_id"]]
@@ -185,7 +243,7 @@ def test_a_create_that_fails_after_launch_leaves_no_instance(stack, sim):
     with pytest.raises(StackError, match="gpu"):
         stack.up(record(stack))
     assert killed and not live(sim, stack.stack)
-    assert "GpuInstance" not in [r["type"].rsplit(":", 1)[-1] for r in stack.resources()]
+    assert "GpuInstance" not in types(stack)
     stack.destroy()
     assert stack.resources() == [] and not our_keys(sim, stack.stack)
 

@@ -1,5 +1,5 @@
-"""The stack seam without a cloud: finding the CLI, the environment the engine and provider process
-get, Ctrl-C, engine events, and the mock engine's sealed secrets."""
+"""The stack without a cloud: finding the CLI, the environment the engine and provider process get,
+Ctrl-C, engine events, and which locks a killed engine left."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pytest
 from pulumi.automation import events
 
 from gpu_session import stack
-from gpu_session.mock_engine import Secrets, unwrap_inputs
 
 
 def test_without_the_cli_every_engine_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("GPU_SESSION_ENGINE", raising=False)
+    monkeypatch.delenv("PULUMI_HOME", raising=False)
     with pytest.raises(stack.PulumiMissing) as e:
         stack.engine("dev")
     assert "curl -fsSL https://get.pulumi.com | sh" in str(e.value) and "not installed" in str(e.value)
+    assert "scripts/install-pulumi" in str(e.value)  # the way on a machine without the internet
 
 
 def test_the_cli_in_pulumis_own_install_folder_is_found(monkeypatch, tmp_path):
@@ -79,14 +79,22 @@ def test_engine_events_become_ours():
     assert stack.engine_event(events.EngineEvent.from_json({"sequence": 3, "timestamp": 0})) is None
 
 
-def test_the_mock_engine_seals_exactly_the_secret_values(tmp_path):
-    wrapped = {"4dabf18193072939515e22adb298388d": "1b47061264138c4ac30d75fd1eb44270", "value": "hf_secret"}
-    inputs, paths = unwrap_inputs({"environment": {"HF_TOKEN": wrapped, "GPU_SESSION_HOST": "10.0.0.1"}, "name": "x"})
-    assert inputs == {"environment": {"HF_TOKEN": "hf_secret", "GPU_SESSION_HOST": "10.0.0.1"}, "name": "x"}
-    secrets = Secrets(tmp_path / "key")
-    sealed = secrets.seal(inputs, paths)
-    assert "hf_secret" not in str(sealed) and sealed["environment"]["GPU_SESSION_HOST"] == "10.0.0.1"
-    assert secrets.open(sealed, paths) == inputs and stat.S_IMODE(os.stat(tmp_path / "key").st_mode) == 0o600
+def test_only_a_lock_whose_process_is_gone_is_stale(tmp_path, monkeypatch):
+    """kill -9 of a pulumi operation leaves its lock file; a live process's lock, or another machine's, is not ours to take."""
+    import json
+    import socket
+    import subprocess
+
+    monkeypatch.setenv("PULUMI_BACKEND_URL", f"file://{tmp_path}")
+    engine = stack.engine("locked")
+    locks = tmp_path / ".pulumi" / "locks" / "organization" / "gpu-session" / "locked"
+    locks.mkdir(parents=True, exist_ok=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    here = socket.gethostname()
+    for name, pid, host in (("dead", gone.pid, here), ("live", os.getpid(), here), ("elsewhere", gone.pid, "another-machine")):
+        (locks / f"{name}.json").write_text(json.dumps({"pid": pid, "hostname": host, "username": "root", "timestamp": "now"}))
+    assert [lock["pid"] for lock in engine.stale_locks()] == [gone.pid] and engine.stale_locks()[0]["hostname"] == here
 
 
 def test_doctor_names_every_file_others_could_read(tmp_path):
