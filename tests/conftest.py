@@ -16,7 +16,10 @@ import pytest
 _SANDBOX = Path(tempfile.mkdtemp(prefix="gpu-session-tests-"))
 os.environ["XDG_STATE_HOME"] = str(_SANDBOX / "state")
 os.environ["XDG_CONFIG_HOME"] = str(_SANDBOX / "config")
-for var in ("LAMBDA_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "LAMBDA_API_BASE", "RUNPOD_API_BASE_URL", "HF_ENDPOINT"):
+# The engine's own files (logs, workspace settings) too; the CLI itself stays where it was installed.
+os.environ["PULUMI_HOME"] = str(_SANDBOX / "pulumi-home")
+for var in ("LAMBDA_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "LAMBDA_API_BASE", "RUNPOD_API_BASE_URL", "HF_ENDPOINT",
+            "PULUMI_BACKEND_URL", "PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE", "PULUMI_ACCESS_TOKEN"):
     os.environ.pop(var, None)
 
 from gpu_session.clouds import LaunchSpec, RetryPolicy  # noqa: E402
