@@ -303,11 +303,11 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
     """Scrub and destroy, then prove it: no instance or key of the stack's left at the cloud, the
     stack's local secrets deleted, the session's cost recorded. A summary."""
     stack = engine(stack_name)
-    outputs = stack.outputs()
+    recorded = stack.resources()
     watch.stop(stack_name)
     if tunnel.stop(stack_name):
         say("tunnel closed")
-    scrub_half_configured(stack, say, on_event)
+    scrub_half_configured(stack, recorded, say)
     stack.destroy(on_event)
     receipt_file = stack_dir(stack_name) / "scrub-receipt.json"
     receipt = json.loads(receipt_file.read_text()) if receipt_file.exists() else None
@@ -317,7 +317,7 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
     shutil.rmtree(stack_dir(stack_name), ignore_errors=True)
     ledger = Ledger()
     closed = [ledger.close(s.instance_id) for s in ledger.sessions(live=True, stack=stack_name)]
-    if not outputs and not closed:
+    if not recorded and not closed and not left:
         say(f"stack {stack_name}: nothing was up")
     return {
         "stack": stack_name,
@@ -327,16 +327,16 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
     }
 
 
-def scrub_half_configured(stack, say: Say, on_event: OnEvent) -> None:
-    """An `up` killed while it configured the host left Configure's create pending: the state drops
-    it (stack.recover), so `destroy` would terminate the host without scrubbing it. Scrub it here
+def scrub_half_configured(stack, recorded: list[dict], say: Say) -> None:
+    """An `up` killed while it configured the host left Configure's create pending (in `recorded`,
+    stack.resources() before anything else ran): the state drops it (stack.recover), so `destroy`
+    would terminate the host without scrubbing it. Scrub it here
     first, as Configure's delete would have. SessionError when the host answers but the scrub fails."""
     from . import converge
 
-    rows = stack.recover(on_event)
-    if not any(r["type"] == "Configure" and r["pending"] == "creating" for r in rows):
+    if not any(r["type"] == "Configure" and r["pending"] == "creating" for r in recorded):
         return
-    [host] = [r["outputs"] for r in rows if r["type"] == "GpuInstance" and not r["pending"]] or [{}]
+    [host] = [r["outputs"] for r in recorded if r["type"] == "GpuInstance" and not r["pending"]] or [{}]
     if not host.get("host"):
         return
     say(f"up was killed while it configured {host['instance_id']}: scrubbing it before it is destroyed")

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -197,11 +198,16 @@ class PulumiEngine:
         """Run `operation` (a method of the Automation API's Stack) with our event handler; StackError
         with what the engine said went wrong, StackCancelled after Ctrl-C. Its result."""
         failures: list[str] = []
+        started: dict[tuple[str, str], float] = {}  # when each resource's step began: its seconds when done
 
         def handle(event) -> None:
             ours = engine_event(event)
             if ours is None:
                 return
+            if ours.kind == "start":
+                started[ours.type, ours.name] = time.monotonic()
+            elif ours.kind in ("done", "failed") and (ours.type, ours.name) in started:
+                ours.seconds = time.monotonic() - started.pop((ours.type, ours.name))
             if ours.kind == "failed" and ours.message and ours.message not in failures:
                 failures.append(ours.message)
             on_event(ours)

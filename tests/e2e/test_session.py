@@ -1,5 +1,5 @@
-"""`invoke up` and `invoke down` as a person runs them (real processes, the mock engine in place of
-the Pulumi CLI), against the simulator: what is left at the cloud, on the host and in the ledger."""
+"""`invoke up` and `invoke down` as a person runs them (real processes, the real Pulumi engine),
+against the simulator: what is left at the cloud, on the host and in the ledger."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def invoke(*args: str, timeout: int = 600, **popen) -> subprocess.CompletedProce
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "GPU_SESSION_ENGINE": "mock"}
+    return dict(os.environ)
 
 
 def alive(sim, stack: str) -> list[dict]:
@@ -289,27 +289,48 @@ def _wait(what, timeout=120):
     raise AssertionError("timed out")
 
 
-@pytest.mark.parametrize("point", ["launching", "configuring"])
-def test_kill_9_during_up_then_down_leaves_nothing(sim, sim_env, wheelhouse, point):
+@pytest.mark.parametrize("point", ["booting", "configuring"])
+def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, point):
     """up and its engine killed outright (a crash, a closed laptop) while the machine boots or while
-    it is configured; `down` ends what was launched, recorded or not."""
+    it is configured: the state is left locked with a pending create. While booting, the next `up`
+    adopts the machine (one instance, never two); `down` then ends it. While configuring, `down`
+    scrubs the host before it ends it."""
     stack = f"kill-{point}"
-    state = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "mock-engine" / f"{stack}.json"
-    proc = subprocess.Popen(
-        [INVOKE, "up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--backend", "transformers", "--stack", stack, "--yes"],
-        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    if point == "launching":  # launched, not yet recorded
-        _wait(lambda: alive(sim, stack))
-    else:  # the instance recorded, the playbook running
-        _wait(lambda: state.exists() and "GpuInstance" in state.read_text(), timeout=180)
-        time.sleep(3)
+    state = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "pulumi" / ".pulumi" / "stacks" / "gpu-session" / f"{stack}.json"
+    up = [
+        INVOKE,
+        "up",
+        "--model",
+        "gpu-session/tiny-chat",
+        "--cloud",
+        "lambda",
+        "--backend",
+        "transformers",
+        "--stack",
+        stack,
+        "--yes",
+    ]
+    proc = subprocess.Popen(up, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pending = "GpuInstance" if point == "booting" else "Configure"
+    _wait(lambda: state.exists() and f"gpu_session:{pending}" in state.read_text(), timeout=180)
+    time.sleep(0.5 if point == "booting" else 3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert alive(sim, stack)
+    [launched] = alive(sim, stack)
+    recorded = json.loads(state.read_text())["checkpoint"]["latest"]
+    assert [op["resource"]["type"].rsplit(":", 1)[-1] for op in recorded["pending_operations"]] == [pending]
 
+    if point == "booting":
+        again = invoke(*up[1:], "--no-configure")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "unlocking it" in again.stderr and "half-created" in again.stderr
+        assert [i["id"] for i in alive(sim, stack)] == [launched["id"]]  # adopted, not launched twice
     down = invoke("down", "--stack", stack)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    if point == "configuring":
+        assert (
+            f"up was killed while it configured {launched['id']}: scrubbing it" in down.stderr and "scrub receipt:" in down.stderr
+        )
     assert not alive(sim, stack) and not keys(sim, stack)
 
 
@@ -380,7 +401,7 @@ def test_a_cancelled_up_tears_down_what_it_made(sim, sim_env, how):
     assert proc.returncode == 1, out + err
     assert "up was cancelled" in err and "no terminal to ask: tearing down" in err and f"stack {stack}: nothing left" in err
     assert not alive(sim, stack) and not keys(sim, stack)
-    assert "create Command configure" not in err  # the instance's create finished; configuring never started
+    assert "create Configure configure" not in err  # the instance's create finished; configuring never started
 
 
 def test_the_budget_cap_warns_then_tears_the_session_down(sim, sim_env, monkeypatch):
@@ -416,15 +437,15 @@ def test_the_watch_ends_a_lambda_instance_at_its_lease_end(sim, sim_env, monkeyp
 
 
 def test_up_sim_rehearses_without_an_account(tmp_path):
-    """A new user's first command: no keys, no simulator running, no Pulumi CLI."""
-    clean = {k: v for k, v in env().items() if k not in ("GPU_SESSION_ENGINE", "LAMBDA_API_KEY", "RUNPOD_API_KEY", "LAMBDA_API_BASE",
+    """A new user's first command: no keys, no simulator running."""
+    clean = {k: v for k, v in env().items() if k not in ("LAMBDA_API_KEY", "RUNPOD_API_KEY", "LAMBDA_API_BASE",
                                                          "RUNPOD_API_BASE_URL", "HF_ENDPOINT", "HF_TOKEN")}  # fmt: skip
     clean["GPU_SESSION_SIM_DIR"] = str(tmp_path / "sim")
     run = lambda *args: subprocess.run([INVOKE, *args], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=600)  # noqa: E731
     try:
         up = run("up", "--sim", "--no-configure", "--stack", "first", "--yes")
         assert up.returncode == 0, up.stderr[-3000:]
-        assert "starting the cloud simulator" in up.stderr and "with the mock engine" in up.stderr and "plan: " in up.stderr
+        assert "starting the cloud simulator" in up.stderr and "plan: " in up.stderr
         down = run("down", "--sim", "--stack", "first")
         assert down.returncode == 0 and "stack first: nothing left at the cloud" in down.stderr, down.stderr[-3000:]
     finally:
