@@ -178,6 +178,9 @@ class PulumiEngine:
 
         self.stack = stack
         binary = pulumi_binary()
+        # The file backend writes its state, backups and history 0644 in 0755 folders: everything the
+        # engine (and its plugins, our providers) writes from here on is private, 0600 and 0700.
+        os.umask(0o077)
         self._auto = auto
         self._env = pulumi_env()
         select = auto.create_or_select_stack if create else auto.select_stack

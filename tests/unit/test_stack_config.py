@@ -56,3 +56,11 @@ def test_secrets_never_appear_in_errors_or_reprs():
         parse({"model": "a/b", "hfToken": "hf_secret\nvalue"})
     assert "hf_secret" not in str(err.value) and "(secret)" in str(err.value)
     assert "hf_abc" not in repr(parse({"model": "a/b", "hfToken": "hf_abc"}))
+
+
+def test_every_config_key_the_readme_and_the_ci_example_set_is_a_setting():
+    """The README's CLI steps and examples/github-actions.yml type `pulumi config set KEY …`: each
+    key must be one the program takes (a typo there would fail only on a real cloud)."""
+    for doc in ("README.md", "examples/github-actions.yml"):
+        keys = re.findall(r"pulumi config set (?:--secret )?([A-Za-z]+)", (ROOT / doc).read_text())
+        assert keys and [k for k in keys if k not in KEYS] == [], doc
