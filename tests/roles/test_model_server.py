@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from conftest import on
@@ -91,6 +92,23 @@ def test_an_unchanged_converge_ends_early_and_a_changed_one_runs_in_full(site, k
     events = []
     converge(events, model_server_backend="transformers", lease_check_interval_s=7)
     assert "Ask for one token" in [e.task for e in events]
+
+
+def test_a_prebuilt_venv_of_another_lock_is_not_linked(site, keypair, prebuilt_venvs):
+    """Only a venv whose lock copy is byte for byte the role's own is linked: one named right but
+    built from another lock (or left half-built) is ignored, and the engine installs as without one."""
+    target, _, converge = site
+    other = "/var/tmp/other-venvs"  # in the host's own copy-on-write /var
+    hub, served = (engines.prebuilt_venv(e, Path(other)) for e in ("hub", "transformers-cpu"))
+    prepare = (
+        f"mkdir -p {hub}/bin && ln -s /usr/bin/python3 {hub}/bin/python && echo other-lock > {hub}/.gpu-session-lock"
+        f" && ln -s {engines.prebuilt_venv('transformers-cpu', prebuilt_venvs)} {served}"
+    )
+    on(target, keypair, f"sudo sh -c '{prepare}'")
+    converge(model_server_backend="transformers", model_server_prebuilt_venvs=other)
+    shown = "for e in hub transformers-cpu; do readlink /opt/gpu-session/engines/$e || echo installed; done"
+    assert on(target, keypair, f"sudo sh -c '{shown}'").split() == ["installed", str(served)]
+    on(target, keypair, f"sudo rm -r {other}")
 
 
 def test_engines_link_to_the_prebuilt_venvs_which_scrub_leaves_alone(site, sim, keypair, prebuilt_venvs):
