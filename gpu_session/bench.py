@@ -6,6 +6,7 @@ noisy, so the report leans on ratios measured in the same run).
 - the tunnel's first-token overhead: time to first token through client and tunnel, minus the same
   request made on the host (median of several);
 - a no-change configure; down (scrub, destroy, verify);
+- the Pulumi engine's own share: a no-change `up`, a `preview`, and `destroy` of an empty stack;
 - the chat's rendering: a long markdown answer fed at 200 tokens/s to the chat's view; and as
   fast as it goes, to the chat's view drawing on every token and to the usual view that parses and
   draws the whole answer on every token.
@@ -26,6 +27,7 @@ from .chat.client import ChatClient
 from .chat.repl import streamed_markdown
 from .paths import stack_dir
 from .ssh import Endpoint, session_keys, ssh_command
+from .stack import engine
 
 STACK = "bench"
 MODEL = "gpu-session/tiny-chat"
@@ -130,6 +132,24 @@ def render_report(tokens: int = 2000, rate: float = 200) -> dict:
     }
 
 
+def _engine_share() -> dict:
+    """The Pulumi engine's own cost, on the live session's stack: a no-change `up` (the program runs,
+    every resource diffs the same, Configure's playbook is not run), a `preview`, and `destroy` of an
+    empty stack (the CLI, the backend and the state, with no program or provider to run). Seconds."""
+    stack = engine(STACK)
+    took = {}
+    for name, operation in (("engine_no_change_up_s", stack.up), ("engine_preview_s", stack.preview)):
+        start = time.monotonic()
+        operation()
+        took[name] = time.monotonic() - start
+    empty = engine(f"{STACK}-empty")
+    start = time.monotonic()
+    empty.destroy()
+    took["engine_destroy_empty_stack_s"] = time.monotonic() - start
+    empty.remove()
+    return took
+
+
 def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict:
     session.use_simulator(say)
     events = []
@@ -150,6 +170,7 @@ def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict
         start = time.monotonic()
         session.reconfigure(STACK, say=lambda _: None)
         no_change_s = time.monotonic() - start
+        engine_s = _engine_share()
     finally:
         start = time.monotonic()
         session.down(STACK, say=say, on_event=lambda _: None)
@@ -168,6 +189,8 @@ def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict
         "first_token_on_host_ms": round(host_s * 1000, 1),
         "tunnel_overhead_ms": round((tunnel_s - host_s) * 1000, 1),
         "no_change_configure_s": round(no_change_s, 1),
+        **{k: round(v, 1) for k, v in engine_s.items()},
+        "no_change_up_share_of_up": round(engine_s["engine_no_change_up_s"] / up_s, 2),
         "down_s": round(down_s, 1),
         **render_report(),
     }

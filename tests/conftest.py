@@ -18,8 +18,18 @@ os.environ["XDG_STATE_HOME"] = str(_SANDBOX / "state")
 os.environ["XDG_CONFIG_HOME"] = str(_SANDBOX / "config")
 # The engine's own files (logs, workspace settings) too; the CLI itself stays where it was installed.
 os.environ["PULUMI_HOME"] = str(_SANDBOX / "pulumi-home")
-for var in ("LAMBDA_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "LAMBDA_API_BASE", "RUNPOD_API_BASE_URL", "HF_ENDPOINT",
-            "PULUMI_BACKEND_URL", "PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE", "PULUMI_ACCESS_TOKEN"):
+for var in (
+    "LAMBDA_API_KEY",
+    "RUNPOD_API_KEY",
+    "HF_TOKEN",
+    "LAMBDA_API_BASE",
+    "RUNPOD_API_BASE_URL",
+    "HF_ENDPOINT",
+    "PULUMI_BACKEND_URL",
+    "PULUMI_CONFIG_PASSPHRASE",
+    "PULUMI_CONFIG_PASSPHRASE_FILE",
+    "PULUMI_ACCESS_TOKEN",
+):
     os.environ.pop(var, None)
 
 from gpu_session.clouds import LaunchSpec, RetryPolicy  # noqa: E402
@@ -32,7 +42,9 @@ FAST_RETRY = RetryPolicy(attempts=5, base=0.05, cap=0.4)
 
 
 @pytest.fixture(scope="session")
-def sim(tmp_path_factory):
+def sim(tmp_path_factory, wheelhouse):
+    """One simulator for the session. After the engines' wheelhouse and prebuilt venvs (built here when
+    missing): the simulator tells its hosts where they are only if they exist when it starts."""
     config = SimConfig(boot_delay=0.3, terminate_delay=0.1, gone_after=0.5, lambda_rate=0, lambda_launch_rate=0)
     with Simulator(tmp_path_factory.mktemp("sim"), config) as s:
         yield s

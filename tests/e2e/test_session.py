@@ -404,6 +404,42 @@ def test_a_cancelled_up_tears_down_what_it_made(sim, sim_env, how):
     assert "create Configure configure" not in err  # the instance's create finished; configuring never started
 
 
+def test_ctrl_c_twice_stops_the_engine_and_down_recovers(sim, sim_env):
+    """The second Ctrl-C stops the engine at once, whatever it was doing: the state may be left with
+    a create in flight, and `down` still ends everything."""
+    stack = "cancel-twice"
+    proc = subprocess.Popen(
+        [INVOKE, "up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", stack, "--yes"],
+        cwd=ROOT, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    _wait(lambda: alive(sim, stack))
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out + err
+    assert "Ctrl-C again to stop at once" in err
+    down = invoke("down", "--stack", stack)
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    assert not alive(sim, stack) and not keys(sim, stack)
+
+
+def test_an_instance_ended_outside_pulumi_shows_in_status_and_down_tidies_up(sim, sim_env):
+    stack = "ended-outside"
+    up = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", "runpod", "--no-configure", "--stack", stack, "--yes")
+    assert up.returncode == 0, up.stderr[-3000:]
+    [inst] = alive(sim, stack)
+    sim.world.terminate(sim.world.instances[inst["id"]])  # the console, or the lease's end on the host
+    _wait(lambda: not alive(sim, stack), timeout=60)
+    [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
+    assert row["cloud_status"].startswith("gone") and "ended outside this tool" in row["drift"]
+    down = invoke("down", "--stack", stack)
+    assert down.returncode == 0 and f"stack {stack}: nothing left at the cloud" in down.stderr, down.stderr[-3000:]
+    [entry] = Ledger().sessions(stack=stack)
+    assert entry.ended_at is not None and not keys(sim, stack)
+
+
 def test_the_budget_cap_warns_then_tears_the_session_down(sim, sim_env, monkeypatch):
     monkeypatch.setenv("GPU_SESSION_WATCH_INTERVAL", "0.5")
     stack = "budget"

@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -288,3 +290,27 @@ def test_bad_config_is_refused_before_anything_is_launched(stack, sim, config, s
         assert not our_keys(sim, stack.stack)
     stack.destroy()
     assert not our_keys(sim, stack.stack) and stack.resources() == []
+
+
+def test_one_ctrl_c_lets_the_launch_finish_and_records_it(stack, sim, sim_env):
+    """Ctrl-C while the instance boots (the whole foreground group gets SIGINT, as a terminal sends
+    it): the create in flight finishes and is recorded, nothing after it starts, and the state has
+    nothing pending: `destroy` alone then ends the machine."""
+    stack.set_config({"model": "gpu-session/tiny-chat"})
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"from gpu_session.stack import engine; engine({stack.stack!r}).up(print)"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not live(sim, stack.stack) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGINT)
+    said, _ = child.communicate(timeout=300)
+    assert child.returncode != 0 and "StackCancelled" in said, said[-3000:]
+    [launched] = live(sim, stack.stack)
+    assert [(r["type"], r["id"], r["pending"]) for r in stack.resources()] == [
+        ("LambdaSshKey", our_keys(sim, stack.stack)[0]["id"], ""),
+        ("GpuInstance", launched["id"], ""),
+    ]  # recorded, Configure never started, nothing pending
+    stack.destroy()
+    assert not live(sim, stack.stack) and stack.resources() == []
