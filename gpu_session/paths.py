@@ -38,6 +38,17 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def make_private(tree: Path) -> None:
+    """Every folder under `tree` 0700 and every file 0600 (symlinks left alone): for what another
+    program wrote there with its own modes (the Pulumi file backend: 0755 and 0644)."""
+    for folder, _, files in os.walk(tree):
+        os.chmod(folder, 0o700)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o600)
+
+
 def stack_dir(stack: str) -> Path:
     """The stack's own folder: its session key, known_hosts, the model server's key, receipts."""
     if not STACK_NAME.match(stack or ""):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .daemon import alive
-from .paths import ROOT, config_dir, private_dir, state_dir, write_private
+from .paths import ROOT, config_dir, make_private, private_dir, state_dir, write_private
 from .stack_config import NAMESPACE, SECRETS
 
 INSTALL_PULUMI = (
@@ -178,9 +178,6 @@ class PulumiEngine:
 
         self.stack = stack
         binary = pulumi_binary()
-        # The file backend writes its state, backups and history 0644 in 0755 folders: everything the
-        # engine (and its plugins, our providers) writes from here on is private, 0600 and 0700.
-        os.umask(0o077)
         self._auto = auto
         self._env = pulumi_env()
         select = auto.create_or_select_stack if create else auto.select_stack
@@ -196,6 +193,7 @@ class PulumiEngine:
             )
         except auto.errors.StackNotFoundError:
             raise StackError(f"no stack {stack}") from None
+        self._make_private()
 
     def _run(self, what: str, operation, on_event: OnEvent, **options):
         """Run `operation` (a method of the Automation API's Stack) with our event handler; StackError
@@ -219,13 +217,23 @@ class PulumiEngine:
             try:
                 result = operation(on_event=handle, color="never", **options)
             except self._auto.errors.CommandError as e:
+                self._make_private()
                 if pressed.count:
                     raise StackCancelled(f"pulumi {what} cancelled on stack {self.stack}") from None
                 said = "\n".join(failures) or str(e)
                 raise StackError(f"pulumi {what} failed on stack {self.stack}: {said}") from None
+        self._make_private()
         if pressed.count:
             raise StackCancelled(f"pulumi {what} on stack {self.stack} finished, but was cancelled")
         return result
+
+    def _make_private(self) -> None:
+        """The file backend writes its state, backups and history 0644 in 0755 folders (inside our
+        0700 state folder): make them 0600 and 0700 like every other file of ours."""
+        ours = state_dir() / "pulumi"  # a backend the user chose elsewhere keeps the modes they gave it
+        if self._env["PULUMI_BACKEND_URL"] == f"file://{ours}":
+            make_private(ours)
+        make_private(workspace(self.stack))
 
     def set_config(self, values: dict[str, str]) -> None:
         """Replace the stack's config: keys as in Pulumi.example.yaml (secrets are stored as secrets);
@@ -235,6 +243,7 @@ class PulumiEngine:
         if stale:
             self._stack.remove_all_config(stale)
         self._stack.set_all_config({k: self._auto.ConfigValue(v, secret=k.split(":")[-1] in SECRETS) for k, v in wanted.items()})
+        self._make_private()
 
     def config(self) -> dict[str, str]:
         """The stack's config, keys without the namespace."""
