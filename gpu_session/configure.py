@@ -162,7 +162,11 @@ def run(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     try:
+        parent = os.getppid()
         kwargs = dict(
+            # Whoever started us is gone (a killed engine, a closed terminal): stop the play rather
+            # than go on changing a host for nobody.
+            cancel_callback=lambda: os.getppid() != parent,
             private_data_dir=str(private),
             inventory=json.dumps(_inventory(target)),
             extravars=extravars or {},

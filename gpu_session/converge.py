@@ -43,7 +43,7 @@ PHASES = {
 
 @dataclass(frozen=True)
 class HostSettings:
-    """The GPU_SESSION_* environment the program sets on the Configure command."""
+    """The GPU_SESSION_* environment the Configure resource (gpu_session.providers.configure) sets."""
 
     stack: str
     cloud: str

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,9 @@ from .clouds import CLOUDS, Cloud, Instance, NotFound, Offer, get_cloud
 from .configure import ConfigureError, remove_orphaned_runs
 from .ledger import Ledger, Session
 from .paths import stack_dir, write_private
+from .providers.credentials import CONFIG_KEYS
 from .ssh import Endpoint
-from .stack import OnEvent, StackError, engine
+from .stack import OnEvent, StackError, StackNotFound, engine
 
 PREFIX = "gpu-session-"  # <project>-<stack>-gpu: what the program names instances and keys
 Say = Callable[[str], None]
@@ -296,24 +298,44 @@ def status() -> list[dict]:
 
 
 def ours(stack: str, cloud: Cloud) -> list[Instance]:
-    return [i for i in cloud.list(f"{PREFIX}{stack}-") if i.alive]
+    """The stack's live instances: exactly its name (a prefix would take stack dev-2's for dev's)."""
+    return [i for i in cloud.list(instance_name(stack)) if i.alive and i.name == instance_name(stack)]
+
+
+def instance_name(stack: str) -> str:
+    """What infra/__main__.py names the stack's instance."""
+    return f"{PREFIX}{stack}-gpu"
+
+
+def is_ssh_key_of(stack: str, key_name: str) -> bool:
+    """Whether a Lambda key is the stack's: infra/__main__.py names it <prefix><stack>-<8 hex of its fingerprint>."""
+    return re.fullmatch(re.escape(f"{PREFIX}{stack}-") + "[0-9a-f]{8}", key_name) is not None
 
 
 def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
     """Scrub and destroy, then prove it: no instance or key of the stack's left at the cloud, the
-    stack's local secrets deleted, the session's cost recorded. A summary."""
-    stack = engine(stack_name)
-    recorded = stack.resources()
+    stack's local secrets deleted, the session's cost recorded. Works from a shell without the cloud
+    keys (the stack holds its own) and for a stack that does not exist (nothing is created: the
+    clouds are still asked). A summary."""
+    try:
+        stack = engine(stack_name, create=False)
+    except StackNotFound:
+        stack = None
+    recorded = stack.resources() if stack else []
+    if stack:
+        use_stack_keys(stack.config())
     watch.stop(stack_name)
     if tunnel.stop(stack_name):
         say("tunnel closed")
-    scrub_half_configured(stack, recorded, say)
-    stack.destroy(on_event)
+    if stack:
+        scrub_half_configured(stack, recorded, say)
+        stack.destroy(on_event)
     receipt_file = stack_dir(stack_name) / "scrub-receipt.json"
     receipt = json.loads(receipt_file.read_text()) if receipt_file.exists() else None
     left = verify_gone(stack_name, say)
     remove_orphaned_runs()  # what a killed converge left (its extra vars hold secrets)
-    stack.remove()
+    if stack:
+        stack.remove()
     shutil.rmtree(stack_dir(stack_name), ignore_errors=True)
     ledger = Ledger()
     closed = [ledger.close(s.instance_id) for s in ledger.sessions(live=True, stack=stack_name)]
@@ -325,6 +347,14 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
         "terminated_orphans": left,
         "sessions": [vars(s) | {"cost": s.cost} for s in closed if s],
     }
+
+
+def use_stack_keys(config: dict[str, str]) -> None:
+    """The cloud keys the stack holds (its secret config, set by `up`) for this process's own calls
+    to the clouds, where the environment has none."""
+    for cloud, key in CONFIG_KEYS.items():
+        if config.get(key) and not os.environ.get(KEY_ENV[cloud]):
+            os.environ[KEY_ENV[cloud]] = config[key]
 
 
 def scrub_half_configured(stack, recorded: list[dict], say: Say) -> None:
@@ -362,7 +392,7 @@ def verify_gone(stack_name: str, say: Say) -> list[str]:
             cloud.terminate_and_wait(inst.id, time.monotonic() + 300)
             ended.append(inst.id)
         for key in cloud.list_ssh_keys():
-            if key.name.startswith(f"{PREFIX}{stack_name}-"):
+            if is_ssh_key_of(stack_name, key.name):
                 say(f"{name} SSH key {key.name} is still registered: deleting it")
                 try:
                     cloud.delete_ssh_key(key.id)

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,10 @@ class StackEvent:
 
 class StackError(RuntimeError):
     """An operation on the stack failed; the message says which resource and why."""
+
+
+class StackNotFound(StackError):
+    """No stack of that name (asked for without creating it)."""
 
 
 class StackCancelled(StackError):
@@ -150,18 +155,22 @@ def workspace(stack: str) -> Path:
 
 
 def engine_event(event) -> StackEvent | None:
-    """An Automation API EngineEvent as ours (None for the ones we do not show)."""
-    if event.resource_pre_event is not None:
-        meta = event.resource_pre_event.metadata
-        return StackEvent("start", str(meta.op.value), meta.type.rsplit(":", 1)[-1], meta.urn.rsplit("::", 1)[-1])
-    if event.res_outputs_event is not None:
-        meta = event.res_outputs_event.metadata
-        return StackEvent("done", str(meta.op.value), meta.type.rsplit(":", 1)[-1], meta.urn.rsplit("::", 1)[-1])
-    if event.res_op_failed_event is not None:
-        meta = event.res_op_failed_event.metadata
-        return StackEvent("failed", str(meta.op.value), meta.type.rsplit(":", 1)[-1], meta.urn.rsplit("::", 1)[-1])
+    """An Automation API EngineEvent as ours (None for the ones we do not show: the engine's debug
+    lines, and the steps of the stack itself and of provider references, `pulumi:*` types)."""
+    for kind, step in (
+        ("start", event.resource_pre_event),
+        ("done", event.res_outputs_event),
+        ("failed", event.res_op_failed_event),
+    ):
+        if step is not None:
+            meta = step.metadata
+            if meta.type.startswith("pulumi:") and kind != "failed":
+                return None
+            return StackEvent(kind, str(meta.op.value), meta.type.rsplit(":", 1)[-1], meta.urn.rsplit("::", 1)[-1])
     if event.diagnostic_event is not None and event.diagnostic_event.message.strip():
         d = event.diagnostic_event
+        if d.severity == "debug":  # the engine's and the SDK's own tracing ("registering resource: …")
+            return None
         name = (d.urn or "").rsplit("::", 1)[-1]
         kind = "failed" if d.severity == "error" else "log"
         return StackEvent(kind, name=name, message=d.message.strip())
@@ -192,7 +201,8 @@ class PulumiEngine:
                 ),
             )
         except auto.errors.StackNotFoundError:
-            raise StackError(f"no stack {stack}") from None
+            shutil.rmtree(workspace(stack), ignore_errors=True)  # looking leaves nothing behind
+            raise StackNotFound(f"no stack {stack}") from None
         self._make_private()
 
     def _run(self, what: str, operation, on_event: OnEvent, **options):
@@ -237,13 +247,30 @@ class PulumiEngine:
 
     def set_config(self, values: dict[str, str]) -> None:
         """Replace the stack's config: keys as in Pulumi.example.yaml (secrets are stored as secrets);
-        a key of ours that `values` lacks is removed, so an earlier session's setting never lingers."""
+        a key of ours that `values` lacks is removed, so an earlier session's setting never lingers.
+        Secret values reach the CLI on its standard input, never on its command line (which the
+        Automation API's set_all_config would use, and which any process on the machine can read)."""
         wanted = namespaced(values)
         stale = [k for k in self._stack.get_all_config() if k.startswith(f"{NAMESPACE}:") and k not in wanted]
         if stale:
             self._stack.remove_all_config(stale)
-        self._stack.set_all_config({k: self._auto.ConfigValue(v, secret=k.split(":")[-1] in SECRETS) for k, v in wanted.items()})
+        plain = {k: self._auto.ConfigValue(v) for k, v in wanted.items() if k.split(":")[-1] not in SECRETS}
+        if plain:
+            self._stack.set_all_config(plain)
+        for key, value in wanted.items():
+            if key.split(":")[-1] in SECRETS:
+                self._cli("config", "set", "--secret", key, stdin=value)
         self._make_private()
+
+    def _cli(self, *args: str, stdin: str = "") -> str:
+        """The `pulumi` CLI on this stack, in its workspace, with the engine's environment: its output."""
+        done = subprocess.run(
+            [str(pulumi_binary()), "--non-interactive", *args, "--stack", self.stack],
+            input=stdin, cwd=workspace(self.stack), env={**os.environ, **self._env}, capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise StackError(f"pulumi {' '.join(args[:2])} failed on stack {self.stack}: {done.stderr.strip()}")
+        return done.stdout
 
     def config(self) -> dict[str, str]:
         """The stack's config, keys without the namespace."""

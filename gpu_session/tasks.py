@@ -205,7 +205,11 @@ def up(c, model="", cloud="", gpu="", gpus=1, hours=None, max_price=None, budget
 
     def confirm(plan) -> bool:
         say(f"plan: {plan.describe()}")
-        return yes or input("Launch it? [y/N] ").strip().lower() in ("y", "yes")
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise session.SessionError("no terminal to ask whether to launch: pass --yes to launch without asking")
+        return input("Launch it? [y/N] ").strip().lower() in ("y", "yes")
 
     import signal
 

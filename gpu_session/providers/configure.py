@@ -34,6 +34,7 @@ from pulumi.dynamic import (
 )
 
 from ..paths import ROOT
+from .lifetime import end_with_engine
 
 # Inputs that become GPU_SESSION_<NAME> in the command's environment.
 SETTINGS = (
@@ -70,10 +71,12 @@ def environment(props: dict) -> dict[str, str]:
 def converge(action: str, props: dict) -> None:
     """Run `python -m gpu_session.converge ACTION`, logging each line it prints; ConfigureFailed
     with its last lines when it fails."""
+    # A session of its own: the first Ctrl-C, which reaches the engine's whole process group, must
+    # let the playbook finish (the engine records it), not abort it half-way.
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpu_session.converge", action],
         cwd=ROOT, env=environment(props), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace",
+        text=True, errors="replace", start_new_session=True,
     )  # fmt: skip
     tail: list[str] = []
     for line in proc.stdout:
@@ -85,6 +88,9 @@ def converge(action: str, props: dict) -> None:
 
 
 class ConfigureProvider(ResourceProvider):
+    def configure(self, req) -> None:
+        end_with_engine()
+
     def check(self, olds, news):
         failures = [CheckFailure(k, f"{k} is needed to reach the host") for k in REQUIRED if not news.get(k)]
         return CheckResult(news, failures)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from ..clouds import API_KEY_ENV, Cloud, get_cloud
+from .lifetime import end_with_engine
 
 CONFIG_KEYS = {"lambda": "lambdaApiKey", "runpod": "runpodApiKey"}
 
@@ -17,6 +18,7 @@ class CloudAccess:
     configure runs after unpickling, so nothing it sets is ever pickled)."""
 
     def configure(self, req) -> None:
+        end_with_engine()
         self._config_keys = {cloud: req.config.get(key) for cloud, key in CONFIG_KEYS.items()}
 
     def cloud(self, name: str) -> Cloud:

@@ -18,6 +18,7 @@ import pytest
 
 from gpu_session import daemon
 from gpu_session.ledger import Ledger
+from gpu_session.session import is_ssh_key_of
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,12 +36,12 @@ def alive(sim, stack: str) -> list[dict]:
     return [
         i
         for i in sim.instances()
-        if i["name"].startswith(f"gpu-session-{stack}-") and i["status"] not in ("terminated", "TERMINATED")
+        if i["name"] == f"gpu-session-{stack}-gpu" and i["status"] not in ("terminated", "TERMINATED")
     ]
 
 
 def keys(sim, stack: str) -> list[dict]:
-    return [k for k in sim.ssh_keys() if k["name"].startswith(f"gpu-session-{stack}-")]
+    return [k for k in sim.ssh_keys() if is_ssh_key_of(stack, k["name"])]
 
 
 def events(out: str) -> list[dict]:
@@ -312,10 +313,18 @@ def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, poi
     ]
     proc = subprocess.Popen(up, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     pending = "GpuInstance" if point == "booting" else "Configure"
-    _wait(lambda: state.exists() and f"gpu_session:{pending}" in state.read_text(), timeout=180)
+    _wait(lambda: state.exists() and f"gpu_session:{pending}" in state.read_text() and alive(sim, stack), timeout=180)
     time.sleep(0.5 if point == "booting" else 3)
-    os.killpg(proc.pid, signal.SIGKILL)
+    if point == "booting":
+        os.killpg(proc.pid, signal.SIGKILL)  # everything at once, as a closed laptop does
+    else:  # invoke and the engine alone, as a crash does: what they started must notice and end
+        for pid in [proc.pid, *children(proc.pid, "pulumi")]:
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
+    try:
+        _wait(lambda: not engine_processes(), timeout=60)  # language host, providers, converge, ansible
+    except AssertionError:
+        raise AssertionError(f"still running after the kill: {engine_processes()}") from None
     [launched] = alive(sim, stack)
     recorded = json.loads(state.read_text())["checkpoint"]["latest"]
     assert [op["resource"]["type"].rsplit(":", 1)[-1] for op in recorded["pending_operations"]] == [pending]
@@ -332,6 +341,37 @@ def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, poi
             f"up was killed while it configured {launched['id']}: scrubbing it" in down.stderr and "scrub receipt:" in down.stderr
         )
     assert not alive(sim, stack) and not keys(sim, stack)
+
+
+def children(pid: int, name: str) -> list[int]:
+    """The child processes of `pid` whose command is `name`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().split("(", 1)[1].rsplit(") ", 1)
+        except (OSError, IndexError, ValueError):
+            continue
+        if comm == name and int(rest.split()[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def engine_processes() -> list[str]:
+    """What runs for this test session's stacks: the Pulumi CLI, its language host and providers,
+    converge and Ansible (found by the session's state folder in their environment)."""
+    ours = f"XDG_STATE_HOME={os.environ['XDG_STATE_HOME']}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        engine = ("pulumi" in cmdline.split(" ")[0] or "pulumi.dynamic" in cmdline or "gpu_session.converge" in cmdline
+                  or "ansible" in cmdline)  # fmt: skip
+        if engine and ours in environ:
+            found.append(f"{proc.name} {cmdline[:120]}")
+    return found
 
 
 def test_a_capacity_error_fails_over_to_the_next_offer(sim, sim_env):
@@ -373,6 +413,31 @@ def test_bad_up_says_what_to_do_and_launches_nothing(sim, sim_env, args, says):
     out = invoke("up", *args, "--cloud", "lambda", "--stack", "bad", "--yes")
     assert out.returncode == 1 and says in out.stderr, out.stderr
     assert len(sim.world.instances) == before
+
+
+def test_up_without_a_terminal_to_ask_says_pass_yes(sim, sim_env):
+    before = len(sim.world.instances)
+    out = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", "unasked", stdin=subprocess.DEVNULL)
+    assert out.returncode == 1 and "no terminal to ask whether to launch: pass --yes" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and len(sim.world.instances) == before
+
+
+def test_down_ends_only_its_own_stack_and_works_without_keys_in_the_shell(sim, sim_env, monkeypatch):
+    """Stack twin's down leaves stack twin-2's machine alone (names, not prefixes), and needs no
+    key in the shell: the stack holds its own. A stack that does not exist is not created by down."""
+    for stack in ("twin", "twin-2"):
+        up = invoke("up", "--model", "tiny", "--cloud", "lambda", "--no-configure", "--stack", stack, "--yes")
+        assert up.returncode == 0, up.stderr[-2000:]
+    workspaces = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "workspaces"
+    nothing = invoke("down", "--stack", "nosuch")
+    assert nothing.returncode == 0 and "stack nosuch: nothing was up" in nothing.stderr, nothing.stderr[-2000:]
+    assert not (workspaces / "nosuch").exists()
+    monkeypatch.delenv("LAMBDA_API_KEY")
+    monkeypatch.delenv("RUNPOD_API_KEY")
+    down = invoke("down", "--stack", "twin")
+    assert down.returncode == 0 and "stack twin: nothing left at the cloud" in down.stderr, down.stderr[-2000:]
+    assert not alive(sim, "twin") and len(alive(sim, "twin-2")) == 1 and keys(sim, "twin-2")
+    assert invoke("down", "--stack", "twin-2").returncode == 0 and not alive(sim, "twin-2") and not keys(sim, "twin-2")
 
 
 def test_up_without_any_key_names_the_variables(sim, sim_env, monkeypatch):

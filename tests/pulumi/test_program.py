@@ -108,11 +108,11 @@ def test_up_serves_the_model_and_destroy_scrubs_before_terminating(stack, sim, c
     # Credentials only as secret config: the providers must get them through configure().
     for var in ("LAMBDA_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN"):
         monkeypatch.delenv(var)
-    stack.set_config({
-        "model": "gpu-session/tiny-chat", "cloud": cloud, "backend": "transformers", "hours": "1",
-        "lambdaApiKey": sim.lambda_key, "runpodApiKey": sim.runpod_key, "hfToken": sim.hf_token,
-    })  # fmt: skip
-    with ProcessArguments() as arguments:  # every process's command line while up runs
+    with ProcessArguments() as arguments:  # every process's command line while the config is set and up runs
+        stack.set_config({
+            "model": "gpu-session/tiny-chat", "cloud": cloud, "backend": "transformers", "hours": "1",
+            "lambdaApiKey": sim.lambda_key, "runpodApiKey": sim.runpod_key, "hfToken": sim.hf_token,
+        })  # fmt: skip
         outputs = stack.up(record(stack))
     events_of_up = list(stack.events)
 

@@ -77,6 +77,31 @@ def test_engine_events_become_ours():
     )
     assert stack.engine_event(diag) == stack.StackEvent("log", name="gpu", message="launched …")
     assert stack.engine_event(events.EngineEvent.from_json({"sequence": 3, "timestamp": 0})) is None
+    # Not shown: the engine's debug lines, and the steps of the stack itself and of provider references.
+    debug = {"message": "registering resource: ty=…\n", "color": "never", "severity": "debug", "urn": urn}
+    assert stack.engine_event(events.EngineEvent.from_json({"sequence": 4, "timestamp": 0, "diagnosticEvent": debug})) is None
+    for kind in ("pulumi:pulumi:Stack", "pulumi:providers:pulumi-python"):
+        own = {"op": "create", "urn": f"urn:pulumi:dev::gpu-session::{kind}::x", "type": kind, "provider": ""}
+        assert (
+            stack.engine_event(
+                events.EngineEvent.from_json({"sequence": 5, "timestamp": 0, "resourcePreEvent": {"metadata": own}})
+            )
+            is None
+        )
+    assert stack.engine_event(
+        events.EngineEvent.from_json(
+            {"sequence": 6, "timestamp": 0, "resOpFailedEvent": {"metadata": own, "status": 0, "steps": 0}}
+        )
+    ) == stack.StackEvent("failed", "create", "pulumi-python", "x")  # a failure is always shown
+
+
+def test_a_provider_watches_the_engine_only_in_its_own_process():
+    from gpu_session.providers.lifetime import engine_address
+
+    dynamic = "/venv/lib/python3.11/site-packages/pulumi/dynamic/__main__.py"
+    assert engine_address([dynamic, "127.0.0.1:41213"]) == ("127.0.0.1", 41213)
+    assert engine_address(["/venv/bin/pytest", "127.0.0.1:41213"]) is None  # a test calling a provider
+    assert engine_address([dynamic]) is None and engine_address([dynamic, "tests/x.py::test_y"]) is None
 
 
 def test_only_a_lock_whose_process_is_gone_is_stale(tmp_path, monkeypatch):

@@ -22,7 +22,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/pulumi/pulumi/sdk/v3/go/common/util/cmdutil"
 	"github.com/pulumi/pulumi/sdk/v3/go/common/util/rpcutil"
@@ -54,9 +56,17 @@ func main() {
 	if _, err := os.Stat(executorPath); err != nil {
 		cmdutil.Exit(fmt.Errorf("the executor %s is missing: install it beside this binary (it ships in the sdk/v3 module's python/cmd/)", executorPath))
 	}
-	host := &languageHost{exec: executorPath, tracing: *tracing}
+	// When the engine is gone (kill -9 of `pulumi up`), stop serving and end the program we run,
+	// as Pulumi's own hosts do: nothing of a killed run keeps working on the user's machine.
+	ctx, cancel := context.WithCancel(context.Background())
+	stop := make(chan bool)
+	go func() {
+		<-ctx.Done()
+		close(stop)
+	}()
+	host := &languageHost{exec: executorPath, tracing: *tracing, ctx: ctx, cancel: cancel}
 	if args := flag.Args(); len(args) > 0 {
-		host.engineAddress = args[0]
+		host.watchEngine(args[0])
 	}
 
 	handle, err := rpcutil.ServeWithOptions(rpcutil.ServeOptions{
@@ -64,6 +74,7 @@ func main() {
 			pulumirpc.RegisterLanguageRuntimeServer(srv, host)
 			return nil
 		},
+		Cancel:  stop,
 		Options: rpcutil.OpenTracingServerInterceptorOptions(nil),
 	})
 	if err != nil {
@@ -82,6 +93,22 @@ type languageHost struct {
 	exec          string
 	engineAddress string
 	tracing       string
+	ctx           context.Context // done when the engine stops answering
+	cancel        context.CancelFunc
+	watching      sync.Once
+}
+
+// How often the engine is asked whether it is alive.
+const engineCheckInterval = 2 * time.Second
+
+// watchEngine ends this host (and the program it runs) when the engine at addr stops answering.
+func (h *languageHost) watchEngine(addr string) {
+	h.engineAddress = addr
+	h.watching.Do(func() {
+		if err := rpcutil.Healthcheck(h.ctx, addr, engineCheckInterval, h.cancel); err != nil {
+			fmt.Fprintf(os.Stderr, "cannot watch the engine at %s: %v\n", addr, err)
+		}
+	})
 }
 
 // pythonOptions reads the runtime options of Pulumi.yaml (toolchain, virtualenv) as Pulumi's host does.
@@ -107,7 +134,7 @@ func pythonOptions(info *pulumirpc.ProgramInfo) (toolchain.PythonOptions, error)
 }
 
 func (h *languageHost) Handshake(_ context.Context, req *pulumirpc.LanguageHandshakeRequest) (*pulumirpc.LanguageHandshakeResponse, error) {
-	h.engineAddress = req.GetEngineAddress()
+	h.watchEngine(req.GetEngineAddress())
 	return &pulumirpc.LanguageHandshakeResponse{}, nil
 }
 
@@ -205,6 +232,16 @@ func (h *languageHost) Run(ctx context.Context, req *pulumirpc.RunRequest) (*pul
 	if err := tc.ValidateVenv(ctx); err != nil {
 		return nil, err
 	}
+	// The program ends with the request or with the engine, whichever goes first.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-h.ctx.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	cmd, err := tc.Command(ctx, append([]string{h.exec}, h.arguments(req)...)...)
 	if err != nil {
 		return nil, err
