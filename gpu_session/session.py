@@ -101,6 +101,7 @@ def use_simulator(say: Say) -> dict[str, str]:
     if info is None:
         say("starting the cloud simulator in the background (the first start builds its small models)")
         log = daemon.log_path("sim", "simulator")
+        write_private(log, "")  # 0600: the simulator prints its keys
         with open(log, "ab") as out:
             subprocess.Popen([sys.executable, "-m", "gpu_session.sim", "--boot-delay", "1", "--no-rate-limits"],
                              stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)  # fmt: skip

@@ -7,8 +7,9 @@ as its environment (GPU_SESSION_*, and the HF token as HF_TOKEN), never as argum
 secret input and output, so the state holds it encrypted.
 
 A new instance replaces this resource (delete first: scrub the old host, then configure the new).
-Each line the command prints is logged to the engine against this resource, so `pulumi up` and
-`invoke up` show the playbook's progress as it happens.
+Each line the command prints goes to this provider's output, which the engine shows as the
+stack's diagnostics (`pulumi up`) and `invoke up` as progress lines. The command runs in a session
+of its own, so the first Ctrl-C lets the playbook finish; a killed engine ends it (lifetime.py).
 
 This is our own dynamic provider rather than pulumi-command's `local.Command` because the command
 plugin cannot be built from the modules our machines reach, and dynamic providers need no plugin

@@ -34,9 +34,7 @@ def env() -> dict[str, str]:
 
 def alive(sim, stack: str) -> list[dict]:
     return [
-        i
-        for i in sim.instances()
-        if i["name"] == f"gpu-session-{stack}-gpu" and i["status"] not in ("terminated", "TERMINATED")
+        i for i in sim.instances() if i["name"] == f"gpu-session-{stack}-gpu" and i["status"] not in ("terminated", "TERMINATED")
     ]
 
 
@@ -447,16 +445,21 @@ def test_up_without_any_key_names_the_variables(sim, sim_env, monkeypatch):
     assert out.returncode == 1 and "export LAMBDA_API_KEY or RUNPOD_API_KEY" in out.stderr
 
 
+def start_up(stack: str) -> subprocess.Popen:
+    """`invoke up` of the tiny model on Lambda, in a process group of its own, as a terminal runs it."""
+    return subprocess.Popen(
+        [INVOKE, "up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", stack, "--yes"],
+        cwd=ROOT, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_a_cancelled_up_tears_down_what_it_made(sim, sim_env, how):
     """Ctrl-C (the whole foreground group gets SIGINT) or SIGTERM (up alone) while the machine boots:
     the step in flight finishes, nothing new starts, and with no terminal to ask, up tears down."""
     stack = f"cancel-{how}"
-    proc = subprocess.Popen(
-        [INVOKE, "up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", stack, "--yes"],
-        cwd=ROOT, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    proc = start_up(stack)
     _wait(lambda: alive(sim, stack))
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
@@ -473,11 +476,7 @@ def test_ctrl_c_twice_stops_the_engine_and_down_recovers(sim, sim_env):
     """The second Ctrl-C stops the engine at once, whatever it was doing: the state may be left with
     a create in flight, and `down` still ends everything."""
     stack = "cancel-twice"
-    proc = subprocess.Popen(
-        [INVOKE, "up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", stack, "--yes"],
-        cwd=ROOT, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    proc = start_up(stack)
     _wait(lambda: alive(sim, stack))
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.5)

@@ -66,13 +66,13 @@ def test_the_readme_cli_steps_bring_the_model_up_and_leave_nothing(project, sim,
         line = step.replace("meta-llama/Llama-3.1-8B-Instruct", "gpu-session/tiny-chat")  # the simulator's model
         if line in ("pulumi up", "pulumi destroy"):
             line += " --yes"  # the reader answers the prompt
-        if line == "pulumi stack init dev":  # the simulator's tiny model starts in seconds on transformers
+        if line == "pulumi stack init cli":  # the simulator's tiny model starts in seconds on transformers
             line += " && pulumi config set backend transformers"
         secret = re.fullmatch(r"pulumi config set --secret (\w+)", line)
         said[step] = shell(line, project, stdin=answers[secret.group(1)] + "\n" if secret else "").stdout
         if line.startswith("pulumi up"):
-            [inst] = live(sim, "dev")
-            session = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "stacks" / "dev"
+            [inst] = live(sim, "cli")
+            session = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "stacks" / "cli"
             api_key = (session / "api_key").read_text().strip()
             # The model answers on the host, behind its key, over the session's pinned SSH.
             ssh = ["ssh", "-i", str(session / "id_ed25519"), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
@@ -81,8 +81,8 @@ def test_the_readme_cli_steps_bring_the_model_up_and_leave_nothing(project, sim,
             models = json.loads(subprocess.run(ssh, capture_output=True, text=True, timeout=60, check=True).stdout)
             assert "gpu-session/tiny-chat" in [m["id"] for m in models["data"]]
     assert said["pulumi stack output host"].strip() == inst["address"]
-    assert not live(sim, "dev") and not [k for k in sim.ssh_keys() if k["name"].startswith("gpu-session-dev-")]
-    config = (project / "Pulumi.dev.yaml").read_text()
+    assert not live(sim, "cli") and not [k for k in sim.ssh_keys() if k["name"].startswith("gpu-session-cli-")]
+    config = (project / "Pulumi.cli.yaml").read_text()
     assert sim.lambda_key not in config and sim.hf_token not in config and "secure:" in config
 
 

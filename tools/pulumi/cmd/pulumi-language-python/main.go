@@ -111,8 +111,10 @@ func (h *languageHost) watchEngine(addr string) {
 	})
 }
 
-// pythonOptions reads the runtime options of Pulumi.yaml (toolchain, virtualenv) as Pulumi's host does.
-func pythonOptions(info *pulumirpc.ProgramInfo) (toolchain.PythonOptions, error) {
+// programToolchain is the Python toolchain of a program: Pulumi.yaml's runtime options (toolchain,
+// virtualenv) read as Pulumi's host reads them, resolved by the SDK (pip and PULUMI_PYTHON_CMD by default).
+// A nil info (an About without a program) gives the default.
+func programToolchain(info *pulumirpc.ProgramInfo) (toolchain.Toolchain, error) {
 	opts := toolchain.PythonOptions{Root: info.GetRootDirectory(), ProgramDir: info.GetProgramDirectory(), Toolchain: toolchain.Pip}
 	raw := info.GetOptions().AsMap()
 	if v, ok := raw["virtualenv"].(string); ok {
@@ -128,9 +130,9 @@ func pythonOptions(info *pulumirpc.ProgramInfo) (toolchain.PythonOptions, error)
 	case "poetry":
 		opts.Toolchain = toolchain.Poetry
 	default:
-		return opts, fmt.Errorf("unsupported toolchain %v: use pip, uv or poetry", raw["toolchain"])
+		return nil, fmt.Errorf("unsupported toolchain %v: use pip, uv or poetry", raw["toolchain"])
 	}
-	return opts, nil
+	return toolchain.ResolveToolchain(opts)
 }
 
 func (h *languageHost) Handshake(_ context.Context, req *pulumirpc.LanguageHandshakeRequest) (*pulumirpc.LanguageHandshakeResponse, error) {
@@ -155,14 +157,7 @@ func (h *languageHost) RuntimeOptionsPrompts(context.Context, *pulumirpc.Runtime
 }
 
 func (h *languageHost) About(ctx context.Context, req *pulumirpc.AboutRequest) (*pulumirpc.AboutResponse, error) {
-	opts := toolchain.PythonOptions{Toolchain: toolchain.Pip}
-	if req.GetInfo() != nil {
-		var err error
-		if opts, err = pythonOptions(req.GetInfo()); err != nil {
-			return nil, err
-		}
-	}
-	tc, err := toolchain.ResolveToolchain(opts)
+	tc, err := programToolchain(req.GetInfo())
 	if err != nil {
 		return nil, err
 	}
@@ -176,11 +171,7 @@ func (h *languageHost) About(ctx context.Context, req *pulumirpc.AboutRequest) (
 func (h *languageHost) GetProgramDependencies(
 	ctx context.Context, req *pulumirpc.GetProgramDependenciesRequest,
 ) (*pulumirpc.GetProgramDependenciesResponse, error) {
-	opts, err := pythonOptions(req.GetInfo())
-	if err != nil {
-		return nil, err
-	}
-	tc, err := toolchain.ResolveToolchain(opts)
+	tc, err := programToolchain(req.GetInfo())
 	if err != nil {
 		return nil, err
 	}
@@ -198,7 +189,7 @@ func (h *languageHost) GetProgramDependencies(
 func (h *languageHost) InstallDependencies(
 	req *pulumirpc.InstallDependenciesRequest, server pulumirpc.LanguageRuntime_InstallDependenciesServer,
 ) error {
-	opts, err := pythonOptions(req.GetInfo())
+	tc, err := programToolchain(req.GetInfo())
 	if err != nil {
 		return err
 	}
@@ -207,10 +198,6 @@ func (h *languageHost) InstallDependencies(
 		return err
 	}
 	defer closer.Close()
-	tc, err := toolchain.ResolveToolchain(opts)
-	if err != nil {
-		return err
-	}
 	if err := tc.InstallDependencies(server.Context(), req.GetInfo().GetProgramDirectory(), req.GetUseLanguageVersionTools(),
 		true, stdout, stderr); err != nil {
 		return err
@@ -221,11 +208,7 @@ func (h *languageHost) InstallDependencies(
 // Run runs the program: the executor script under the project's Python, with the stack's config
 // (and which of its keys are secrets) in the environment, where the SDK reads them.
 func (h *languageHost) Run(ctx context.Context, req *pulumirpc.RunRequest) (*pulumirpc.RunResponse, error) {
-	opts, err := pythonOptions(req.GetInfo())
-	if err != nil {
-		return nil, err
-	}
-	tc, err := toolchain.ResolveToolchain(opts)
+	tc, err := programToolchain(req.GetInfo())
 	if err != nil {
 		return nil, err
 	}
