@@ -24,7 +24,7 @@ from .clouds import API_KEY_ENV as KEY_ENV
 from .clouds import CLOUDS, Cloud, Instance, NotFound, Offer, get_cloud
 from .configure import ConfigureError, remove_orphaned_runs
 from .ledger import Ledger, Session
-from .paths import stack_dir, write_private
+from .paths import STACK_NAME, stack_dir, state_dir, write_private
 from .providers.credentials import CONFIG_KEYS
 from .ssh import Endpoint
 from .stack import OnEvent, StackError, StackNotFound, engine
@@ -295,6 +295,29 @@ def status() -> list[dict]:
             except OSError as e:
                 row["server"] = f"not answering: {e}"
         found.append(row)
+    return found
+
+
+def interrupted() -> list[dict]:
+    """Stacks that hold resources but no running session in the ledger: an `up` killed or
+    interrupted before it finished (the ledger is written when up ends). What may still bill:
+    [{"stack", "resources": ["GpuInstance (creating)", …], "drift": what to do}]."""
+    live = {s.stack for s in Ledger().sessions(live=True)}
+    found = []
+    for folder in sorted((state_dir() / "workspaces").glob("*")):
+        if folder.name in live or not STACK_NAME.match(folder.name):
+            continue
+        try:
+            rows = engine(folder.name, create=False).resources()
+        except StackError:
+            continue
+        if rows:
+            found.append({
+                "stack": folder.name,
+                "resources": [f"{r['type']}" + (f" ({r['pending']})" if r["pending"] else "") for r in rows],
+                "drift": f"up did not finish (killed or interrupted) and may have launched a machine: "
+                         f"`invoke down --stack {folder.name}` ends what it made",
+            })  # fmt: skip
     return found
 
 

@@ -401,12 +401,14 @@ def status(c, json=False):
 
     from gpu_session import session
 
-    rows = session.status()
+    rows, unfinished = session.status(), session.interrupted()
     if json:
-        print(jsonlib.dumps(rows, indent=2))
+        print(jsonlib.dumps(rows + [{**u, "interrupted": True} for u in unfinished], indent=2))
         return
+    for u in unfinished:
+        print(f"{u['stack']}: holds {', '.join(u['resources'])}; {u['drift']}")
     if not rows:
-        print("no session is running")
+        print("no session is running" + (" in the ledger" if unfinished else ""))
         return
     table = Table("stack", "cloud", "GPU", "up (h)", "USD so far", "lease left (h)", "server", "tunnel", "at the cloud")
     for r in rows:

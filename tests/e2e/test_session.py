@@ -327,6 +327,9 @@ def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, poi
     recorded = json.loads(state.read_text())["checkpoint"]["latest"]
     assert [op["resource"]["type"].rsplit(":", 1)[-1] for op in recorded["pending_operations"]] == [pending]
 
+    # Not in the ledger yet (up never finished), but status says what may bill and what to do.
+    [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
+    assert row["interrupted"] and f"{pending} (creating)" in row["resources"] and f"invoke down --stack {stack}" in row["drift"]
     if point == "booting":
         again = invoke(*up[1:], "--no-configure")
         assert again.returncode == 0, again.stderr[-3000:]
