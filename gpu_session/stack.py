@@ -38,8 +38,8 @@ INSTALL_PULUMI = (
 @dataclass
 class StackEvent:
     kind: str  # "start", "done", "failed", "log"
-    op: str = ""  # create, update, replace, delete, same, refresh-delete
-    type: str = ""  # GpuInstance, LambdaSshKey, Command
+    op: str = ""  # the engine's: create, update, replace, delete, same, refresh, …
+    type: str = ""  # GpuInstance, LambdaSshKey, Configure
     name: str = ""  # the resource's name in the program
     message: str = ""
     seconds: float = 0.0
@@ -189,11 +189,12 @@ class PulumiEngine:
         binary = pulumi_binary()
         self._auto = auto
         self._env = pulumi_env()
+        self.folder = workspace(stack)
         select = auto.create_or_select_stack if create else auto.select_stack
         try:
             self._stack = select(
                 stack_name=stack,
-                work_dir=str(workspace(stack)),
+                work_dir=str(self.folder),
                 opts=auto.LocalWorkspaceOptions(
                     env_vars=self._env,
                     pulumi_command=auto.PulumiCommand(root=str(binary.parent.parent)),
@@ -201,7 +202,7 @@ class PulumiEngine:
                 ),
             )
         except auto.errors.StackNotFoundError:
-            shutil.rmtree(workspace(stack), ignore_errors=True)  # looking leaves nothing behind
+            shutil.rmtree(self.folder, ignore_errors=True)  # looking leaves nothing behind
             raise StackNotFound(f"no stack {stack}") from None
         self._make_private()
 
@@ -243,7 +244,7 @@ class PulumiEngine:
         ours = state_dir() / "pulumi"  # a backend the user chose elsewhere keeps the modes they gave it
         if self._env["PULUMI_BACKEND_URL"] == f"file://{ours}":
             make_private(ours)
-        make_private(workspace(self.stack))
+        make_private(self.folder)
 
     def set_config(self, values: dict[str, str]) -> None:
         """Replace the stack's config: keys as in Pulumi.example.yaml (secrets are stored as secrets);
@@ -266,7 +267,7 @@ class PulumiEngine:
         """The `pulumi` CLI on this stack, in its workspace, with the engine's environment: its output."""
         done = subprocess.run(
             [str(pulumi_binary()), "--non-interactive", *args, "--stack", self.stack],
-            input=stdin, cwd=workspace(self.stack), env={**os.environ, **self._env}, capture_output=True, text=True,
+            input=stdin, cwd=self.folder, env={**os.environ, **self._env}, capture_output=True, text=True,
         )  # fmt: skip
         if done.returncode != 0:
             raise StackError(f"pulumi {' '.join(args[:2])} failed on stack {self.stack}: {done.stderr.strip()}")
@@ -365,7 +366,7 @@ class PulumiEngine:
     def remove(self) -> None:
         """Forget the stack (after destroy): its state and its config, secrets included."""
         self._stack.workspace.remove_stack(self.stack)
-        shutil.rmtree(workspace(self.stack), ignore_errors=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def engine(stack: str, create: bool = True) -> PulumiEngine:

@@ -21,7 +21,7 @@ from conftest import FAST_RETRY
 
 from gpu_session.clouds import LaunchSpec
 from gpu_session.clouds.lambda_cloud import LambdaCloud
-from gpu_session.stack import PulumiEngine, StackError, StackEvent, workspace
+from gpu_session.stack import PulumiEngine, StackError, StackEvent
 from gpu_session.tunnel import free_port
 
 
@@ -45,7 +45,7 @@ def cli(engine: PulumiEngine, *args: str) -> str:
     """The `pulumi` CLI on the engine's stack, in its workspace, with its environment."""
     from gpu_session.stack import pulumi_binary
 
-    done = subprocess.run([str(pulumi_binary()), *args, "--stack", engine.stack], cwd=workspace(engine.stack),
+    done = subprocess.run([str(pulumi_binary()), *args, "--stack", engine.stack], cwd=engine.folder,
                           env={**os.environ, **engine._env}, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -154,7 +154,7 @@ def test_up_serves_the_model_and_destroy_scrubs_before_terminating(stack, sim, c
     pickles = [base64.b64decode(plain(r["inputs"]["__provider"])).decode("latin-1") for r in decrypted["resources"]
                if "__provider" in r.get("inputs", {})]  # fmt: skip
     assert sim.hf_token in json.dumps(decrypted)  # the export can show it: the scans below can find it
-    files = [f for root in (Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "pulumi", workspace(stack.stack),
+    files = [f for root in (Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "pulumi", stack.folder,
                             Path(os.environ["PULUMI_HOME"])) for f in root.rglob("*") if f.is_file()]  # fmt: skip
     assert any(f.name == f"{stack.stack}.json" for f in files) and any(f.suffix == ".log" for f in files)
     produced = [
