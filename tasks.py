@@ -1,3 +1,3 @@
-"""Invoke entry point for a checkout; the tasks live in gpu_session/tasks.py."""
+"""Invoke entry point for a checkout; the tasks live in gpu_session/cli/tasks.py."""
 
-from gpu_session.tasks import ns  # noqa: F401
+from gpu_session.cli.tasks import ns  # noqa: F401

@@ -12,8 +12,12 @@ import re
 import tempfile
 from pathlib import Path
 
-# The checkout: Pulumi.yaml, infra/, ansible.cfg, playbooks/, roles/, templates/.
-ROOT = Path(__file__).resolve().parent.parent
+# The Pulumi project (Pulumi.yaml, infra/), ansible.cfg, playbooks/, roles/, templates/ and
+# inventory/: the checkout's top-level folders, which the package carries as gpu_session/assets
+# (links in a checkout, copies once installed), so an installed `gpu-session` finds them too.
+ASSETS = Path(__file__).resolve().parent / "assets"
+# The folder that holds the gpu_session package (the checkout, or site-packages once installed).
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 STACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
 
 

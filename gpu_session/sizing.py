@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpu_session.errors import GpuSessionError
 
 from .clouds import Offer
 
@@ -22,7 +25,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 GB = 1024**3
 
 
-class SizingError(ValueError):
+# The Hub's repo ids: owner/name, letters, digits, - _ . (the roles refuse anything else too).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SizingError(GpuSessionError, ValueError):
     """The model cannot be looked up, or nothing within the limits fits it; the message says what to do."""
 
 
@@ -61,8 +68,6 @@ def catalog() -> dict[str, str]:
 
 def resolve(name: str) -> str:
     """A Hub id for an alias or an id; anything else is refused with the nearest names."""
-    from .stack_config import HUB_ID
-
     aliases = catalog()
     if name in aliases:
         return aliases[name]

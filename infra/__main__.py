@@ -6,7 +6,6 @@
 dir; the HF token and the Lambda host key enter the state only as Pulumi secrets.
 """
 
-import hashlib
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -14,9 +13,13 @@ from datetime import datetime, timedelta
 import jinja2
 import pulumi
 
-from gpu_session import sizing, ssh, stack_config
-from gpu_session.paths import ROOT
+from gpu_session import sizing
+from gpu_session.clouds import cloud_class
+from gpu_session.host import ssh
+from gpu_session.paths import ASSETS
 from gpu_session.providers import Configure, GpuInstance, LambdaSshKey
+from gpu_session.stack import config as stack_config
+from gpu_session.stack import names
 
 try:
     cfg = stack_config.from_pulumi()
@@ -24,33 +27,32 @@ try:
 except (stack_config.ConfigError, sizing.SizingError) as e:
     raise pulumi.RunError(str(e)) from None
 
-project, stack = pulumi.get_project(), pulumi.get_stack()
-name = f"{project}-{stack}"  # sweeps find what this stack launched by this prefix
+stack = pulumi.get_stack()
 keys = ssh.session_keys(stack)
 backend = model.backend if cfg.backend == "auto" else cfg.backend
-on_lambda = cfg.cloud == "lambda"
+cloud = cloud_class(cfg.cloud)
 
-if on_lambda:
-    fingerprint = hashlib.sha256(keys.public_key.encode()).hexdigest()[:8]
-    ssh_key = LambdaSshKey("ssh-key", name=f"{name}-{fingerprint}", public_key=keys.public_key)
-    cloud_init = jinja2.Template((ROOT / "templates" / "cloud-init.yml.j2").read_text()).render(
+if cloud.registers_ssh_keys:  # `down` and `sweep` find what this stack made by its names
+    ssh_key = LambdaSshKey("ssh-key", name=names.ssh_key_name(stack, keys.public_key), public_key=keys.public_key)
+if cloud.takes_host_key:
+    cloud_init = jinja2.Template((ASSETS / "templates" / "cloud-init.yml.j2").read_text()).render(
         host_private_key=keys.host_private_key, host_public_key=keys.host_public_key
     )
 
 instance = GpuInstance(
     "gpu",
     cloud=cfg.cloud,
-    name=f"{name}-gpu",
+    name=names.instance_name(stack),
     gpu_type=cfg.gpu,
     gpu_count=cfg.gpuCount,
     region=None if cfg.region == "auto" else cfg.region,
     disk_gb=cfg.diskGb,
     min_vram_gb=model.need_gb(cfg.quantize),
     max_price_per_hour=cfg.maxPricePerHour,
-    image=None if on_lambda else cfg.image,
-    ssh_key_name=ssh_key.name if on_lambda else None,
-    user_data=pulumi.Output.secret(cloud_init) if on_lambda else None,
-    ssh_public_key=None if on_lambda else keys.public_key,
+    image=cfg.image if cloud.runs_container_image else None,
+    ssh_key_name=ssh_key.name if cloud.registers_ssh_keys else None,
+    user_data=pulumi.Output.secret(cloud_init) if cloud.takes_host_key else None,
+    ssh_public_key=None if cloud.registers_ssh_keys else keys.public_key,
     opts=pulumi.ResourceOptions(additional_secret_outputs=["user_data"]),
 )
 lease_expires_at = instance.launched_at.apply(
@@ -60,7 +62,7 @@ lease_expires_at = instance.launched_at.apply(
 if cfg.configure:
     # What the roles are made of: a change re-runs the playbook (its own digest skips what is unchanged).
     roles_digest = subprocess.run(
-        [sys.executable, str(ROOT / "playbooks/files/inputs-digest.py"), ""], capture_output=True, text=True, check=True
+        [sys.executable, str(ASSETS / "playbooks/files/inputs-digest.py"), ""], capture_output=True, text=True, check=True
     ).stdout.strip()
     Configure(
         "configure",
@@ -73,6 +75,7 @@ if cfg.configure:
         model=cfg.model,
         backend=backend,
         quantize=str(cfg.quantize).lower(),
+        device=cfg.device,
         lease_expires_at=lease_expires_at,
         roles_digest=roles_digest,
         hf_token=pulumi.Output.secret(cfg.hfToken) if cfg.hfToken else None,

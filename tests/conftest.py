@@ -35,7 +35,7 @@ for var in (
 from gpu_session.clouds import LaunchSpec, RetryPolicy  # noqa: E402
 from gpu_session.clouds.lambda_cloud import LambdaCloud  # noqa: E402
 from gpu_session.clouds.runpod import RunpodCloud  # noqa: E402
-from gpu_session.configure import Target  # noqa: E402
+from gpu_session.host.ansible import Target  # noqa: E402
 from gpu_session.sim import SimConfig, Simulator  # noqa: E402
 
 FAST_RETRY = RetryPolicy(attempts=5, base=0.05, cap=0.4)
@@ -72,14 +72,14 @@ def _no_leftover_faults(request):
 def wheelhouse() -> Path:
     """The engines' wheels, which simulator hosts (no internet) install from, and the venvs prebuilt
     from them, which hosts link to: built once per machine (`invoke engines`)."""
-    from gpu_session import engines
+    from gpu_session.host import engines
 
     return engines.build(progress=lambda _: None)[0]
 
 
 @pytest.fixture(scope="session")
 def prebuilt_venvs(wheelhouse) -> Path:
-    from gpu_session import engines
+    from gpu_session.host import engines
 
     return engines.venvs_dir()
 

@@ -6,18 +6,17 @@ when there is one), never in a log line.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import tunnel
-from ..paths import stack_dir
+from gpu_session.errors import GpuSessionError
+from gpu_session.local import record, tunnel
 
 
-class ChatError(RuntimeError):
+class ChatError(GpuSessionError, RuntimeError):
     pass
 
 
@@ -61,16 +60,9 @@ class ChatClient:
     @classmethod
     def for_stack(cls, stack: str) -> ChatClient:
         """The client for a stack that is up: its tunnel (started if it is not running), key and model."""
-        folder = stack_dir(stack)
-        outputs_file = folder / "outputs.json"
-        if not outputs_file.exists():
-            raise ChatError(f"stack {stack} is not up: `invoke up --stack {stack}` first")
-        outputs = json.loads(outputs_file.read_text())
-        try:
-            port = tunnel.start(stack).port
-        except tunnel.TunnelError as e:
-            raise ChatError(str(e)) from None
-        return cls(f"http://127.0.0.1:{port}/v1", (folder / "api_key").read_text().strip(), outputs["served_model_name"])
+        live = record.load(stack)  # NotUp, saying what to do
+        port = tunnel.start(stack).port  # TunnelError, saying why
+        return cls(f"http://127.0.0.1:{port}/v1", live.api_key_file.read_text().strip(), live.served_model_name)
 
     def stream(self, messages: list[dict], on_token: Callable[[str], None], stop: threading.Event | None = None,
                max_tokens: int | None = None) -> Reply:  # fmt: skip

@@ -14,15 +14,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .. import sizing
-from ..paths import stack_dir, write_private
+from gpu_session import sizing
+from gpu_session.errors import GpuSessionError
+from gpu_session.local import record
+from gpu_session.paths import stack_dir, write_private
 
 IMAGE_TOKENS = 256  # an image's share of the context, before the server has said
 PER_MESSAGE_TOKENS = 8  # the chat template's role markers around each message
 SAFETY = 0.9  # learned ratios are shaded: a tokenizer's rate varies with the text
 
 
-class ContextError(RuntimeError):
+class ContextError(GpuSessionError, RuntimeError):
     """The newest message alone does not fit: nothing was sent."""
 
 
@@ -42,21 +44,18 @@ class ModelFacts:
 
 def facts(stack: str, served_context: int | None = None) -> ModelFacts:
     """The stack's model, as the server (its context, when it says) and the Hub describe it."""
-    folder = stack_dir(stack)
-    outputs = json.loads((folder / "outputs.json").read_text())
-    cache = folder / "model.json"
+    live = record.load(stack)
+    cache = stack_dir(stack) / "model.json"
     known = json.loads(cache.read_text()) if cache.exists() else {}
-    if known.get("model") != outputs["model"]:
+    if known.get("model") != live.model:
         try:
-            known = {"model": outputs["model"], "vision": sizing.model_info(outputs["model"]).vision,
-                     "context_length": sizing.context_length(outputs["model"])}  # fmt: skip
+            known = {"model": live.model, "vision": sizing.model_info(live.model).vision,
+                     "context_length": sizing.context_length(live.model)}  # fmt: skip
             write_private(cache, json.dumps(known).encode())
         except sizing.SizingError:
             known = {}  # the Hub is away: /image is refused, the server still answers; asked again next time
-    gpu = f"{outputs.get('gpu', '?')} ×{outputs.get('gpu_count', 1)} on {outputs.get('cloud', '?')}"
-    return ModelFacts(
-        outputs["model"], served_context or known.get("context_length"), bool(known.get("vision")), outputs["backend"], gpu
-    )
+    gpu = f"{live.gpu or '?'} ×{live.gpu_count} on {live.cloud}"
+    return ModelFacts(live.model, served_context or known.get("context_length"), bool(known.get("vision")), live.backend, gpu)
 
 
 def _bytes(message: dict) -> tuple[int, int]:

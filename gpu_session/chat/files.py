@@ -9,15 +9,16 @@ overwritten without a yes.
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 import shlex
 import subprocess
 from pathlib import Path
 
-from ..paths import stack_dir, write_private
-from ..ssh import Endpoint, session_keys, ssh_command
+from gpu_session.errors import GpuSessionError
+from gpu_session.host.ssh import session_keys, ssh_command
+from gpu_session.local import record
+from gpu_session.paths import write_private
 
 DATA_ROOT = "/opt/gpu-session"
 UPLOADS = f"{DATA_ROOT}/uploads"
@@ -26,20 +27,13 @@ MAX_BYTES = 100 * 1024**2
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
 
 
-class TransferError(RuntimeError):
+class TransferError(GpuSessionError, RuntimeError):
     """Refused or failed; the message says why, and nothing was changed."""
-
-
-def _endpoint(stack: str) -> Endpoint:
-    path = stack_dir(stack) / "endpoint.json"
-    if not path.exists():
-        raise TransferError(f"stack {stack} is not up")
-    return Endpoint(**json.loads(path.read_text()))
 
 
 def _on_host(stack: str, command: str, data: bytes | None = None) -> bytes:
     """Run `command` on the host as the service user (sudo for the ubuntu user, runuser as root)."""
-    endpoint = _endpoint(stack)
+    endpoint = record.load(stack).endpoint
     as_service = f"sudo -n -u {SERVICE_USER}" if endpoint.user != "root" else f"runuser -u {SERVICE_USER} --"
     argv = ssh_command(session_keys(stack), endpoint) + [f"{as_service} sh -c {shlex.quote(command)}"]
     out = subprocess.run(argv, input=data, capture_output=True, timeout=600)

@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..paths import config_dir, private_dir, state_dir, write_private
+from gpu_session.errors import GpuSessionError
+from gpu_session.paths import config_dir, private_dir, state_dir, write_private
 
 SERVICE = "gpu-session"
 
 
-class HistoryError(RuntimeError):
+class HistoryError(GpuSessionError, RuntimeError):
     pass
 
 

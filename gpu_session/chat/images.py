@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+from gpu_session.errors import GpuSessionError
+
 MAX_BYTES = 10 * 1024**2
 DEFAULT_QUESTION = "Describe this image."
 
 
-class ImageError(ValueError):
+class ImageError(GpuSessionError, ValueError):
     """Refused; the message says why, and nothing was sent."""
 
 

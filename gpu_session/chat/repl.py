@@ -16,6 +16,8 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.markup import escape
 
+from gpu_session.local.ledger import spend
+
 from . import files, images
 from .client import ChatClient, ChatError, Reply, printable
 from .context import ContextError, ModelFacts, Window
@@ -164,9 +166,7 @@ class Chat:
         elif command == "/model":
             say(self.facts.describe(), markup=False)
         elif command == "/cost":
-            from .. import session
-
-            say(session.spend(self.stack), markup=False)
+            say(spend(self.stack), markup=False)
         elif command == "/clear":
             self.start(next((m["content"] for m in self.messages if m["role"] == "system"), ""))
             say("[dim]conversation cleared[/]")

@@ -4,6 +4,7 @@ branches on the cloud."""
 from __future__ import annotations
 
 from .base import (
+    ANY_REGION,
     AuthError,
     CapacityError,
     Cloud,
@@ -22,9 +23,13 @@ from .base import (
 )
 
 CLOUDS = ("lambda", "runpod")
-API_KEY_ENV = {"lambda": "LAMBDA_API_KEY", "runpod": "RUNPOD_API_KEY"}  # where each cloud's key is looked for
+# Where each cloud's API key is looked for: the environment, and the stack's secret config.
+API_KEY_ENV = {"lambda": "LAMBDA_API_KEY", "runpod": "RUNPOD_API_KEY"}
+API_KEY_CONFIG = {"lambda": "lambdaApiKey", "runpod": "runpodApiKey"}
 
 __all__ = [
+    "ANY_REGION",
+    "API_KEY_CONFIG",
     "API_KEY_ENV",
     "CLOUDS",
     "AuthError",
@@ -42,18 +47,26 @@ __all__ = [
     "SshEndpoint",
     "SshKeyInfo",
     "Status",
+    "cloud_class",
     "get_cloud",
 ]
 
 
-def get_cloud(name: str, **options) -> Cloud:
-    """The client for `name` ("lambda" or "runpod"); options go to its constructor."""
+def cloud_class(name: str) -> type[Cloud]:
+    """The class for `name` ("lambda" or "runpod"): its attributes say how the cloud differs
+    (Cloud.registers_ssh_keys, takes_host_key, host_ends_itself) without a client or a key.
+    InvalidRequest for another name."""
     if name == "lambda":
         from .lambda_cloud import LambdaCloud
 
-        return LambdaCloud(**options)
+        return LambdaCloud
     if name == "runpod":
         from .runpod import RunpodCloud
 
-        return RunpodCloud(**options)
+        return RunpodCloud
     raise InvalidRequest(f"unknown cloud {name!r}: choose one of {', '.join(CLOUDS)}")
+
+
+def get_cloud(name: str, **options) -> Cloud:
+    """The client for `name` ("lambda" or "runpod"); options go to its constructor."""
+    return cloud_class(name)(**options)

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from gpu_session.errors import GpuSessionError
+
 log = logging.getLogger("gpu_session.clouds")
 
 T = TypeVar("T")
@@ -27,7 +29,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # --- errors -----------------------------------------------------------------------------------
 
 
-class CloudError(Exception):
+class CloudError(GpuSessionError):
     """A cloud API call failed. `retryable` says whether the same call may succeed later."""
 
     retryable = False
@@ -52,6 +54,10 @@ class NotFound(CloudError):
 
 class RateLimited(CloudError):
     retryable = True
+
+
+# An offer's region when the cloud places the machine itself (RunPod picks the data center).
+ANY_REGION = "any"
 
 
 class CapacityError(CloudError):
@@ -90,12 +96,17 @@ class Offer:
     gpu_count: int
     vram_gb: int  # per GPU
     price_per_hour: float  # USD, the whole instance
-    regions: tuple[str, ...]  # with capacity now; empty when none
+    regions: tuple[str, ...]  # with capacity now; empty when none; ANY_REGION where the cloud places it
     spot: bool = False
 
     @property
     def total_vram_gb(self) -> int:
         return self.vram_gb * self.gpu_count
+
+    def launch_regions(self) -> list[str | None]:
+        """Where a launch of this offer may ask for: a region's name, or None where the cloud
+        places the machine itself (a RunPod offer: it picks the data center)."""
+        return [None if r == ANY_REGION else r for r in self.regions]
 
 
 @dataclass(frozen=True)
@@ -203,11 +214,22 @@ def ssh_banner(host: str, port: int, timeout: float = 3.0) -> bool:
 
 class Cloud(ABC):
     """One cloud. Subclasses implement the wire calls (each public call retries what is safe to
-    retry); the policy above them lives here."""
+    retry); the policy above them lives here. What differs between clouds is said by the class
+    attributes below, which the program, the session and the watch read instead of a cloud's name."""
 
     name: str
     ssh_user: str
-    has_ssh_keys: bool  # whether keys are registered with the account (Lambda) or passed per launch
+    # How the session's SSH key reaches the host: registered with the account before launch
+    # (Lambda's /ssh-keys, a LambdaSshKey resource) or passed in each launch (RunPod's PUBLIC_KEY).
+    registers_ssh_keys: bool
+    # Where the host's SSH key comes from: ours, handed to the host in its cloud-init user data and
+    # pinned before it boots (Lambda); or the host's own, pinned the first time it is seen (RunPod).
+    takes_host_key: bool
+    # Whether the host can end itself (stop its billing) at the lease's end: a RunPod pod can remove
+    # itself; a Lambda instance can only wipe itself, so this machine's watch terminates it.
+    host_ends_itself: bool
+    # Whether the host is a container of an image we name (a RunPod pod) or the cloud's own OS (Lambda).
+    runs_container_image: bool
     launch_interval: float = 0.0  # the cloud's documented minimum between launches: a rate-limited launch waits this long
 
     def __init__(self, retry: RetryPolicy | None = None, poll_interval: float = 2.0):

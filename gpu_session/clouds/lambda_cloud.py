@@ -47,7 +47,10 @@ VRAM_RE = re.compile(r"\((\d+) GB")
 class LambdaCloud(Cloud):
     name = "lambda"
     ssh_user = "ubuntu"
-    has_ssh_keys = True
+    registers_ssh_keys = True
+    takes_host_key = True
+    runs_container_image = False
+    host_ends_itself = False
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ import runpod
 from runpod.api.graphql import run_graphql_query
 
 from .base import (
+    ANY_REGION,
     AuthError,
     CapacityError,
     Cloud,
@@ -77,7 +78,10 @@ def _check_text(value: str, what: str) -> None:
 class RunpodCloud(Cloud):
     name = "runpod"
     ssh_user = "root"
-    has_ssh_keys = False  # the key goes into each pod as PUBLIC_KEY
+    registers_ssh_keys = False  # the key goes into each pod as PUBLIC_KEY
+    takes_host_key = False
+    runs_container_image = True
+    host_ends_itself = True
 
     def __init__(
         self,
@@ -142,7 +146,7 @@ class RunpodCloud(Cloud):
             for n in (1, 2, 4, 8):
                 if n > (g.get("maxGpuCount") or 1):
                     continue
-                regions = ("any",) if lowest.get("stockStatus") and n in counts else ()
+                regions = (ANY_REGION,) if lowest.get("stockStatus") and n in counts else ()
                 for is_spot, per_gpu in ((False, g.get(price)), (True, g.get(spot))):
                     if per_gpu:
                         out.append(
@@ -216,7 +220,7 @@ class RunpodCloud(Cloud):
 
     def _launch_once(self, spec: LaunchSpec) -> str:
         env = {**spec.env, "PUBLIC_KEY": spec.ssh_public_key.strip()}
-        region = spec.region if spec.region not in (None, "", "any") else None
+        region = spec.region if spec.region not in (None, "", ANY_REGION) else None
         if not spec.spot:
             pod = self._once(
                 runpod.create_pod,

@@ -1,6 +1,6 @@
 """Configure: the model server on the stack's instance, as a resource of the stack.
 
-create and update run `python -m gpu_session.converge site` (playbooks/site.yml: the roles, whose
+create and update run `python -m gpu_session.host.converge site` (playbooks/site.yml: the roles, whose
 own digest skips what is unchanged); delete runs `... scrub` while the host is still alive, as
 Configure depends on the instance and Pulumi deletes dependents first. The inputs reach the command
 as its environment (GPU_SESSION_*, and the HF token as HF_TOKEN), never as arguments; the token is a
@@ -34,7 +34,8 @@ from pulumi.dynamic import (
     UpdateResult,
 )
 
-from ..paths import ROOT
+from gpu_session.paths import ASSETS
+
 from .lifetime import end_with_engine
 
 # Inputs that become GPU_SESSION_<NAME> in the command's environment.
@@ -48,6 +49,7 @@ SETTINGS = (
     "model",
     "backend",
     "quantize",
+    "device",
     "lease_expires_at",
     "roles_digest",
 )
@@ -70,13 +72,13 @@ def environment(props: dict) -> dict[str, str]:
 
 
 def converge(action: str, props: dict) -> None:
-    """Run `python -m gpu_session.converge ACTION`, logging each line it prints; ConfigureFailed
+    """Run `python -m gpu_session.host.converge ACTION`, logging each line it prints; ConfigureFailed
     with its last lines when it fails."""
     # A session of its own: the first Ctrl-C, which reaches the engine's whole process group, must
     # let the playbook finish (the engine records it), not abort it half-way.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpu_session.converge", action],
-        cwd=ROOT, env=environment(props), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "gpu_session.host.converge", action],
+        cwd=ASSETS, env=environment(props), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, errors="replace", start_new_session=True,
     )  # fmt: skip
     tail: list[str] = []

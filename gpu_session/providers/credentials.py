@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import os
 
-from ..clouds import API_KEY_ENV, Cloud, get_cloud
-from .lifetime import end_with_engine
+from gpu_session.clouds import API_KEY_CONFIG, API_KEY_ENV, Cloud, get_cloud
 
-CONFIG_KEYS = {"lambda": "lambdaApiKey", "runpod": "runpodApiKey"}
+from .lifetime import end_with_engine
 
 
 class CloudAccess:
@@ -19,7 +18,7 @@ class CloudAccess:
 
     def configure(self, req) -> None:
         end_with_engine()
-        self._config_keys = {cloud: req.config.get(key) for cloud, key in CONFIG_KEYS.items()}
+        self._config_keys = {cloud: req.config.get(key) for cloud, key in API_KEY_CONFIG.items()}
 
     def cloud(self, name: str) -> Cloud:
         key = (getattr(self, "_config_keys", None) or {}).get(name) or os.environ.get(API_KEY_ENV.get(name, ""))

@@ -26,9 +26,10 @@ from pulumi.dynamic import (
     UpdateResult,
 )
 
-from ..clouds import CLOUDS, CapacityError, CloudError, LaunchSpec, NotFound
-from ..clouds.base import validate_name
-from ..sizing import SizingError, explain_no_fit, fitting
+from gpu_session.clouds import CLOUDS, CapacityError, CloudError, LaunchSpec, NotFound, cloud_class
+from gpu_session.clouds.base import validate_name
+from gpu_session.sizing import SizingError, explain_no_fit, fitting
+
 from .credentials import CloudAccess
 
 # Changing any of these means another machine: replace (terminate first: GPUs are scarce and billed).
@@ -77,10 +78,11 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
             value = news.get(key)
             if value is not None and (not isinstance(value, int | float) or int(value) != value or value < low):
                 failures.append(CheckFailure(key, f"must be a whole number of at least {low} (got {value!r})"))
-        if news.get("cloud") == "lambda" and not news.get("ssh_key_name"):
-            failures.append(CheckFailure("ssh_key_name", "Lambda launches need a registered SSH key's name"))
-        if news.get("cloud") == "runpod" and not news.get("ssh_public_key"):
-            failures.append(CheckFailure("ssh_public_key", "RunPod launches need the session's public key"))
+        if news.get("cloud") in CLOUDS:
+            if cloud_class(news["cloud"]).registers_ssh_keys and not news.get("ssh_key_name"):
+                failures.append(CheckFailure("ssh_key_name", f"{news['cloud']} launches need a registered SSH key's name"))
+            if not cloud_class(news["cloud"]).registers_ssh_keys and not news.get("ssh_public_key"):
+                failures.append(CheckFailure("ssh_public_key", f"{news['cloud']} launches need the session's public key"))
         return CheckResult(news, failures)
 
     def diff(self, id_, olds, news):  # olds are the previous outputs, which carry the inputs
@@ -136,17 +138,16 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
         )
         tried = []
         for offer in fitting(offers, need, **limits):
-            for region in offer.regions:
+            for region in offer.launch_regions():
                 if spec.region and region != spec.region:
                     continue
-                where = None if region == "any" else region
                 try:
                     instance_id = cloud.launch(
-                        LaunchSpec(**{**vars(spec), "instance_type": offer.instance_type, "region": where})
+                        LaunchSpec(**{**vars(spec), "instance_type": offer.instance_type, "region": region})
                     )
                 except CapacityError:
-                    tried.append(f"{offer.instance_type} in {region}")
-                    print(f"no capacity for {offer.instance_type} in {region}; trying the next offer", flush=True)
+                    tried.append(f"{offer.instance_type} in {region or 'any region'}")
+                    print(f"no capacity for {tried[-1]}; trying the next offer", flush=True)
                     continue
                 return instance_id, offer.total_vram_gb
         if tried:

@@ -6,7 +6,7 @@ and ends it when the operation is over. When the engine itself is killed (kill -
 forever, and a Configure in flight would go on configuring a host for an engine that is gone. So
 the first call into a provider starts a watch on the engine's address, as Pulumi's Go providers do
 (rpcutil.Healthcheck); when the engine stops answering the process exits, and the converge it runs
-sees its parent go and cancels its playbook (gpu_session.configure).
+sees its parent go and cancels its playbook (gpu_session.host.ansible).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, Resource, ResourceProvider
 
-from ..clouds import CloudError, NotFound
-from ..clouds.base import validate_name
+from gpu_session.clouds import CloudError, NotFound
+from gpu_session.clouds.base import validate_name
+
 from .credentials import CloudAccess
 
 INPUTS = ("name", "public_key")

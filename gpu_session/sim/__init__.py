@@ -15,8 +15,9 @@ import secrets
 import time
 from pathlib import Path
 
-from ..engines import venvs_dir, wheelhouse_dir
-from ..paths import state_dir
+from gpu_session.host.engines import venvs_dir, wheelhouse_dir
+from gpu_session.paths import state_dir
+
 from . import hf_hub, lambda_api, runpod_api
 from .http import Request, Router, Server, json_response
 from .world import Fault, SimConfig, World, new_keys
@@ -79,6 +80,8 @@ class Simulator:
             "LAMBDA_API_KEY": self.lambda_key,
             "RUNPOD_API_KEY": self.runpod_key,
             "HF_TOKEN": self.hf_token,
+            # The hosts have no GPU (their nvidia-smi is a stand-in): the model server runs on the CPU.
+            "GPU_SESSION_DEVICE": "cpu",
             # Hosts have no internet: the model server installs from this machine's wheelhouse
             # (`invoke engines`), which they see through their /var, or links the venv prebuilt there.
             **({"GPU_SESSION_HOST_WHEELHOUSE": str(wheelhouse)} if (wheelhouse := wheelhouse_dir()).is_dir() else {}),

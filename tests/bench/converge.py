@@ -25,11 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gpu_session import engines  # noqa: E402
 from gpu_session.clouds import LaunchSpec  # noqa: E402
 from gpu_session.clouds.runpod import RunpodCloud  # noqa: E402
-from gpu_session.configure import Target, run  # noqa: E402
-from gpu_session.converge import PHASES  # noqa: E402
+from gpu_session.host import engines  # noqa: E402
+from gpu_session.host.ansible import Target, run  # noqa: E402
+from gpu_session.host.converge import PHASES  # noqa: E402
 from gpu_session.sim import SimConfig, Simulator  # noqa: E402
 
 MODELS = {"vllm": "gpu-session/tiny-chat", "transformers": "gpu-session/tiny-vision"}

@@ -11,8 +11,8 @@ from conftest import FAST_RETRY, ssh
 
 from gpu_session.clouds import LaunchSpec
 from gpu_session.clouds.lambda_cloud import LambdaCloud
+from gpu_session.local.tunnel import accepts, free_port
 from gpu_session.sim import SimConfig, Simulator
-from gpu_session.tunnel import accepts, free_port
 
 pytestmark = pytest.mark.netns
 

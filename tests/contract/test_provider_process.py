@@ -9,6 +9,7 @@ import base64
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,9 +18,10 @@ from pulumi.dynamic.dynamic import serialize_provider
 from pulumi.runtime import proto, rpc
 from pulumi.runtime.proto import provider_pb2_grpc
 
-from gpu_session.configure import ROOT
 from gpu_session.providers import GpuInstanceProvider
 from gpu_session.providers.instance import OUTPUTS
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 URN = "urn:pulumi:dev::gpu-session::pulumi-python:dynamic/gpu_session:GpuInstance::gpu"
 

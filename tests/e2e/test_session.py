@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gpu_session import daemon
-from gpu_session.ledger import Ledger
-from gpu_session.session import is_ssh_key_of
+from gpu_session.local import daemon
+from gpu_session.local.ledger import Ledger
+from gpu_session.stack.names import is_ssh_key_of
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,9 +108,9 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
         # The chat went into the stack's history, encrypted; `history` shows it.
         [saved] = (Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "history" / stack).glob("*.enc")
         assert CANARY.encode() not in saved.read_bytes()
-        listed = invoke("history", "list", "--stack", stack)
+        listed = invoke("history.list", "--stack", stack)
         assert listed.returncode == 0 and f"{saved.stem}  gpu-session/tiny-chat" in listed.stdout
-        assert f"## User\n\n{CANARY}\n" in invoke("history", "show", "--stack", stack).stdout
+        assert f"## User\n\n{CANARY}\n" in invoke("history.show", "--stack", stack).stdout
         assert f"## User\n\n{CANARY}\n" in (tmp_path / "chat.md").read_text()  # /save
 
     transfers(stack, tmp_path)
@@ -368,7 +368,7 @@ def engine_processes() -> list[str]:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        engine = ("pulumi" in cmdline.split(" ")[0] or "pulumi.dynamic" in cmdline or "gpu_session.converge" in cmdline
+        engine = ("pulumi" in cmdline.split(" ")[0] or "pulumi.dynamic" in cmdline or "gpu_session.host.converge" in cmdline
                   or "ansible" in cmdline)  # fmt: skip
         if engine and ours in environ:
             found.append(f"{proc.name} {cmdline[:120]}")
@@ -559,7 +559,7 @@ def test_up_sim_rehearses_without_an_account(tmp_path):
 
 
 def test_available_lists_offers_with_the_catalog_models_that_fit(sim, sim_env):
-    from gpu_session import session
+    from gpu_session.session import status as session
 
     offers = session.available("lambda")
     prices = [o.price_per_hour for o, _ in offers]

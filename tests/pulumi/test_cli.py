@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_session.stack import pulumi_binary
+from gpu_session.stack.automation import pulumi_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,8 +21,8 @@ from conftest import FAST_RETRY
 
 from gpu_session.clouds import LaunchSpec
 from gpu_session.clouds.lambda_cloud import LambdaCloud
-from gpu_session.stack import PulumiEngine, StackError, StackEvent
-from gpu_session.tunnel import free_port
+from gpu_session.local.tunnel import free_port
+from gpu_session.stack.automation import PulumiEngine, StackError, StackEvent
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def record(engine):
 
 def cli(engine: PulumiEngine, *args: str) -> str:
     """The `pulumi` CLI on the engine's stack, in its workspace, with its environment."""
-    from gpu_session.stack import pulumi_binary
+    from gpu_session.stack.automation import pulumi_binary
 
     done = subprocess.run([str(pulumi_binary()), *args, "--stack", engine.stack], cwd=engine.folder,
                           env={**os.environ, **engine._env}, capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -122,7 +122,7 @@ def test_up_serves_the_model_and_destroy_scrubs_before_terminating(stack, sim, c
         ("done", "create", "Configure"),
     ]
     assert any("pulumi-language-python-exec" in a for a in arguments.seen) and any(
-        "gpu_session.converge" in a for a in arguments.seen
+        "gpu_session.host.converge" in a for a in arguments.seen
     )
     session = Path(outputs["session_dir"])
     assert outputs["cloud"] == cloud and outputs["model"] == outputs["served_model_name"] == "gpu-session/tiny-chat"

@@ -1,10 +1,10 @@
-"""The gpu_check role on simulator hosts of both clouds, through gpu_session.configure."""
+"""The gpu_check role on simulator hosts of both clouds, through gpu_session.host.ansible."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpu_session.configure import ConfigureError, Target, run
+from gpu_session.host.ansible import ConfigureError, Target, run
 
 
 def test_facts_for_a_fitting_model(hosts):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import on
 
-from gpu_session.configure import ConfigureError, run
+from gpu_session.host.ansible import ConfigureError, run
 
 
 @pytest.fixture(scope="module")

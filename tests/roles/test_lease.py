@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from conftest import on
 
-from gpu_session.configure import ConfigureError, run
+from gpu_session.host.ansible import ConfigureError, run
 
 
 def in_seconds(s: float) -> str:

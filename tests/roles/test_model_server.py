@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import on
 
-from gpu_session import engines
-from gpu_session.configure import ConfigureError, run
+from gpu_session.host import engines
+from gpu_session.host.ansible import ConfigureError, run
 
 
 @pytest.fixture(scope="module")

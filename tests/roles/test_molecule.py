@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu_session.configure import ROOT
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
+
 
 SCENARIOS = sorted((p.parents[2].name, p.parent.name) for p in (ROOT / "roles").glob("*/molecule/*/molecule.yml"))
 

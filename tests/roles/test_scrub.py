@@ -8,7 +8,7 @@ import secrets
 import pytest
 from conftest import on
 
-from gpu_session.configure import ConfigureError, run
+from gpu_session.host.ansible import ConfigureError, run
 
 
 def plant(target, keypair) -> list[str]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from gpu_session.configure import Target, _inventory, inventory_yaml
+from gpu_session.host.ansible import Target, _inventory, inventory_yaml
 
 
 def test_renders_a_pinned_ssh_inventory_with_the_shared_variables():

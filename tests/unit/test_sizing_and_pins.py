@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from gpu_session.clouds import Offer
+from gpu_session.host.ssh import pin, pinned
 from gpu_session.sizing import ModelInfo, explain_no_fit, fitting
-from gpu_session.ssh import pin, pinned
 
 A10 = Offer("lambda", "A10", "gpu_1x_a10", 1, 24, 0.75, ("us-east-1",))
 A100 = Offer("lambda", "A100", "gpu_1x_a100", 1, 40, 1.29, ("us-west-1",))

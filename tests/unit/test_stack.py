@@ -11,7 +11,7 @@ import sys
 import pytest
 from pulumi.automation import events
 
-from gpu_session import stack
+from gpu_session.stack import automation as stack
 
 
 def test_without_the_cli_every_engine_says_how_to_install_it(monkeypatch, tmp_path):
@@ -39,7 +39,7 @@ def test_the_engine_environment(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     env = stack.pulumi_env()
     # The provider process runs this Python and imports this package (pulumi#7960, #7061).
-    assert env["PULUMI_PYTHON_CMD"] == sys.executable and str(stack.ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    assert env["PULUMI_PYTHON_CMD"] == sys.executable and str(stack.PACKAGE_PARENT) in env["PYTHONPATH"].split(os.pathsep)
     backend = env["PULUMI_BACKEND_URL"].removeprefix("file://")
     assert env["PULUMI_BACKEND_URL"].startswith("file://") and stat.S_IMODE(os.stat(backend).st_mode) == 0o700
     # A generated passphrase, by file (never in an environment variable), 0600, the same every time.
@@ -123,7 +123,7 @@ def test_only_a_lock_whose_process_is_gone_is_stale(tmp_path, monkeypatch):
 
 
 def test_doctor_names_every_file_others_could_read(tmp_path):
-    from gpu_session.doctor import private_files_problems
+    from gpu_session.cli.doctor import private_files_problems
 
     (tmp_path / "stacks" / "dev").mkdir(parents=True, mode=0o700)
     tmp_path.chmod(0o700)

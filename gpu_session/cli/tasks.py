@@ -1,18 +1,65 @@
 """The commands, as Invoke tasks: `invoke NAME` in a checkout, `gpu-session NAME` once installed.
 
-Tasks stay thin: each parses its options and calls into the package.
+Tasks stay thin: each parses its options, calls one flow and prints. One error boundary: every task
+is a `command`, so an error of ours (errors.GpuSessionError, whose message says what to do) becomes
+one line on stderr and exit code 1; anything else is a bug and keeps its traceback. Sub-actions are
+tasks of their own collection (`invoke tunnel.start`, `invoke history.export`), parsed by Invoke.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import sys
 
-from invoke import Collection, task
+from invoke import Collection, Exit, task
+
+from gpu_session.errors import GpuSessionError
+
+STACK_HELP = "the session's name; default dev"
 
 
-@task(
+class UsageError(GpuSessionError):
+    """An option's value is wrong; the message names the option and what it takes."""
+
+
+def command(*args, **kwargs):
+    """Invoke's @task, inside the one error boundary."""
+
+    def wrap(body):
+        @functools.wraps(body)
+        def run(*a, **kw):
+            try:
+                return body(*a, **kw)
+            except GpuSessionError as e:
+                raise Exit(f"error: {e}", code=1) from None
+
+        return task(*args, **kwargs)(run)
+
+    if len(args) == 1 and callable(args[0]) and not kwargs:  # bare @command
+        body, args = args[0], ()
+        return wrap(body)
+    return wrap
+
+
+def _number(value, option: str, kind=float):
+    """An option's text as a number (None stays None); UsageError naming the option."""
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{option.replace('_', '-')} takes a number (got {value!r})") from None
+
+
+def _ask(question: str, default: bool) -> bool:
+    """A yes/no question on the terminal; Enter gives `default`."""
+    answer = input(f"{question} [{'Y/n' if default else 'y/N'}] ").strip().lower()
+    return default if not answer else answer in ("y", "yes")
+
+
+@command(
     help={
         "args": "extra pytest arguments, e.g. '-k lambda -x'",
         "fast": "only the tests that need no simulator hosts (unit tests)",
@@ -24,7 +71,7 @@ def test(c, args="", fast=False):
     c.run(f"{shlex.quote(sys.executable)} -m pytest {target} {args}".strip(), pty=False)
 
 
-@task(
+@command(
     help={
         "port": "API port (default: a free one)",
         "boot_delay": "seconds from launch until a host starts (default 3)",
@@ -65,7 +112,7 @@ def sim(
     sys.exit(main(argv))
 
 
-@task(
+@command(
     help={
         "lock": "re-resolve the engines' lock files from PyPI first (after changing a pin in gpu_session/engines.py)",
         "dest": "where the wheelhouse goes (default: $GPU_SESSION_WHEELHOUSE or /var/cache/gpu-session/wheels)",
@@ -77,7 +124,7 @@ def engines(c, lock=False, dest="", venvs=""):
     and a ready venv per CPU engine that those hosts link to instead of installing."""
     from pathlib import Path
 
-    from gpu_session import engines as pinned
+    from gpu_session.host import engines as pinned
 
     if lock:
         for engine in pinned.ENGINES:
@@ -121,48 +168,40 @@ def _printer(as_json: bool):
 
 def _user_config() -> dict:
     """~/.config/gpu-session/config.yaml: its keys fill the environment's gaps; its defaults are returned."""
-    from gpu_session import config
+    from gpu_session.local import config
 
-    try:
-        data = config.load()
-    except config.ConfigFileError as e:
-        _fail(e)
+    data = config.load()
     config.apply_keys(data)
     return data
 
 
 def _simulate(say) -> None:
-    from gpu_session import session
+    """`--sim`: the real engine against the simulator (started in the background when none runs)."""
+    from gpu_session.sim import background as simulator
+    from gpu_session.stack.automation import pulumi_binary
 
-    try:
-        session.use_simulator(say)
-    except (session.SessionError, session.StackError) as e:
-        _fail(e)
+    pulumi_binary()  # a rehearsal runs the real engine: say how to get it before starting anything
+    simulator.use(say)
     say("rehearsing against the simulator")
 
 
 def _offer_teardown(stack: str, say, on_event) -> None:
     """After a cancelled up: whatever exists may bill. Ask (tear down by default); without a
     terminal to ask, tear down."""
-    from gpu_session import session
+    from gpu_session.session.down import down as end
 
     say(f"up was cancelled; stack {stack} may have created things that bill")
     if sys.stdin.isatty():
-        if input("Tear down what exists now? [Y/n] ").strip().lower() not in ("", "y", "yes"):
+        if not _ask("Tear down what exists now?", default=True):
             say(f"kept: `invoke down --stack {stack}` ends it later")
             return
     else:
         say("no terminal to ask: tearing down")
-    session.down(stack, say=say, on_event=on_event)
+    end(stack, say=say, on_event=on_event)
     say(f"stack {stack}: nothing left at the cloud")
 
 
-def _fail(e: Exception) -> None:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
-@task(
+@command(
     help={
         "model": "a Hugging Face model id (owner/name), or an alias from gpu_session/catalog.yaml (llama-8b, qwen-7b, …)",
         "cloud": "lambda, runpod or auto (the cheapest that fits, among the clouds you have keys for); `invoke setup` sets defaults",
@@ -174,56 +213,56 @@ def _fail(e: Exception) -> None:
         "disk": "disk in GB; default 100",
         "quantize": "serve 4-bit weights (less memory, cheaper GPUs)",
         "backend": "vllm, transformers or auto",
-        "stack": "the session's name; default dev",
+        "stack": STACK_HELP,
         "yes": "do not ask before spending",
         "json": "progress as JSON lines (CI)",
         "configure": "configure the host as a model server (default); --no-configure gives just the machine",
         "sim": "rehearse against the cloud simulator (started in the background if none runs): no account, no GPU, no bill",
     }
 )
-def up(c, model="", cloud="", gpu="", gpus=1, hours=None, max_price=None, budget=None, disk=100, quantize=False,
-       backend="auto", stack="dev", yes=False, json=False, configure=True, sim=False):  # fmt: skip
+def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, budget=None, disk=None, quantize=False,
+       backend="", stack="dev", yes=False, json=False, configure=True, sim=False):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
-    from gpu_session import session
+    import signal
+
+    from gpu_session.session.plan import SessionError, UpOptions
+    from gpu_session.session.up import up as bring_up
+    from gpu_session.stack.automation import StackCancelled
 
     on_event, say = _printer(json)
-    defaults = _user_config()
+    defaults = _user_config()  # the user's defaults; UpOptions' own fill the rest
     if sim:
         _simulate(say)
         model = model or "gpu-session/tiny-chat"
-    model, cloud, gpu = (
-        model or defaults.get("model", ""),
-        cloud or defaults.get("cloud", "auto"),
-        gpu or defaults.get("gpu", "auto"),
-    )
-    hours = hours or defaults.get("hours", 2.0)
-    budget = budget or defaults.get("budget")
+    model = model or defaults.get("model", "")
     if not model:
-        _fail(ValueError("which model? --model owner/name (or --sim, to rehearse with the simulator's small model)"))
-    opts = session.UpOptions(model, cloud, gpu, int(gpus), float(hours), float(max_price) if max_price else None,
-                             float(budget) if budget else None, int(disk), quantize, backend, stack, configure)  # fmt: skip
+        raise UsageError("which model? --model owner/name (or --sim, to rehearse with the simulator's small model)")
+    given = {
+        "cloud": cloud or defaults.get("cloud"), "gpu": gpu or defaults.get("gpu"), "gpus": _number(gpus, "gpus", int),
+        "hours": _number(hours or defaults.get("hours"), "hours"), "max_price": _number(max_price, "max_price"),
+        "budget": _number(budget or defaults.get("budget"), "budget"), "disk": _number(disk, "disk", int),
+        "backend": backend or None,
+    }  # fmt: skip
+    opts = UpOptions(
+        model, **{k: v for k, v in given.items() if v is not None}, quantize=quantize, stack=stack, configure=configure
+    )
 
     def confirm(plan) -> bool:
         say(f"plan: {plan.describe()}")
         if yes:
             return True
         if not sys.stdin.isatty():
-            raise session.SessionError("no terminal to ask whether to launch: pass --yes to launch without asking")
-        return input("Launch it? [y/N] ").strip().lower() in ("y", "yes")
-
-    import signal
-
-    from gpu_session.stack import StackCancelled
+            raise SessionError("no terminal to ask whether to launch: pass --yes to launch without asking")
+        return _ask("Launch it?", default=False)
 
     # SIGTERM (a closed terminal, a cancelled CI job) is taken like Ctrl-C: the engine, in our process
     # group, finishes the step in flight and starts no other.
     signal.signal(signal.SIGTERM, lambda signum, frame: os.killpg(os.getpgrp(), signal.SIGINT))
     try:
-        outputs = session.up(opts, confirm=confirm, say=say, on_event=on_event)
-    except (session.SessionError, session.StackError, KeyboardInterrupt) as e:
-        if isinstance(e, KeyboardInterrupt | StackCancelled):
-            _offer_teardown(stack, say, on_event)
-        _fail(e if not isinstance(e, KeyboardInterrupt) else RuntimeError("interrupted"))
+        outputs = bring_up(opts, confirm=confirm, say=say, on_event=on_event)
+    except (KeyboardInterrupt, StackCancelled) as e:
+        _offer_teardown(stack, say, on_event)
+        raise Exit("error: interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}", code=1) from None
     if not outputs:
         say("nothing launched")
         return
@@ -234,9 +273,9 @@ def up(c, model="", cloud="", gpu="", gpus=1, hours=None, max_price=None, budget
             f"API key in {outputs['session_dir']}/api_key)")  # fmt: skip
 
 
-@task(
+@command(
     help={
-        "stack": "the session's name; default dev",
+        "stack": STACK_HELP,
         "prompt": "send this one message, print the reply and leave (piped stdin works the same)",
         "image": "with --prompt (or piped stdin): ask about this picture (vision models)",
         "system": "a system prompt",
@@ -250,103 +289,106 @@ def chat(c, stack="dev", prompt="", image="", system="", keep=False, max_tokens=
     from rich.console import Console
 
     from gpu_session.chat import context, images, repl
-    from gpu_session.chat.client import ChatClient, ChatError, printable
+    from gpu_session.chat.client import ChatClient, printable
     from gpu_session.chat.history import History
 
     _user_config()
-    try:
-        client = ChatClient.for_stack(stack)
-    except ChatError as e:
-        _fail(e)
+    client = ChatClient.for_stack(stack)
     facts = context.facts(stack, client.served_context())
     one_shot = bool(prompt or image) or not sys.stdin.isatty()
     chat = repl.Chat(
-        client, facts, stack=stack, system=system, max_tokens=int(max_tokens) or None,
+        client, facts, stack=stack, system=system, max_tokens=_number(max_tokens, "max_tokens", int) or None,
         history=None if no_history or one_shot else History(stack), console=Console(stderr=one_shot),
     )  # fmt: skip
     if one_shot:
         text = prompt or ("" if sys.stdin.isatty() else sys.stdin.read())
-        try:
-            message = (
-                images.message(image, text, vision=facts.vision, model=facts.model)
-                if image
-                else {"role": "user", "content": text}
-            )
-            shown = printable if sys.stdout.isatty() else str  # a pipe gets the bytes as they are
-            reply = chat.send(message, on_token=lambda t: print(shown(t), end="", flush=True))
-        except (ChatError, images.ImageError) as e:
-            _fail(e)
+        message = (
+            images.message(image, text, vision=facts.vision, model=facts.model) if image else {"role": "user", "content": text}
+        )
+        shown = printable if sys.stdout.isatty() else str  # a pipe gets the bytes as they are
+        reply = chat.send(message, on_token=lambda t: print(shown(t), end="", flush=True))
         if reply is None:
-            sys.exit(1)  # it did not fit the context: said why
+            raise Exit(code=1)  # it did not fit the context: said why
         print()
         print(reply.stats(), file=sys.stderr)
         return
     repl.run(chat)
-    if not keep and input("End the session now (scrub and destroy)? [Y/n] ").strip().lower() in ("", "y", "yes"):
+    if not keep and _ask("End the session now (scrub and destroy)?", default=True):
         down(c, stack=stack)
 
 
-@task(
-    help={
-        "action": "list, show, export or purge",
-        "stack": "whose history; default dev",
-        "id": "a conversation (show, export); default the latest",
-        "format": "export as markdown (default) or json",
-        "out": "export to this file (default: print)",
-    }
-)
-def history(c, action, stack="dev", id="", format="markdown", out=""):
-    """The stack's chat history, encrypted at rest: list, show, export or purge (deletes it and its key)."""
-    from gpu_session.chat.history import History, HistoryError, export
+# --- history: the stack's chat history, encrypted at rest --------------------------------------
+
+HISTORY_ID = "a conversation; default the latest"
+
+
+def _conversation(stack: str, conversation_id: str):
+    from gpu_session.chat.history import History, HistoryError
 
     h = History(stack)
-    try:
-        if action == "list":
-            for conversation_id in h.ids():
-                conversation = h.load(conversation_id)
-                print(f"{conversation_id}  {conversation.model}  {len(conversation.messages)} messages")
-            return
-        if action == "purge":
-            print(f"deleted {h.purge()} conversation(s) and the key of stack {stack}")
-            return
-        if action not in ("show", "export"):
-            raise HistoryError(f"unknown action {action!r}: list, show, export or purge")
-        ids = h.ids()
-        if not ids:
-            raise HistoryError(f"stack {stack} has no chat history")
-        text = export(h.load(id or ids[-1]), "markdown" if action == "show" else format)
-    except HistoryError as e:
-        _fail(e)
-    if out:
-        from pathlib import Path
-
-        if Path(out).exists():
-            _fail(FileExistsError(f"{out} exists: give another name (nothing is overwritten)"))
-        Path(out).write_text(text)
-        Path(out).chmod(0o600)
-    else:
-        print(text, end="")
+    ids = h.ids()
+    if not ids:
+        raise HistoryError(f"stack {stack} has no chat history")
+    return h.load(conversation_id or ids[-1])
 
 
-@task(
-    help={
-        "stack": "the session's name; default dev",
-        "json": "progress as JSON lines (CI)",
-        "sim": "the session is on the simulator",
-    }
+@command(name="list", help={"stack": STACK_HELP})
+def history_list(c, stack="dev"):
+    """The stack's saved conversations: id, model, messages."""
+    from gpu_session.chat.history import History
+
+    h = History(stack)
+    for conversation_id in h.ids():
+        conversation = h.load(conversation_id)
+        print(f"{conversation_id}  {conversation.model}  {len(conversation.messages)} messages")
+
+
+@command(name="show", help={"stack": STACK_HELP, "id": HISTORY_ID})
+def history_show(c, stack="dev", id=""):
+    """A saved conversation, as markdown."""
+    from gpu_session.chat.history import export
+
+    print(export(_conversation(stack, id), "markdown"), end="")
+
+
+@command(
+    name="export",
+    help={"stack": STACK_HELP, "id": HISTORY_ID, "format": "markdown (default) or json", "out": "this file (default: print)"},
 )
+def history_export(c, stack="dev", id="", format="markdown", out=""):
+    """A saved conversation as markdown or JSON, printed or written (0600) to a new file."""
+    from pathlib import Path
+
+    from gpu_session.chat.history import export
+
+    text = export(_conversation(stack, id), format)
+    if not out:
+        print(text, end="")
+        return
+    if Path(out).exists():
+        raise UsageError(f"{out} exists: give another name (nothing is overwritten)")
+    Path(out).write_text(text)
+    Path(out).chmod(0o600)
+
+
+@command(name="purge", help={"stack": STACK_HELP})
+def history_purge(c, stack="dev"):
+    """Delete the stack's history and its key."""
+    from gpu_session.chat.history import History
+
+    print(f"deleted {History(stack).purge()} conversation(s) and the key of stack {stack}")
+
+
+@command(help={"stack": STACK_HELP, "json": "progress as JSON lines (CI)", "sim": "the session is on the simulator"})
 def down(c, stack="dev", json=False, sim=False):
     """Scrub the host, destroy it, check with the cloud that nothing is left, delete the session's secrets."""
-    _user_config()
-    from gpu_session import session
+    from gpu_session.session.down import down as end
 
+    _user_config()
     on_event, say = _printer(json)
     if sim:
         _simulate(say)
-    try:
-        summary = session.down(stack, say=say, on_event=on_event)
-    except (session.SessionError, session.StackError) as e:
-        _fail(e)
+    summary = end(stack, say=say, on_event=on_event)
     if summary["receipt"]:
         say(f"scrub receipt: {summary['receipt']}")
     for s in summary["sessions"]:
@@ -354,54 +396,59 @@ def down(c, stack="dev", json=False, sim=False):
     say(f"stack {stack}: nothing left at the cloud")
 
 
-@task(help={"action": "start, stop or status", "stack": "the session's name; default dev"})
-def tunnel(c, action, stack="dev"):
-    """The session's tunnel to its model server: start, stop or status. It reconnects by itself when the link drops."""
-    from gpu_session import tunnel as tunnels
-
-    try:
-        if action == "start":
-            t = tunnels.start(stack)
-            print(f"tunnel up: http://127.0.0.1:{t.port}/v1")
-        elif action == "stop":
-            print("tunnel closed" if tunnels.stop(stack) else "no tunnel was running")
-        elif action == "status":
-            t = tunnels.status(stack)
-            print(f"127.0.0.1:{t.port}: {'connected' if t.connected else 'reconnecting'}" if t.running else "no tunnel")
-        else:
-            _fail(ValueError(f"unknown action {action!r}: start, stop or status"))
-    except (tunnels.TunnelError, ValueError) as e:
-        _fail(e)
+# --- tunnel: the session's tunnel to its model server ------------------------------------------
 
 
-@task(help={"stack": "the session's name; default dev", "command": "run this instead of a shell"})
+@command(name="start", help={"stack": STACK_HELP})
+def tunnel_start(c, stack="dev"):
+    """Open the tunnel (it reconnects by itself when the link drops)."""
+    from gpu_session.local import tunnel
+
+    print(f"tunnel up: http://127.0.0.1:{tunnel.start(stack).port}/v1")
+
+
+@command(name="stop", help={"stack": STACK_HELP})
+def tunnel_stop(c, stack="dev"):
+    """Close the tunnel."""
+    from gpu_session.local import tunnel
+
+    print("tunnel closed" if tunnel.stop(stack) else "no tunnel was running")
+
+
+@command(name="status", help={"stack": STACK_HELP})
+def tunnel_status(c, stack="dev"):
+    """Whether the tunnel runs, on which port, and whether it is connected."""
+    from gpu_session.local import tunnel
+
+    t = tunnel.status(stack)
+    print(f"127.0.0.1:{t.port}: {'connected' if t.connected else 'reconnecting'}" if t.running else "no tunnel")
+
+
+@command(help={"stack": STACK_HELP, "command": "run this instead of a shell"})
 def ssh(c, stack="dev", command=""):
     """A shell on the session's host, with its own key and pinned host key (over the tunnel's connection)."""
-    import os as _os
+    from gpu_session.host.ssh import session_keys, ssh_command
+    from gpu_session.local import record
 
-    from gpu_session import tunnel as tunnels
-    from gpu_session.ssh import session_keys, ssh_command
-
-    try:
-        endpoint = tunnels.endpoint_of(stack)
-    except tunnels.TunnelError as e:
-        _fail(e)
-    argv = ssh_command(session_keys(stack), endpoint) + ([command] if command else [])  # the host's shell parses it
-    _os.execvp(argv[0], argv)
+    argv = ssh_command(session_keys(stack), record.load(stack).endpoint) + (
+        [command] if command else []
+    )  # the host's shell parses it
+    os.execvp(argv[0], argv)
 
 
-@task(help={"json": "as JSON"})
+@command(help={"json": "as JSON"})
 def status(c, json=False):
     """Every running session: cloud, GPU, uptime, cost so far, lease left, server health, tunnel; drift flagged."""
-    _user_config()
     import json as jsonlib
 
     from rich.console import Console
     from rich.table import Table
 
-    from gpu_session import session
+    from gpu_session.session.status import interrupted
+    from gpu_session.session.status import status as sessions
 
-    rows, unfinished = session.status(), session.interrupted()
+    _user_config()
+    rows, unfinished = sessions(), interrupted()
     if json:
         print(jsonlib.dumps(rows + [{**u, "interrupted": True} for u in unfinished], indent=2))
         return
@@ -421,50 +468,40 @@ def status(c, json=False):
             print(f"{r['stack']}: {r['drift']}")
 
 
-@task(
-    help={"hours": "how many hours more", "stack": "the session's name; default dev", "json": "progress as JSON lines"},
-    positional=["hours"],
-)
+@command(help={"hours": "how many hours more", "stack": STACK_HELP, "json": "progress as JSON lines"}, positional=["hours"])
 def extend(c, hours, stack="dev", json=False):
     """Move the session's lease end later; the host keeps serving."""
+    from gpu_session.session.up import extend as move_lease
+
     _user_config()
-    from gpu_session import session
-
     on_event, say = _printer(json)
-    try:
-        ends = session.extend(stack, float(hours), on_event=on_event)
-    except (session.SessionError, session.StackError, ValueError) as e:
-        _fail(e)
-    say(f"the lease now ends {ends}")
+    say(f"the lease now ends {move_lease(stack, _number(hours, 'hours'), on_event=on_event)}")
 
 
-@task
+@command()
 def doctor(c):
     """Check this machine: the Pulumi CLI, ssh, the cloud keys (asked of each API), the privacy of config and state files."""
-    _user_config()
-    from gpu_session import doctor as checks
+    from gpu_session.cli import doctor as checks
 
+    _user_config()
     results = checks.run()
     for check in results:
         print(f"{'ok ' if check.ok else 'FIX'}  {check.name:<12} {check.detail}")
     if not all(c.ok for c in results if not c.name.endswith(" key")) or not any(c.ok for c in results if c.name.endswith(" key")):
-        sys.exit(1)
+        raise Exit(code=1)
 
 
-@task(help={"stack": "the session's name; default dev"})
+@command(help={"stack": STACK_HELP})
 def configure(c, stack="dev"):
     """Run the site playbook again on the session's live host (after a change to the roles, or to repair it)."""
+    from gpu_session.session.up import reconfigure
+
     _user_config()
-    from gpu_session import session
-
     _, say = _printer(False)
-    try:
-        session.reconfigure(stack, say=say)
-    except (session.SessionError, RuntimeError) as e:
-        _fail(e)
+    reconfigure(stack, say=say)
 
 
-@task(
+@command(
     help={
         "from_env": "take the keys from LAMBDA_API_KEY, RUNPOD_API_KEY and HF_TOKEN instead of asking",
         "model": "default model for up", "cloud": "default cloud", "gpu": "default GPU type",
@@ -475,12 +512,9 @@ def setup(c, from_env=False, model="", cloud="", gpu="", hours=None, budget=None
     """Save API keys (each checked against its API) and defaults in ~/.config/gpu-session/config.yaml (0600)."""
     import getpass
 
-    from gpu_session import config
+    from gpu_session.local import config
 
-    try:
-        data = config.load()
-    except config.ConfigFileError as e:
-        _fail(e)
+    data = config.load()
     for key, var in config.KEYS.items():
         if from_env:
             value = os.environ.get(var, "")
@@ -491,18 +525,18 @@ def setup(c, from_env=False, model="", cloud="", gpu="", hours=None, budget=None
         try:
             print(f"ok  {config.check_key(key, value)}")
         except config.ConfigFileError as e:
-            _fail(ValueError(f"{e}; nothing was saved"))
+            raise config.ConfigFileError(f"{e}; nothing was saved") from None
         data[key] = value
     for key, value in (("model", model), ("cloud", cloud), ("gpu", gpu)):
         if value:
             data[key] = value
     for key, value in (("hours", hours), ("budget", budget)):
         if value is not None:
-            data[key] = float(value)
+            data[key] = _number(value, key)
     print(f"saved {config.save(data)}")
 
 
-@task(
+@command(
     help={
         "backend": "transformers (default: quick) or vllm",
         "cloud": "lambda (default) or runpod",
@@ -513,65 +547,55 @@ def bench(c, backend="transformers", cloud="lambda", json=""):
     """Time one whole session against the simulator: up (provision, configure, server start), the tunnel's first-token overhead, a no-change configure, down."""
     from pathlib import Path
 
-    from gpu_session import bench as benchmark
-    from gpu_session import session
+    from gpu_session.cli import bench as benchmark
 
     _, say = _printer(False)
-    try:
-        report = benchmark.run(backend, cloud, say=say)
-    except (session.SessionError, session.StackError) as e:
-        _fail(e)
+    _simulate(say)
+    report = benchmark.run(backend, cloud, say=say)
     print(benchmark.table(report))
     if json:
         benchmark.save(report, Path(json))
 
 
-@task(help={"yes": "terminate every orphan without asking"})
+@command(help={"yes": "terminate every orphan without asking"})
 def sweep(c, yes=False):
     """Find instances named like ours that no stack owns, and offer to terminate them."""
-    _user_config()
-    from gpu_session import session
+    from gpu_session.session.down import sweep as sweep_orphans
 
+    _user_config()
     _, say = _printer(False)
 
     def confirm(cloud, inst) -> bool:
         say(f"orphan: {cloud} {inst.id} {inst.name} ({inst.raw_status}, ${inst.price_per_hour:.2f}/h)")
-        return yes or input("Terminate it? [Y/n] ").strip().lower() in ("", "y", "yes")
+        return yes or _ask("Terminate it?", default=True)
 
-    try:
-        ended = session.sweep(confirm=confirm, say=say)
-    except session.SessionError as e:
-        _fail(e)
+    ended = sweep_orphans(confirm=confirm, say=say)
     say(f"{len(ended)} orphan(s) terminated" if ended else "no orphans")
 
 
-@task(help={"cloud": "lambda, runpod or auto (every cloud you have a key for)"})
+@command(help={"cloud": "lambda, runpod or auto (every cloud you have a key for)"})
 def available(c, cloud="auto"):
     """GPU offers with their prices and where they have capacity now."""
-    _user_config()
     from rich.console import Console
     from rich.table import Table
 
-    from gpu_session import session
+    from gpu_session.session.status import available as offers_now
 
-    try:
-        offers = session.available(cloud)
-    except session.SessionError as e:
-        _fail(e)
+    _user_config()
     table = Table("cloud", "GPU", "type", "GPUs", "memory", "$/h", "capacity", "catalog models that fit")
-    for o, fits in offers:
+    for o, fits in offers_now(cloud):
         table.add_row(o.cloud, o.gpu_name, o.instance_type, str(o.gpu_count), f"{o.total_vram_gb} GB", f"{o.price_per_hour:.2f}",
                       ", ".join(o.regions) or "none", ", ".join(fits))  # fmt: skip
     Console().print(table)
 
 
-@task
+@command()
 def cost(c):
     """What the sessions cost: each one, per month, and in all."""
     from rich.console import Console
     from rich.table import Table
 
-    from gpu_session.ledger import Ledger
+    from gpu_session.local.ledger import Ledger
 
     ledger = Ledger()
     table = Table("stack", "cloud", "GPU", "model", "hours", "USD", "state")
@@ -585,4 +609,6 @@ def cost(c):
     print(f"total: {ledger.total():.4f} USD")
 
 
-ns = Collection.from_module(sys.modules[__name__])
+ns = Collection(test, sim, engines, up, chat, down, ssh, status, extend, doctor, configure, setup, bench, sweep, available, cost)
+ns.add_collection(Collection("history", history_list, history_show, history_export, history_purge))
+ns.add_collection(Collection("tunnel", tunnel_start, tunnel_stop, tunnel_status))

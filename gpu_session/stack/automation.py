@@ -23,15 +23,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .daemon import alive
-from .paths import ROOT, config_dir, make_private, private_dir, state_dir, write_private
-from .stack_config import NAMESPACE, SECRETS
+from gpu_session.clouds import CapacityError
+from gpu_session.errors import GpuSessionError
+from gpu_session.local.daemon import alive
+from gpu_session.paths import ASSETS, PACKAGE_PARENT, config_dir, make_private, private_dir, state_dir, write_private
+
+from .config import NAMESPACE, SECRETS
 
 INSTALL_PULUMI = (
     "The Pulumi CLI is not installed. Install it the official way and open a new shell:\n"
     "  curl -fsSL https://get.pulumi.com | sh        (Linux, macOS; or: brew install pulumi/tap/pulumi)\n"
     "  https://www.pulumi.com/docs/iac/download-install/   (Windows and other options)\n"
-    f"or, on a machine without the internet but with Go and a Go module proxy: {ROOT / 'scripts' / 'install-pulumi'}"
+    "or, in a checkout on a machine without the internet but with Go and a Go module proxy: scripts/install-pulumi"
 )
 
 
@@ -45,7 +48,7 @@ class StackEvent:
     seconds: float = 0.0
 
 
-class StackError(RuntimeError):
+class StackError(GpuSessionError, RuntimeError):
     """An operation on the stack failed; the message says which resource and why."""
 
 
@@ -55,6 +58,11 @@ class StackNotFound(StackError):
 
 class StackCancelled(StackError):
     """Ctrl-C or SIGTERM came during the operation: what finished is recorded, the rest was not started."""
+
+
+class NoCapacity(StackError):
+    """The cloud had no capacity for any offer the stack's instance could take (clouds.CapacityError
+    in the provider); another offer may have some."""
 
 
 class PulumiMissing(StackError):
@@ -135,7 +143,7 @@ def pulumi_env() -> dict[str, str]:
         "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
         # The provider process must run this Python and import this package (pulumi#7960, #7061).
         "PULUMI_PYTHON_CMD": sys.executable,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(PACKAGE_PARENT), os.environ.get("PYTHONPATH", "")) if p),
         **passphrase_env(),
     }
 
@@ -148,8 +156,8 @@ def workspace(stack: str) -> Path:
     import yaml
 
     folder = private_dir(state_dir() / "workspaces" / stack)
-    project = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
-    project["main"] = os.path.relpath(ROOT / project.get("main", "."), folder)
+    project = yaml.safe_load((ASSETS / "Pulumi.yaml").read_text())
+    project["main"] = os.path.relpath(ASSETS / project.get("main", "."), folder)
     write_private(folder / "Pulumi.yaml", yaml.safe_dump(project, sort_keys=False))
     return folder
 
@@ -232,7 +240,9 @@ class PulumiEngine:
                 if pressed.count:
                     raise StackCancelled(f"pulumi {what} cancelled on stack {self.stack}") from None
                 said = "\n".join(failures) or str(e)
-                raise StackError(f"pulumi {what} failed on stack {self.stack}: {said}") from None
+                # The provider's CapacityError reaches us as text: typed again here, at the seam.
+                failed = NoCapacity if CapacityError.__name__ in said or "no capacity" in said else StackError
+                raise failed(f"pulumi {what} failed on stack {self.stack}: {said}") from None
         self._make_private()
         if pressed.count:
             raise StackCancelled(f"pulumi {what} on stack {self.stack} finished, but was cancelled")

@@ -13,10 +13,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import stack_dir, write_private
+from gpu_session.errors import GpuSessionError
+from gpu_session.paths import stack_dir, write_private
 
 
-class HostKeyError(RuntimeError):
+class HostKeyError(GpuSessionError, RuntimeError):
     """The host's key cannot be learned, or differs from the pinned one."""
 
 

@@ -6,16 +6,18 @@ the nearest known one. Pulumi.example.yaml documents the same keys; a test keeps
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, fields
 
+from gpu_session.errors import GpuSessionError
+from gpu_session.sizing import HUB_ID
+
 NAMESPACE = "gpu-session"
-# The Hub's repo ids: owner/name, letters, digits, - _ . (the roles refuse anything else too).
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULT_RUNPOD_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
 
 
-class ConfigError(ValueError):
+class ConfigError(GpuSessionError, ValueError):
     """One or more keys are wrong; the message names each and says what to do."""
 
 
@@ -33,6 +35,9 @@ class StackConfig:
     backend: str = "auto"
     image: str = DEFAULT_RUNPOD_IMAGE
     configure: bool = True
+    # Where the model server runs: cuda, or cpu on a host without a GPU (the simulator's hosts;
+    # GPU_SESSION_DEVICE, which the simulator's --env sets, is the default).
+    device: str = "cuda"
     # Secrets: from the stack's secret config, or the environment (LAMBDA_API_KEY, RUNPOD_API_KEY, HF_TOKEN).
     hfToken: str | None = None  # noqa: N815
     lambdaApiKey: str | None = None  # noqa: N815
@@ -110,6 +115,7 @@ PARSERS = {
     "backend": _choice("auto", "vllm", "transformers"),
     "image": _text,
     "configure": _bool,
+    "device": _choice("cuda", "cpu"),
     "hfToken": _text,
     "lambdaApiKey": _text,
     "runpodApiKey": _text,
@@ -141,9 +147,14 @@ def parse(values: dict[str, object]) -> StackConfig:
     return StackConfig(**parsed)
 
 
+def default_device() -> str:
+    """The model server's device when the stack's config names none: GPU_SESSION_DEVICE, else cuda."""
+    return os.environ.get("GPU_SESSION_DEVICE") or StackConfig.device
+
+
 def from_pulumi() -> StackConfig:
     """The running program's stack config (what `pulumi config` holds, secrets decrypted)."""
     from pulumi.runtime import config as runtime_config
 
-    values = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
+    values = {f"{NAMESPACE}:device": default_device(), **runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
     return parse({k: v for k, v in values.items() if k.startswith(f"{NAMESPACE}:")})

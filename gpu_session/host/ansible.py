@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .paths import ROOT, private_dir, state_dir
+from gpu_session.errors import GpuSessionError
+from gpu_session.paths import ASSETS, private_dir, state_dir
 
 
 @dataclass
@@ -50,7 +51,7 @@ class RunResult:
     failures: list[Event] = field(default_factory=list)
 
 
-class ConfigureError(RuntimeError):
+class ConfigureError(GpuSessionError, RuntimeError):
     """A play failed; the message names the task and says what went wrong."""
 
     def __init__(self, result: RunResult):
@@ -66,7 +67,7 @@ def inventory_yaml(target: Target) -> str:
 
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["quote"] = shlex.quote
-    return env.from_string((ROOT / "templates" / "inventory.yml.j2").read_text()).render(
+    return env.from_string((ASSETS / "templates" / "inventory.yml.j2").read_text()).render(
         {k: str(v) for k, v in vars(target).items()}
     )
 
@@ -77,7 +78,7 @@ def _inventory(target: Target) -> dict:
     import yaml
 
     inventory = yaml.safe_load(inventory_yaml(target))
-    inventory["all"]["vars"] = yaml.safe_load((ROOT / "inventory" / "group_vars" / "all.yml").read_text()) or {}
+    inventory["all"]["vars"] = yaml.safe_load((ASSETS / "inventory" / "group_vars" / "all.yml").read_text()) or {}
     return inventory
 
 
@@ -153,8 +154,8 @@ def run(
         # ansible-runner turns host key checking off unless told otherwise; ssh then honours the
         # first StrictHostKeyChecking it sees (Ansible's "no"), and a stranger would be trusted.
         "ANSIBLE_HOST_KEY_CHECKING": "True",
-        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+        "ANSIBLE_CONFIG": str(ASSETS / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(ASSETS / "roles"),
         # Unix sockets allow ~100 bytes of path: the control sockets (no secrets in them) go in a short folder.
         "ANSIBLE_SSH_CONTROL_PATH_DIR": control,
         "ANSIBLE_LOCAL_TEMP": str(private / "tmp"),
@@ -176,10 +177,10 @@ def run(
             suppress_env_files=False,
         )
         if playbook is not None:
-            r = ansible_runner.run(playbook=str(ROOT / "playbooks" / playbook), **kwargs)
+            r = ansible_runner.run(playbook=str(ASSETS / "playbooks" / playbook), **kwargs)
         else:
             # No fact gathering up front: a role gathers what it needs, after making sure python3 exists.
-            r = ansible_runner.run(role=role, roles_path=str(ROOT / "roles"), hosts=target.name, role_skip_facts=True, **kwargs)
+            r = ansible_runner.run(role=role, roles_path=str(ASSETS / "roles"), hosts=target.name, role_skip_facts=True, **kwargs)
         result = RunResult(ok=r.status == "successful" and r.rc == 0, changed=changed, facts=facts, failures=failures)
         if not result.ok and not failures:
             failures.append(Event("failed", "ansible", " ".join(said[-3:]) or f"ansible-playbook exited {r.rc}"))

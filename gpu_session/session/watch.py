@@ -1,34 +1,34 @@
-"""The watch: a background helper (`python -m gpu_session.watch`) that guards the bill while the
-session is up, from this machine.
+"""The watch: a background helper that guards the bill while the session is up, from this machine.
 
 - Budget: at 80 % of the session's budget it warns (in its log); at 100 % it
   scrubs and destroys the session, as `invoke down` does.
-- Lease: where the host cannot end itself at the lease's end (Lambda without an uploaded key: the
-  host only wipes itself), the watch destroys it then, while this machine is on.
+- Lease: where the host cannot end itself at the lease's end (Cloud.host_ends_itself: a Lambda
+  instance only wipes itself), the watch destroys it then, while this machine is on.
 
-`up` starts it, `down` stops it; `invoke status` says which protection is active.
+`up` starts it, `down` stops it; `invoke status` says which protection is active. Its process is
+`python -m gpu_session.cli.watch`: the face, which joins this loop to `down` (this module cannot
+import down, which stops the watch).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
-from datetime import datetime
+from collections.abc import Callable
 
-from . import daemon
-from .ledger import Ledger
-from .paths import stack_dir
+from gpu_session.clouds import cloud_class
+from gpu_session.local import daemon, record
+from gpu_session.local.ledger import Ledger
 
 NAME = "watch"
+PROCESS = "gpu_session.cli.watch"
 WARN_AT = 0.8
 INTERVAL_S = float(os.environ.get("GPU_SESSION_WATCH_INTERVAL", "30"))
 
 
 def start(stack: str) -> None:
     if not daemon.running(stack, NAME):
-        daemon.spawn(stack, NAME, "gpu_session.watch", "--stack", stack)
+        daemon.spawn(stack, NAME, PROCESS, "--stack", stack)
 
 
 def stop(stack: str) -> bool:
@@ -37,22 +37,17 @@ def stop(stack: str) -> bool:
 
 def protections(stack: str, cloud: str, budget: float | None) -> list[str]:
     """What guards this session's bill, in words."""
+    ends_itself = cloud_class(cloud).host_ends_itself
     found = [
         "the host's lease watchdog: "
-        + ("it ends the pod at the lease's end" if cloud == "runpod" else "it wipes the host at the lease's end")
+        + ("it ends the host at the lease's end" if ends_itself else "it wipes the host at the lease's end")
     ]
     if daemon.running(stack, NAME):
-        if cloud == "lambda":
+        if not ends_itself:
             found.append("this machine's watch: it destroys the instance at the lease's end while this machine is on")
         if budget:
             found.append(f"this machine's watch: budget ${budget:g} (warns at 80 %, destroys at 100 %)")
     return found
-
-
-def lease_end(stack: str) -> float | None:
-    path = stack_dir(stack) / "outputs.json"
-    expires = json.loads(path.read_text()).get("lease_expires_at") if path.exists() else None
-    return datetime.fromisoformat(expires).timestamp() if expires else None
 
 
 def check(stack: str, say) -> str | None:
@@ -67,23 +62,16 @@ def check(stack: str, say) -> str | None:
         if share >= WARN_AT and not daemon.state(stack, NAME).get("warned"):
             say(f"warning: {share:.0%} of the ${session.budget:g} budget is spent; the session ends at 100 %")
             daemon.update(stack, NAME, warned=True)
-    end = lease_end(stack)
-    if session.cloud == "lambda" and end and time.time() >= end:
+    live = record.find(stack)
+    left = live.lease_left_h() if live else None
+    if not cloud_class(session.cloud).host_ends_itself and left is not None and left <= 0:
         return "the lease has ended"
     return None
 
 
-def watch(stack: str) -> None:
-    from . import session
-    from .stack import StackEvent
-
-    def say(text: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
-
-    def on_event(event: StackEvent) -> None:
-        if event.kind in ("done", "failed") or event.message:
-            say(f"{event.kind} {event.op} {event.type} {event.name} {event.message}".strip())
-
+def guard(stack: str, end: Callable[[str], None], say: Callable[[str], None]) -> None:
+    """Look every INTERVAL_S until the session is gone, or `end` it (scrub and destroy) when
+    check() gives a reason."""
     say(f"watching stack {stack}")
     while True:
         reason = check(stack, say)
@@ -92,17 +80,7 @@ def watch(stack: str) -> None:
             return
         if reason:
             say(f"{reason}: scrubbing and destroying the session")
-            session.down(stack, say=say, on_event=on_event)
+            end(stack)
             say("destroyed")
             return
         time.sleep(INTERVAL_S)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Guard a session's budget and lease (started by `invoke up`)")
-    parser.add_argument("--stack", required=True)
-    watch(parser.parse_args().stack)
-
-
-if __name__ == "__main__":
-    main()

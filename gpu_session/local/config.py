@@ -12,13 +12,14 @@ from pathlib import Path
 
 import yaml
 
-from .paths import config_dir, write_private
+from gpu_session.errors import GpuSessionError
+from gpu_session.paths import config_dir, write_private
 
 KEYS = {"lambda_api_key": "LAMBDA_API_KEY", "runpod_api_key": "RUNPOD_API_KEY", "hf_token": "HF_TOKEN"}
 DEFAULTS = {"model": str, "cloud": str, "gpu": str, "hours": float, "budget": float}
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(GpuSessionError, ValueError):
     pass
 
 
@@ -55,13 +56,13 @@ def check_key(key: str, value: str) -> str:
     if key == "hf_token":
         from huggingface_hub.errors import HfHubHTTPError
 
-        from .sizing import hub
+        from gpu_session.sizing import hub
 
         try:
             return f"Hugging Face: {hub().whoami(token=value)['name']}"
         except (HfHubHTTPError, OSError) as e:
             raise ConfigFileError(f"the Hugging Face token was refused: {e}") from None
-    from .clouds import CloudError, get_cloud
+    from gpu_session.clouds import CloudError, get_cloud
 
     cloud = key.removesuffix("_api_key")
     try:

@@ -1,0 +1,87 @@
+"""The record of a live session: what `up` learnt from the stack's outputs (the host, its SSH
+endpoint, the model, the rate, the lease), kept in the stack's folder so that status, the tunnel,
+ssh, the chat and the watch read it without asking the engine. It holds no secret.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from gpu_session.errors import GpuSessionError
+from gpu_session.host.ssh import Endpoint
+from gpu_session.paths import stack_dir, write_private
+
+FILE = "outputs.json"
+
+
+class NotUp(GpuSessionError):
+    """The stack has no live session on this machine."""
+
+
+@dataclass(frozen=True)
+class LiveSession:
+    """One stack's session, typed: the program's outputs (infra/__main__.py) as `up` got them."""
+
+    stack: str
+    cloud: str
+    instance_id: str
+    endpoint: Endpoint
+    gpu: str
+    gpu_count: int
+    price_per_hour: float  # USD/h
+    model: str  # the Hub id
+    backend: str  # vllm or transformers
+    served_model_name: str
+    lease_expires_at: datetime | None  # None: no lease (`up --no-configure` keeps one too; older records may not)
+    session_dir: Path
+
+    @classmethod
+    def of(cls, stack: str, outputs: dict) -> LiveSession:
+        """From the stack's outputs (KeyError when one the program always exports is missing)."""
+        expires = outputs.get("lease_expires_at")
+        return cls(
+            stack=stack, cloud=outputs["cloud"], instance_id=outputs["instance_id"], endpoint=Endpoint.of(outputs),
+            gpu=outputs.get("gpu") or "", gpu_count=int(outputs.get("gpu_count") or 1),
+            price_per_hour=float(outputs["price_per_hour"]), model=outputs["model"], backend=outputs["backend"],
+            served_model_name=outputs["served_model_name"],
+            lease_expires_at=datetime.fromisoformat(expires) if expires else None,
+            session_dir=Path(outputs.get("session_dir") or stack_dir(stack)),
+        )  # fmt: skip
+
+    def lease_left_h(self, now: datetime | None = None) -> float | None:
+        """Hours until the lease ends (negative: it has ended), or None without one."""
+        if self.lease_expires_at is None:
+            return None
+        now = now or datetime.now(self.lease_expires_at.tzinfo)
+        return (self.lease_expires_at - now).total_seconds() / 3600
+
+    @property
+    def api_key_file(self) -> Path:
+        """The model server's API key (0600), which converge made on the first configure."""
+        return stack_dir(self.stack) / "api_key"
+
+
+def save(stack: str, outputs: dict) -> LiveSession:
+    """Keep the stack's outputs as its live session's record (0600)."""
+    session = LiveSession.of(stack, outputs)
+    write_private(stack_dir(stack) / FILE, json.dumps(outputs))
+    return session
+
+
+def load(stack: str) -> LiveSession:
+    """The stack's live session; NotUp (saying what to do) when there is none on this machine."""
+    found = find(stack)
+    if found is None:
+        raise NotUp(f"stack {stack} is not up: `invoke up --stack {stack}` first")
+    return found
+
+
+def find(stack: str) -> LiveSession | None:
+    """The stack's live session, or None."""
+    path = stack_dir(stack) / FILE
+    if not path.exists():
+        return None
+    return LiveSession.of(stack, json.loads(path.read_text()))

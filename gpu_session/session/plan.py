@@ -1,0 +1,118 @@
+"""Planning a session: the options a person gives `up`, and every offer that fits, cheapest first,
+across the clouds they hold keys for. SessionError says what to do when nothing fits. The one place
+the session's defaults live (UpOptions): the face, the user's config file and the stack's config
+start from them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from gpu_session import sizing
+from gpu_session.clouds import API_KEY_CONFIG, CLOUDS, Cloud, Offer, get_cloud
+from gpu_session.clouds import API_KEY_ENV as KEY_ENV
+from gpu_session.errors import GpuSessionError
+from gpu_session.stack.config import StackConfig, default_device
+
+Say = Callable[[str], None]  # progress, one line at a time
+
+
+class SessionError(GpuSessionError, RuntimeError):
+    """What went wrong, and what to do."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """What `up` is asked for. The defaults are the stack config's (gpu_session.stack.config), so a
+    session started by `invoke up` and a stack applied with `pulumi up` mean the same."""
+
+    model: str  # a Hub id (owner/name) or a catalog alias
+    cloud: str = "auto"  # lambda, runpod, or auto: the cheapest among the clouds with a key
+    gpu: str = StackConfig.gpu  # auto, or an instance type / GPU name
+    gpus: int = StackConfig.gpuCount
+    hours: float = StackConfig.hours  # the lease
+    max_price: float | None = StackConfig.maxPricePerHour  # USD/h
+    budget: float | None = None  # USD: the watch ends the session when it is spent
+    disk: int = StackConfig.diskGb  # GB
+    quantize: bool = StackConfig.quantize
+    backend: str = StackConfig.backend  # auto, vllm or transformers
+    stack: str = "dev"
+    configure: bool = StackConfig.configure  # False: just the machine, no model server
+
+
+@dataclass(frozen=True)
+class Plan:
+    offer: Offer
+    region: str | None  # None: any
+    need_gb: float
+    hours: float
+    budget: float | None = None  # USD: the watch ends the session when it is spent
+
+    @property
+    def estimate(self) -> float:
+        return round(self.offer.price_per_hour * self.hours, 2)
+
+    def describe(self) -> str:
+        o = self.offer
+        ends = (datetime.now(UTC) + timedelta(hours=self.hours)).strftime("%H:%M UTC")
+        return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({o.total_vram_gb} GB for {self.need_gb} GB needed) in "
+                f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}"
+                + (f"; the ${self.budget:g} budget ends it after {self.budget / o.price_per_hour:.2g} h"
+                   if self.budget is not None and self.budget < self.estimate else ""))  # fmt: skip
+
+
+def cloud_client(name: str) -> Cloud:
+    """The client for a cloud, with its key from the environment; SessionError saying how to give one."""
+    if not os.environ.get(KEY_ENV[name]):
+        raise SessionError(
+            f'no {name} API key: export {KEY_ENV[name]}=... (or run against the simulator: eval "$(invoke sim --env)")'
+        )
+    return get_cloud(name, api_key=os.environ[KEY_ENV[name]])
+
+
+def clouds_for(choice: str) -> list[str]:
+    """The clouds `choice` (lambda, runpod or auto) means: for auto, those with a key here."""
+    if choice == "auto":
+        found = [c for c in CLOUDS if os.environ.get(KEY_ENV[c])]
+        if not found:
+            raise SessionError(f"no cloud API key: export {' or '.join(KEY_ENV.values())}")
+        return found
+    if choice not in CLOUDS:
+        raise SessionError(f"unknown cloud {choice!r}: choose {', '.join(CLOUDS)} or auto")
+    return [choice]
+
+
+def plans(opts: UpOptions, info: sizing.ModelInfo) -> list[Plan]:
+    """Every (offer, region) that fits, cheapest first, across the allowed clouds."""
+    need = info.need_gb(opts.quantize)
+    offers = [o for c in clouds_for(opts.cloud) for o in cloud_client(c).offers()]
+    gpu = None if opts.gpu == "auto" else opts.gpu
+    if gpu and not any(gpu in (o.instance_type, o.gpu_name) for o in offers):
+        raise SessionError(f"no GPU type {gpu!r} here; `invoke available` lists them")
+    fit = sizing.fitting(offers, need, gpu_count=opts.gpus, max_price=opts.max_price, gpu_type=gpu)
+    found = [Plan(o, r, need, opts.hours, opts.budget) for o in fit for r in o.launch_regions()]
+    if not found:
+        why = sizing.explain_no_fit(offers, need, gpu_count=opts.gpus, max_price=opts.max_price, gpu_type=gpu)
+        raise SessionError(f"{opts.model} {why}")
+    return found
+
+
+def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:
+    """The stack's config for `plan` (gpu_session.stack.config's keys, as text). The stack holds its
+    own credentials (as secrets), so `down` works from any shell."""
+    config = {
+        "model": opts.model, "cloud": plan.offer.cloud, "gpu": plan.offer.instance_type, "gpuCount": str(plan.offer.gpu_count),
+        "region": plan.region or "auto", "hours": str(opts.hours), "diskGb": str(opts.disk),
+        "quantize": str(opts.quantize).lower(), "backend": opts.backend, "configure": str(opts.configure).lower(),
+        "device": default_device(),
+    }  # fmt: skip
+    if opts.max_price is not None:
+        config["maxPricePerHour"] = str(opts.max_price)
+    for cloud, key in API_KEY_CONFIG.items():
+        if os.environ.get(KEY_ENV[cloud]):
+            config[key] = os.environ[KEY_ENV[cloud]]
+    if os.environ.get("HF_TOKEN"):
+        config["hfToken"] = os.environ["HF_TOKEN"]
+    return config

@@ -1,0 +1,85 @@
+"""Bringing a session up, and changing one that is up: `up` (plan, ask, launch with failover on
+capacity, record), `extend` (a later lease end), `reconfigure` (the site playbook again)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from gpu_session import sizing
+from gpu_session.clouds import cloud_class
+from gpu_session.host import converge
+from gpu_session.local import record, tunnel
+from gpu_session.local.ledger import Ledger, Session
+from gpu_session.stack.automation import NoCapacity, OnEvent, engine
+from gpu_session.stack.config import StackConfig
+
+from . import watch
+from .plan import Plan, Say, SessionError, UpOptions, plans, stack_settings
+
+
+def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: OnEvent) -> dict:
+    """Plan, ask, bring the stack up (failing over on capacity), record it. The outputs, or {} if declined."""
+    stack = engine(opts.stack)
+    if stack.outputs().get("instance_id"):
+        raise SessionError(
+            f"stack {opts.stack} is already up: `invoke chat --stack {opts.stack}`, or `invoke down --stack {opts.stack}`"
+        )
+    try:
+        opts = replace(opts, model=sizing.resolve(opts.model))
+        info = sizing.model_info(opts.model)
+    except sizing.SizingError as e:
+        raise SessionError(str(e)) from None
+    candidates = plans(opts, info)
+    if not confirm(candidates[0]):
+        return {}
+    for n, plan in enumerate(candidates):
+        stack.set_config(stack_settings(opts, plan))
+        try:
+            outputs = stack.up(on_event)
+        except NoCapacity:
+            if n + 1 == len(candidates):
+                raise
+            where = f"{plan.offer.gpu_name} in {plan.region or 'any region'} on {plan.offer.cloud}"
+            say(f"no capacity: {where}; trying {candidates[n + 1].describe()}")
+            continue
+        Ledger().open(Session(opts.stack, outputs["cloud"], outputs["instance_id"], outputs.get("gpu") or plan.offer.gpu_name,
+                              opts.model, float(outputs["price_per_hour"]), time.time(), budget=opts.budget))  # fmt: skip
+        record.save(opts.stack, outputs)
+        if opts.budget is not None or not cloud_class(outputs["cloud"]).host_ends_itself:
+            watch.start(opts.stack)  # the budget, and the lease end where the host cannot end itself
+        if opts.configure:
+            outputs = {**outputs, "tunnel_port": tunnel.start(opts.stack).port}
+        return outputs
+    raise SessionError("no offer could be launched")  # not reached: the last failure is raised above
+
+
+def extend(stack_name: str, hours: float, *, on_event: OnEvent) -> str:
+    """Move the lease's end `hours` later (the host's watchdog takes it without a restart). The new end."""
+    if hours <= 0:
+        raise SessionError("extend by a positive number of hours")
+    stack = engine(stack_name)
+    if not stack.outputs().get("instance_id"):
+        raise SessionError(f"stack {stack_name} is not up: nothing to extend")
+    config = stack.config()
+    stack.set_config({**config, "hours": str(float(config.get("hours") or StackConfig.hours) + hours)})
+    outputs = stack.up(on_event)
+    record.save(stack_name, outputs)
+    return outputs["lease_expires_at"]
+
+
+def reconfigure(stack_name: str, *, say: Say) -> None:
+    """The site playbook again, on the live host, with the stack's settings (what Configure runs)."""
+    live = record.load(stack_name)
+    config = engine(stack_name).config()
+    settings = converge.HostSettings(
+        stack=stack_name, cloud=live.cloud, instance_id=live.instance_id, host=live.endpoint.host,
+        port=live.endpoint.port, user=live.endpoint.user, model=live.model, backend=live.backend,
+        quantize=config.get("quantize") == "true", device=config.get("device") or StackConfig.device,
+        lease_expires_at=live.lease_expires_at.isoformat(timespec="seconds") if live.lease_expires_at else "",
+    )  # fmt: skip
+    env = {**os.environ, **({"HF_TOKEN": config["hfToken"]} if config.get("hfToken") else {})}
+    converge.site(settings, env)
+    say(f"stack {stack_name}: configured")
