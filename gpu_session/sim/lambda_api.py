@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import catalog
 from .faults import with_faults
-from .http import Request, Response, Router, json_response
+from .http import Handler, Request, Response, Router, json_response
 from .world import SimInstance, SshKey, World
 
 PREFIX = "/api/v1"
@@ -108,56 +108,81 @@ def instance_json(inst: SimInstance, loopback: bool) -> dict:
     return out
 
 
-def mount(router: Router, world: World) -> None:
-    loopback = not world.hosts.isolated
+def key_json(k: SshKey) -> dict:
+    return {"id": k.id, "name": k.name, "public_key": k.public_key}
 
-    def auth_key(req: Request) -> str | None:
-        header = req.headers.get("authorization", "")
-        scheme, _, cred = header.partition(" ")
-        if scheme.lower() == "bearer":
-            return cred.strip()
-        if scheme.lower() == "basic":
-            try:
-                user = base64.b64decode(cred, validate=True).decode().split(":", 1)
-                if len(user) == 2:
-                    return user[0]
-            except (ValueError, UnicodeDecodeError):
-                pass
-            return cred.strip()  # the spec also lists a raw key after "Basic"
+
+def auth_key(req: Request) -> str | None:
+    """The API key in the Authorization header: Bearer, Basic base64("KEY:"), or a raw key after Basic."""
+    header = req.headers.get("authorization", "")
+    scheme, _, cred = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return cred.strip()
+    if scheme.lower() == "basic":
+        try:
+            user = base64.b64decode(cred, validate=True).decode().split(":", 1)
+            if len(user) == 2:
+                return user[0]
+        except (ValueError, UnicodeDecodeError):
+            pass
+        return cred.strip()  # the spec also lists a raw key after "Basic"
+    return None
+
+
+class Api:
+    """Handlers over the world, one per operation; `mount` puts auth, rate limits and faults in front."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.loopback = not world.hosts.isolated
+
+    # --- access ----------------------------------------------------------------------------
+
+    def refusal(self, req: Request, limited: str) -> Response | None:
+        """The 401, 403 or 429 answer for this caller, or None when the request may go on."""
+        world = self.world
+        key = auth_key(req)
+        if not key or (key not in world.lambda_keys and key not in world.inactive_keys):
+            return error(401, "global/invalid-api-key")
+        if key in world.inactive_keys:
+            return error(403, "global/account-inactive")
+        cfg = world.config
+        if not world.limiter.allow(("lambda", key), cfg.lambda_rate, cfg.lambda_burst):
+            return status_error(429)
+        if limited == "launch" and not world.limiter.allow(
+            ("lambda-launch", key), cfg.lambda_launch_rate, cfg.lambda_launch_burst
+        ):
+            return status_error(429)
         return None
 
-    def route(method: str, pattern: str, handler, limited: str = "general") -> None:
-        op = pattern.strip("/")
-        inner = with_faults(world, "lambda", op, handler, status_error, capacity_error)
+    def _ids(self, req: Request) -> tuple[list[SimInstance] | None, Response | None]:
+        """The instances named by the body's `instance_ids`, or the error that answers instead."""
+        body = req.json()
+        ids = body.get("instance_ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            return None, error(400, "global/invalid-parameters", "instance_ids: a non-empty list of instance ids is required.")
+        found = [self.world.find("lambda", i) for i in ids]
+        missing = [i for i, f in zip(ids, found) if f is None]
+        if missing:
+            return None, error(404, "global/object-does-not-exist", f"Specified instance(s) do not exist: {', '.join(missing)}.")
+        return found, None
 
-        def guarded(req: Request) -> Response:
-            key = auth_key(req)
-            if not key or (key not in world.lambda_keys and key not in world.inactive_keys):
-                return error(401, "global/invalid-api-key")
-            if key in world.inactive_keys:
-                return error(403, "global/account-inactive")
-            cfg = world.config
-            if not world.limiter.allow(("lambda", key), cfg.lambda_rate, cfg.lambda_burst):
-                return status_error(429)
-            if limited == "launch" and not world.limiter.allow(
-                ("lambda-launch", key), cfg.lambda_launch_rate, cfg.lambda_launch_burst
-            ):
-                return status_error(429)
-            return inner(req)
+    # --- instances -------------------------------------------------------------------------
 
-        router.add(method, PREFIX + pattern, guarded)
+    def list_instances(self, req: Request) -> Response:
+        """GET /instances"""
+        return data([instance_json(i, self.loopback) for i in self.world.listing("lambda") if i.status != "terminated"])
 
-    def list_instances(req: Request) -> Response:
-        return data([instance_json(i, loopback) for i in world.listing("lambda") if i.status != "terminated"])
-
-    def get_instance(req: Request) -> Response:
-        inst = world.find("lambda", req.params["id"])
+    def get_instance(self, req: Request) -> Response:
+        """GET /instances/{id}"""
+        inst = self.world.find("lambda", req.params["id"])
         if inst is None:
             return error(404, "global/object-does-not-exist", "Specified instance does not exist.")
-        return data(instance_json(inst, loopback))
+        return data(instance_json(inst, self.loopback))
 
-    def rename_instance(req: Request) -> Response:
-        inst = world.find("lambda", req.params["id"])
+    def rename_instance(self, req: Request) -> Response:
+        """POST /instances/{id}"""
+        inst = self.world.find("lambda", req.params["id"])
         if inst is None:
             return error(404, "global/object-does-not-exist", "Specified instance does not exist.")
         body = req.json()
@@ -165,9 +190,11 @@ def mount(router: Router, world: World) -> None:
         if not isinstance(name, str) or len(name) > 64:
             return error(400, "global/invalid-parameters", "name: must be a string of at most 64 characters")
         inst.name = name
-        return data(instance_json(inst, loopback))
+        return data(instance_json(inst, self.loopback))
 
-    def launch(req: Request) -> Response:
+    def launch(self, req: Request) -> Response:
+        """POST /instance-operations/launch"""
+        world = self.world
         body = req.json()
         if not isinstance(body, dict):
             return error(400, "global/invalid-parameters", "Request body must be a JSON object.")
@@ -238,51 +265,45 @@ def mount(router: Router, world: World) -> None:
             ids.append(inst.id)
         return data({"instance_ids": ids})
 
-    def _ids(req: Request) -> tuple[list[SimInstance] | None, Response | None]:
-        body = req.json()
-        ids = body.get("instance_ids") if isinstance(body, dict) else None
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            return None, error(400, "global/invalid-parameters", "instance_ids: a non-empty list of instance ids is required.")
-        found = [world.find("lambda", i) for i in ids]
-        missing = [i for i, f in zip(ids, found) if f is None]
-        if missing:
-            return None, error(404, "global/object-does-not-exist", f"Specified instance(s) do not exist: {', '.join(missing)}.")
-        return found, None
-
-    def terminate(req: Request) -> Response:
-        insts, err = _ids(req)
+    def terminate(self, req: Request) -> Response:
+        """POST /instance-operations/terminate"""
+        insts, err = self._ids(req)
         if err:
             return err
         for inst in insts:
             if inst.status in ("booting", "active", "unhealthy", "preempted"):
-                world.terminate(inst)
-        return data({"terminated_instances": [instance_json(i, loopback) for i in insts]})
+                self.world.terminate(inst)
+        return data({"terminated_instances": [instance_json(i, self.loopback) for i in insts]})
 
-    def restart(req: Request) -> Response:
-        insts, err = _ids(req)
+    def restart(self, req: Request) -> Response:
+        """POST /instance-operations/restart"""
+        insts, err = self._ids(req)
         if err:
             return err
         busy = [i.id for i in insts if i.status != "active"]
         if busy:
             return error(409, "global/conflict", f"Instance(s) not active: {', '.join(busy)}.")
         for inst in insts:
-            world.restart(inst)
-        return data({"restarted_instances": [instance_json(i, loopback) for i in insts]})
+            self.world.restart(inst)
+        return data({"restarted_instances": [instance_json(i, self.loopback) for i in insts]})
 
-    def instance_types(req: Request) -> Response:
+    def instance_types(self, req: Request) -> Response:
+        """GET /instance-types"""
         out = {}
         for t in catalog.LAMBDA_TYPES:
-            regions = [region_json(r) for r in catalog.LAMBDA_REGIONS if world.free_slots("lambda", t.name, r) > 0]
+            regions = [region_json(r) for r in catalog.LAMBDA_REGIONS if self.world.free_slots("lambda", t.name, r) > 0]
             out[t.name] = {"instance_type": type_json(t), "regions_with_capacity_available": regions}
         return data(out)
 
-    def key_json(k: SshKey) -> dict:
-        return {"id": k.id, "name": k.name, "public_key": k.public_key}
+    # --- ssh keys --------------------------------------------------------------------------
 
-    def list_keys(req: Request) -> Response:
-        return data([key_json(k) for k in world.ssh_keys.values()])
+    def list_keys(self, req: Request) -> Response:
+        """GET /ssh-keys"""
+        return data([key_json(k) for k in self.world.ssh_keys.values()])
 
-    def add_key(req: Request) -> Response:
+    def add_key(self, req: Request) -> Response:
+        """POST /ssh-keys"""
+        world = self.world
         body = req.json()
         if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not 1 <= len(body["name"]) <= 64:
             return error(400, "global/invalid-parameters", "name: a string of 1 to 64 characters is required.")
@@ -300,7 +321,9 @@ def mount(router: Router, world: World) -> None:
         world.record("ssh_key_added", id=key.id, name=key.name)
         return data(key_json(key) | ({"private_key": private} if private else {}))
 
-    def delete_key(req: Request) -> Response:
+    def delete_key(self, req: Request) -> Response:
+        """DELETE /ssh-keys/{id}"""
+        world = self.world
         with world.lock:
             key = world.ssh_keys.pop(req.params["id"], None)
         if key is None:
@@ -308,10 +331,14 @@ def mount(router: Router, world: World) -> None:
         world.record("ssh_key_deleted", id=key.id, name=key.name)
         return data({})
 
-    def regions(req: Request) -> Response:
+    # --- catalog ---------------------------------------------------------------------------
+
+    def regions(self, req: Request) -> Response:
+        """GET /regions"""
         return data([region_json(r) for r in catalog.LAMBDA_REGIONS])
 
-    def images(req: Request) -> Response:
+    def images(self, req: Request) -> Response:
+        """GET /images"""
         return data(
             [
                 {
@@ -329,19 +356,42 @@ def mount(router: Router, world: World) -> None:
             ]
         )
 
-    route("GET", "/instances", list_instances)
-    route("GET", "/instances/{id}", get_instance)
-    route("POST", "/instances/{id}", rename_instance)
-    route("POST", "/instance-operations/launch", launch, limited="launch")
-    route("POST", "/instance-operations/terminate", terminate)
-    route("POST", "/instance-operations/restart", restart)
-    route("GET", "/instance-types", instance_types)
-    route("GET", "/ssh-keys", list_keys)
-    route("POST", "/ssh-keys", add_key)
-    route("DELETE", "/ssh-keys/{id}", delete_key)
-    route("GET", "/regions", regions)
-    route("GET", "/images", images)
-    route("GET", "/file-systems", lambda req: data([]))
+    def file_systems(self, req: Request) -> Response:
+        """GET /file-systems"""
+        return data([])
+
+    def routes(self) -> list[tuple[str, str, Handler, str]]:
+        """(method, path under PREFIX, handler, rate-limit class)."""
+        return [
+            ("GET", "/instances", self.list_instances, "general"),
+            ("GET", "/instances/{id}", self.get_instance, "general"),
+            ("POST", "/instances/{id}", self.rename_instance, "general"),
+            ("POST", "/instance-operations/launch", self.launch, "launch"),
+            ("POST", "/instance-operations/terminate", self.terminate, "general"),
+            ("POST", "/instance-operations/restart", self.restart, "general"),
+            ("GET", "/instance-types", self.instance_types, "general"),
+            ("GET", "/ssh-keys", self.list_keys, "general"),
+            ("POST", "/ssh-keys", self.add_key, "general"),
+            ("DELETE", "/ssh-keys/{id}", self.delete_key, "general"),
+            ("GET", "/regions", self.regions, "general"),
+            ("GET", "/images", self.images, "general"),
+            ("GET", "/file-systems", self.file_systems, "general"),
+        ]
+
+
+def mount(router: Router, world: World) -> None:
+    api = Api(world)
+
+    def guard(handler: Handler, limited: str) -> Handler:
+        def guarded(req: Request) -> Response:
+            refused = api.refusal(req, limited)
+            return refused if refused is not None else handler(req)
+
+        return guarded
+
+    for method, pattern, handler, limited in api.routes():
+        inner = with_faults(world, "lambda", pattern.strip("/"), handler, status_error, capacity_error)
+        router.add(method, PREFIX + pattern, guard(inner, limited))
 
 
 def _generate_key(name: str) -> tuple[str, str]:
