@@ -1,5 +1,6 @@
 """One module per cloud behind one small interface (base.Cloud). Nothing above this package
-branches on the cloud."""
+branches on the cloud's name: what differs is an attribute of the Cloud class (cloud_class).
+Imports errors only."""
 
 from __future__ import annotations
 

@@ -133,13 +133,18 @@ class LambdaCloud(Cloud):
 
     # --- instances -------------------------------------------------------------------------
 
+    def _ssh_endpoint(self, d: dict) -> SshEndpoint:
+        """Port 22 as the image's user: all that Lambda's API implies. The one seam for the
+        simulator's unprivileged fallback (`invoke sim --loopback`), whose hosts share 127.0.0.1
+        and differ by port and user: it adds `ssh_port` and `ssh_user`, keys Lambda never sends."""
+        return SshEndpoint(d["ip"], int(d.get("ssh_port", 22)), d.get("ssh_user") or self.ssh_user)
+
     def _instance(self, d: dict) -> Instance:
         t = d.get("instance_type") or {}
         status = d.get("status", "")
         endpoint = None
         if status == "active" and d.get("ip"):  # ip is unusable (or absent) until active
-            # ssh_port / ssh_user: never sent by Lambda; only the simulator's unprivileged fallback does.
-            endpoint = SshEndpoint(d["ip"], int(d.get("ssh_port", 22)), d.get("ssh_user") or self.ssh_user)
+            endpoint = self._ssh_endpoint(d)
         return Instance(
             id=d["id"],
             name=d.get("name") or "",

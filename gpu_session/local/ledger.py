@@ -34,7 +34,9 @@ CREATE TABLE IF NOT EXISTS sessions (
 
 
 @dataclass(frozen=True)
-class Session:
+class Entry:
+    """One session in the ledger: its machine, rate, start and end (time.time() seconds), budget (USD)."""
+
     stack: str
     cloud: str
     instance_id: str
@@ -68,7 +70,7 @@ class Ledger:
             self.path.chmod(0o600)
         self.db.execute(SCHEMA)
 
-    def open(self, s: Session) -> None:
+    def open(self, s: Entry) -> None:
         """Record a running instance (again: an adopted one keeps its first start)."""
         with self.db:
             self.db.execute(
@@ -77,7 +79,7 @@ class Ledger:
                 (s.stack, s.cloud, s.instance_id, s.gpu, s.model, s.price_per_hour, s.started_at, s.budget),
             )
 
-    def close(self, instance_id: str, ended_at: float | None = None) -> Session | None:
+    def close(self, instance_id: str, ended_at: float | None = None) -> Entry | None:
         with self.db:
             self.db.execute(
                 "UPDATE sessions SET ended_at = ? WHERE instance_id = ? AND ended_at IS NULL",
@@ -85,14 +87,14 @@ class Ledger:
             )
         return self.get(instance_id)
 
-    def get(self, instance_id: str) -> Session | None:
+    def get(self, instance_id: str) -> Entry | None:
         return next((s for s in self.sessions() if s.instance_id == instance_id), None)
 
-    def sessions(self, *, live: bool | None = None, stack: str | None = None) -> list[Session]:
+    def sessions(self, *, live: bool | None = None, stack: str | None = None) -> list[Entry]:
         rows = self.db.execute(
             "SELECT stack, cloud, instance_id, gpu, model, price_per_hour, started_at, ended_at, budget FROM sessions ORDER BY started_at"
         ).fetchall()
-        found = [Session(*row) for row in rows]
+        found = [Entry(*row) for row in rows]
         if live is not None:
             found = [s for s in found if (s.ended_at is None) == live]
         return [s for s in found if stack is None or s.stack == stack]

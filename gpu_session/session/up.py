@@ -12,7 +12,7 @@ from gpu_session import sizing
 from gpu_session.clouds import cloud_class
 from gpu_session.host import converge
 from gpu_session.local import record, tunnel
-from gpu_session.local.ledger import Ledger, Session
+from gpu_session.local.ledger import Entry, Ledger
 from gpu_session.stack.automation import NoCapacity, OnEvent, engine
 from gpu_session.stack.config import StackConfig
 
@@ -45,7 +45,7 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
             where = f"{plan.offer.gpu_name} in {plan.region or 'any region'} on {plan.offer.cloud}"
             say(f"no capacity: {where}; trying {candidates[n + 1].describe()}")
             continue
-        Ledger().open(Session(opts.stack, outputs["cloud"], outputs["instance_id"], outputs.get("gpu") or plan.offer.gpu_name,
+        Ledger().open(Entry(opts.stack, outputs["cloud"], outputs["instance_id"], outputs.get("gpu") or plan.offer.gpu_name,
                               opts.model, float(outputs["price_per_hour"]), time.time(), budget=opts.budget))  # fmt: skip
         record.save(opts.stack, outputs)
         if opts.budget is not None or not cloud_class(outputs["cloud"]).host_ends_itself:

@@ -1,6 +1,7 @@
 """The cloud simulator: Lambda Cloud and RunPod APIs and a Hugging Face Hub subset on loopback,
 whose instances are real hosts. Independent of gpu_session.clouds by design (DESIGN.md): a
-misreading of the wire contract in a client cannot be mirrored here and pass unnoticed.
+misreading of the wire contract in a client cannot be mirrored here and pass unnoticed. It sits
+beside the product's layers: only gpu_session.cli and the tests import it.
 
     with Simulator(state_dir) as sim:
         os.environ.update(sim.env())

@@ -1,7 +1,7 @@
 """A small HTTP layer for the simulator: routes, requests, responses, one threaded server.
 
 The standard library's server is enough for loopback traffic and starts in milliseconds; the
-APIs in lambda_api, runpod_api and hf_hub are plain functions over Request → Response.
+APIs (lambda_api.Api, runpod_api.Api, hf_hub) answer each Request with a Response.
 """
 
 from __future__ import annotations

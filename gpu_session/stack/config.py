@@ -14,7 +14,6 @@ from gpu_session.errors import GpuSessionError
 from gpu_session.sizing import HUB_ID
 
 NAMESPACE = "gpu-session"
-DEFAULT_RUNPOD_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
 
 
 class ConfigError(GpuSessionError, ValueError):
@@ -33,7 +32,7 @@ class StackConfig:
     diskGb: int = 100  # noqa: N815
     quantize: bool = False
     backend: str = "auto"
-    image: str = DEFAULT_RUNPOD_IMAGE
+    image: str | None = None  # RunPod only; None: the client's default (clouds.runpod.DEFAULT_IMAGE)
     configure: bool = True
     # Where the model server runs: cuda, or cpu on a host without a GPU (the simulator's hosts;
     # GPU_SESSION_DEVICE, which the simulator's --env sets, is the default).

@@ -301,7 +301,7 @@ def test_one_ctrl_c_lets_the_launch_finish_and_records_it(stack, sim, sim_env):
     nothing pending: `destroy` alone then ends the machine."""
     stack.set_config({"model": "gpu-session/tiny-chat"})
     child = subprocess.Popen(
-        [sys.executable, "-c", f"from gpu_session.stack import engine; engine({stack.stack!r}).up(print)"],
+        [sys.executable, "-c", f"from gpu_session.stack.automation import engine; engine({stack.stack!r}).up(print)"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
