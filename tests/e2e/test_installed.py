@@ -44,19 +44,15 @@ def installed(tmp_path_factory) -> Path:
 
 
 def test_an_installed_package_rehearses_a_whole_session_outside_the_checkout(installed, tmp_path):
-    python = installed.parent / "python"
-    where = run([str(python), "-c", "import gpu_session.paths as p; print(p.ASSETS); print((p.ASSETS / 'roles').is_symlink())"])
-    assets, linked = where.stdout.split()
-    assert Path(assets).is_relative_to(installed.parent.parent) and linked == "False", where.stdout + where.stderr
-
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LAMBDA_", "RUNPOD_", "HF_", "GPU_SESSION_", "VIRTUAL_ENV", "PYTHON"))
-    }
+    drop = ("LAMBDA_", "RUNPOD_", "HF_", "GPU_SESSION_", "VIRTUAL_ENV", "PYTHON")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env |= {"PATH": f"{pulumi_binary().parent}:{SYSTEM_PATH}", "GPU_SESSION_SIM_DIR": str(tmp_path / "sim")}
+    shown = "import gpu_session.paths as p; print(p.ASSETS, (p.ASSETS / 'roles').is_symlink())"
+    where = run([str(installed.parent / "python"), "-c", shown], cwd=elsewhere, env=env)
+    assets, linked = where.stdout.split()
+    assert Path(assets).is_relative_to(installed.parent.parent) and linked == "False", where.stdout + where.stderr
     command = lambda *args: run([str(installed), *args], cwd=elsewhere, env=env)  # noqa: E731
     done = False
     try:
