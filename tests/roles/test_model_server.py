@@ -18,10 +18,12 @@ from gpu_session.host.ansible import ConfigureError, run
 
 @pytest.fixture(scope="module")
 def site(sim, hosts, wheelhouse, prebuilt_venvs):
-    """site.yml on the Lambda host (ubuntu + sudo), with what a session passes."""
+    """site.yml on the Lambda host (ubuntu + sudo), with what a session passes: the simulator's hosts
+    have no real GPU, and the caller says so (the role never guesses the device)."""
     lease_end = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0).isoformat()
     good = {
         "model_server_model": "gpu-session/tiny-chat",
+        "model_server_device": "cpu",
         "model_server_api_key": secrets.token_urlsafe(32),
         "model_server_wheelhouse": str(wheelhouse),
         "model_server_prebuilt_venvs": str(prebuilt_venvs),
@@ -51,6 +53,12 @@ def test_a_weak_api_key_is_refused_without_showing_it(site):
     with pytest.raises(ConfigureError, match="32 or more") as err:
         converge(model_server_api_key="short-key-123")
     assert "short-key-123" not in str(err.value)
+
+
+def test_the_device_is_cuda_or_cpu_and_nothing_else(site):
+    _, _, converge = site
+    with pytest.raises(ConfigureError, match="model_server_device.*cuda, cpu"):
+        converge(model_server_device="auto")
 
 
 def test_a_gated_model_without_a_token_says_what_to_do(site):
@@ -87,6 +95,10 @@ def test_an_unchanged_converge_ends_early_and_a_changed_one_runs_in_full(site, k
     events = []
     result = converge(events, model_server_backend="transformers", lease_check_interval_s=7)
     assert "Install the watchdog" in [e.task for e in events] and result.changed >= 1
+    # The tasks gpu_session.converge times by name (its PHASES) all ran, named as it expects.
+    phases = {"Install hub", "Install transformers-cpu", "Wait for the download", "Start the model server as a daemon",
+              "Wait for the port (or for the server to die)", "Check /health", "Check /v1/models lists the model", "Ask for one token"}  # fmt: skip
+    assert phases <= {e.task for e in events if e.kind == "task"}, phases - {e.task for e in events}
     # A server that stopped answering is a reason to run everything too.
     on(target, keypair, "sudo sh -c 'kill $(cat /run/gpu-session/gpu-session-model-server.pid)'")
     events = []
