@@ -68,6 +68,7 @@ def main() -> None:
         extravars = {
             "model_server_model": MODELS[args.backend],
             "model_server_backend": args.backend,
+            "model_server_device": "cpu",  # the simulator's hosts have no GPU
             "model_server_api_key": secrets.token_urlsafe(32),
             "model_server_wheelhouse": str(wheelhouse),
             "host_base_hf_endpoint": sim.host_url,
