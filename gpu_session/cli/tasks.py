@@ -8,6 +8,7 @@ tasks of their own collection (`invoke tunnel.start`, `invoke history.export`), 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shlex
@@ -166,6 +167,19 @@ def _printer(as_json: bool):
     return on_event, say
 
 
+def _view(command: str, stack: str, verbose: bool):
+    """The live view of `up`'s or `down`'s phases, logging to logs/<stack>-<command>.log (0600)."""
+    from gpu_session.cli import view
+    from gpu_session.local import daemon
+    from gpu_session.paths import stack_dir, write_private
+
+    stack_dir(stack)  # a bad name is refused before anything is written
+    log = daemon.log_path(stack, command)
+    if not log.exists():
+        write_private(log, "")
+    return view.SessionView(view.UP if command == "up" else view.DOWN, log, verbose=verbose)
+
+
 def _user_config() -> dict:
     """~/.config/gpu-session/config.yaml: its keys fill the environment's gaps; its defaults are returned."""
     from gpu_session.local import config
@@ -218,10 +232,11 @@ def _offer_teardown(stack: str, say, on_event) -> None:
         "json": "progress as JSON lines (CI)",
         "configure": "configure the host as a model server (default); --no-configure gives just the machine",
         "sim": "rehearse against the cloud simulator (started in the background if none runs): no account, no GPU, no bill",
+        "verbose": "show Ansible's task lines too (they are always in the session's log)",
     }
 )
 def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, budget=None, disk=None, quantize=False,
-       backend="", stack="dev", yes=False, json=False, configure=True, sim=False):  # fmt: skip
+       backend="", stack="dev", yes=False, json=False, configure=True, sim=False, verbose=False):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
     import signal
 
@@ -229,7 +244,9 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     from gpu_session.session.up import up as bring_up
     from gpu_session.stack.automation import StackCancelled
 
-    on_event, say = _printer(json)
+    plain_event, plain_say = _printer(json)
+    view = None if json else _view("up", stack, verbose)
+    on_event, say = (view.on_event, view.say) if view else (plain_event, plain_say)
     defaults = _user_config()  # the user's defaults; UpOptions' own fill the rest
     if sim:
         _simulate(say)
@@ -249,20 +266,23 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
 
     def confirm(plan) -> bool:
         say(f"plan: {plan.describe()}")
-        if yes:
-            return True
-        if not sys.stdin.isatty():
+        if not yes and not sys.stdin.isatty():
             raise SessionError("no terminal to ask whether to launch: pass --yes to launch without asking")
-        return _ask("Launch it?", default=False)
+        accepted = yes or _ask("Launch it?", default=False)
+        if accepted and view:
+            view.planned(plan.offer.price_per_hour)
+        return accepted
 
     # SIGTERM (a closed terminal, a cancelled CI job) is taken like Ctrl-C: the engine, in our process
     # group, finishes the step in flight and starts no other.
     signal.signal(signal.SIGTERM, lambda signum, frame: os.killpg(os.getpgrp(), signal.SIGINT))
     try:
-        outputs = bring_up(opts, confirm=confirm, say=say, on_event=on_event)
+        with view or contextlib.nullcontext():
+            outputs = bring_up(opts, confirm=confirm, say=say, on_event=on_event)
     except (KeyboardInterrupt, StackCancelled) as e:
-        _offer_teardown(stack, say, on_event)
+        _offer_teardown(stack, plain_say, plain_event)
         raise Exit("error: interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}", code=1) from None
+    say = plain_say
     if not outputs:
         say("nothing launched")
         return
@@ -399,9 +419,10 @@ def history_purge(c, stack="dev", yes=False):
         "json": "progress as JSON lines, and the summary as the last (CI)",
         "sim": "start the simulator if none runs (a session made with --sim remembers its simulator anyway)",
         "yes": "accepted for scripts that pass it to every command: down never asks",
+        "verbose": "show Ansible's task lines too (they are always in the session's log)",
     }
 )
-def down(c, stack="dev", json=False, sim=False, yes=False):
+def down(c, stack="dev", json=False, sim=False, yes=False, verbose=False):
     """Scrub the host, destroy it, check with the cloud that nothing is left, delete the session's secrets."""
     import json as jsonlib
 
@@ -411,7 +432,13 @@ def down(c, stack="dev", json=False, sim=False, yes=False):
     on_event, say = _printer(json)
     if sim:
         _simulate(say)
-    summary = end(stack, say=say, on_event=on_event)
+    if json:
+        summary = end(stack, say=say, on_event=on_event)
+    else:
+        with _view("down", stack, verbose) as view:
+            view.begin()
+            summary = end(stack, say=view.say, on_event=view.on_event)
+            view.done("verify")
     if json:
         print(jsonlib.dumps({"event": "summary", **summary}), flush=True)
         return

