@@ -39,6 +39,8 @@ STEPS = {
     "download": (("Start the download",), ("Wait for the download",)),
     "load": (("Start the model server as a daemon",), ("Ask for one token",)),
 }
+# The until loop that waits for the weights: each try prints {"bytes": …, "total": …} (and more).
+DOWNLOAD_WAIT = "Wait for the download"
 # Which tasks make up each phase of a converge, for its timings (configured.json, `invoke bench`).
 PHASES = {
     "install": ("Install hub", "Install vllm-cpu", "Install transformers-cpu"),
@@ -117,13 +119,24 @@ def pin_host(settings: HostSettings, keys: SessionKeys) -> None:
 
 
 def show(event: Event) -> None:
-    if event.kind == "task":
+    if event.kind in ("task", "retry"):
         return
     took = f" ({event.seconds:.1f}s)" if event.seconds >= 1 else ""
     line = f"  {event.kind:<7} {event.task}{took}"
     if event.kind == "failed" and event.message:
         line += f": {event.message}"
     print(line, flush=True)
+
+
+def download_progress(printed: str) -> str:
+    """The progress line for one try of the download's wait: bytes so far and the total (of the
+    weights' files), from what the try printed (JSON); an unreadable try still says it runs."""
+    try:
+        said = json.loads(printed)
+    except ValueError:
+        said = {}
+    facts = {k: int(said[k]) for k in ("bytes", "total") if isinstance(said, dict) and isinstance(said.get(k), int | float)}
+    return progress.line("download", "running", **facts)
 
 
 def site(settings: HostSettings, env: dict[str, str]) -> None:
@@ -149,6 +162,9 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
     started: dict[str, float] = {}
 
     def on_event(event: Event) -> None:
+        if event.kind == "retry" and event.task == DOWNLOAD_WAIT:
+            print(download_progress(event.message), flush=True)
+            return
         show(event)
         per_task[event.task] = per_task.get(event.task, 0.0) + event.seconds
         for phase, (first, last) in STEPS.items():
