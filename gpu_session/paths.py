@@ -12,6 +12,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from gpu_session.errors import GpuSessionError
+
 # The Pulumi project (Pulumi.yaml, infra/), ansible.cfg, playbooks/, roles/, templates/ and
 # inventory/: the checkout's top-level folders, which the package carries as gpu_session/assets
 # (links in a checkout, copies once installed), so an installed `gpu-session` finds them too.
@@ -19,6 +21,10 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # The folder that holds the gpu_session package (the checkout, or site-packages once installed).
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 STACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
+
+
+class BadStackName(GpuSessionError, ValueError):
+    """A stack name that is not letters, digits, '.', '_' or '-' (up to 40)."""
 
 
 def state_dir() -> Path:
@@ -56,7 +62,7 @@ def make_private(tree: Path) -> None:
 def stack_dir(stack: str) -> Path:
     """The stack's own folder: its session key, known_hosts, the model server's key, receipts."""
     if not STACK_NAME.match(stack or ""):
-        raise ValueError(f"invalid stack name {stack!r}: use up to 40 letters, digits, '.', '_' or '-'")
+        raise BadStackName(f"invalid stack name {stack!r}: use up to 40 letters, digits, '.', '_' or '-'")
     return private_dir(state_dir() / "stacks" / stack)
 
 

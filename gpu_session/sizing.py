@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,20 @@ def model_info(model: str, token: str | None = None) -> ModelInfo:
     return ModelInfo(model, weights, bool(info.gated), vision, info.sha or "")
 
 
+@contextmanager
+def quiet_hub():
+    """huggingface_hub's progress bars off for the calls inside (and back as they were after)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            enable_progress_bars()
+
+
 def context_length(model: str, token: str | None = None) -> int | None:
     """The longest context the model was trained for (its config.json), or None where it does not say."""
     import json
@@ -117,7 +132,8 @@ def context_length(model: str, token: str | None = None) -> int | None:
 
     token = token or os.environ.get("HF_TOKEN") or None
     try:
-        with tempfile.TemporaryDirectory() as cache:  # a throwaway cache: the simulator's files never mix with the Hub's
+        # A throwaway cache (the simulator's files never mix with the Hub's); a few hundred bytes: no progress bar.
+        with tempfile.TemporaryDirectory() as cache, quiet_hub():
             config = json.loads(Path(hub().hf_hub_download(model, "config.json", token=token, cache_dir=cache)).read_text())
     except Exception as e:  # noqa: BLE001 (any Hub failure: the caller goes on without a context length)
         raise SizingError(f"the Hub could not give {model}'s config.json: {e}") from None

@@ -8,6 +8,7 @@ tasks of their own collection (`invoke tunnel.start`, `invoke history.export`), 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shlex
@@ -166,6 +167,19 @@ def _printer(as_json: bool):
     return on_event, say
 
 
+def _view(command: str, stack: str, verbose: bool):
+    """The live view of `up`'s or `down`'s phases, logging to logs/<stack>-<command>.log (0600)."""
+    from gpu_session.cli import view
+    from gpu_session.local import daemon
+    from gpu_session.paths import stack_dir, write_private
+
+    stack_dir(stack)  # a bad name is refused before anything is written
+    log = daemon.log_path(stack, command)
+    if not log.exists():
+        write_private(log, "")
+    return view.SessionView(view.UP if command == "up" else view.DOWN, log, verbose=verbose)
+
+
 def _user_config() -> dict:
     """~/.config/gpu-session/config.yaml: its keys fill the environment's gaps; its defaults are returned."""
     from gpu_session.local import config
@@ -218,10 +232,11 @@ def _offer_teardown(stack: str, say, on_event) -> None:
         "json": "progress as JSON lines (CI)",
         "configure": "configure the host as a model server (default); --no-configure gives just the machine",
         "sim": "rehearse against the cloud simulator (started in the background if none runs): no account, no GPU, no bill",
+        "verbose": "show Ansible's task lines too (they are always in the session's log)",
     }
 )
 def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, budget=None, disk=None, quantize=False,
-       backend="", stack="dev", yes=False, json=False, configure=True, sim=False):  # fmt: skip
+       backend="", stack="dev", yes=False, json=False, configure=True, sim=False, verbose=False):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
     import signal
 
@@ -229,7 +244,9 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     from gpu_session.session.up import up as bring_up
     from gpu_session.stack.automation import StackCancelled
 
-    on_event, say = _printer(json)
+    plain_event, plain_say = _printer(json)
+    view = None if json else _view("up", stack, verbose)
+    on_event, say = (view.on_event, view.say) if view else (plain_event, plain_say)
     defaults = _user_config()  # the user's defaults; UpOptions' own fill the rest
     if sim:
         _simulate(say)
@@ -249,20 +266,23 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
 
     def confirm(plan) -> bool:
         say(f"plan: {plan.describe()}")
-        if yes:
-            return True
-        if not sys.stdin.isatty():
+        if not yes and not sys.stdin.isatty():
             raise SessionError("no terminal to ask whether to launch: pass --yes to launch without asking")
-        return _ask("Launch it?", default=False)
+        accepted = yes or _ask("Launch it?", default=False)
+        if accepted and view:
+            view.planned(plan.offer.price_per_hour)
+        return accepted
 
     # SIGTERM (a closed terminal, a cancelled CI job) is taken like Ctrl-C: the engine, in our process
     # group, finishes the step in flight and starts no other.
     signal.signal(signal.SIGTERM, lambda signum, frame: os.killpg(os.getpgrp(), signal.SIGINT))
     try:
-        outputs = bring_up(opts, confirm=confirm, say=say, on_event=on_event)
+        with view or contextlib.nullcontext():
+            outputs = bring_up(opts, confirm=confirm, say=say, on_event=on_event)
     except (KeyboardInterrupt, StackCancelled) as e:
-        _offer_teardown(stack, say, on_event)
+        _offer_teardown(stack, plain_say, plain_event)
         raise Exit("error: interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}", code=1) from None
+    say = plain_say
     if not outputs:
         say("nothing launched")
         return
@@ -280,19 +300,22 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
         "image": "with --prompt (or piped stdin): ask about this picture (vision models)",
         "system": "a system prompt",
         "keep": "leave the session running after the chat (default: ask whether to end it)",
+        "yes": "end the session after the chat without asking",
         "max_tokens": "cap each answer at this many tokens",
         "no_history": "keep nothing of this chat (by default it is saved, encrypted, per stack)",
     }
 )
-def chat(c, stack="dev", prompt="", image="", system="", keep=False, max_tokens=0, no_history=False):
+def chat(c, stack="dev", prompt="", image="", system="", keep=False, yes=False, max_tokens=0, no_history=False):
     """Chat with the session's model through the tunnel; the answer streams as it is generated."""
     from rich.console import Console
 
     from gpu_session.chat import context, images, repl
     from gpu_session.chat.client import ChatClient, printable
     from gpu_session.chat.history import History
+    from gpu_session.session.plan import use_session
 
     _user_config()
+    use_session(stack)  # from any shell: the Hub the session's model came from
     client = ChatClient.for_stack(stack)
     facts = context.facts(stack, client.served_context())
     one_shot = bool(prompt or image) or not sys.stdin.isatty()
@@ -313,7 +336,7 @@ def chat(c, stack="dev", prompt="", image="", system="", keep=False, max_tokens=
         print(reply.stats(), file=sys.stderr)
         return
     repl.run(chat)
-    if not keep and _ask("End the session now (scrub and destroy)?", default=True):
+    if not keep and (yes or _ask("End the session now (scrub and destroy)?", default=True)):
         down(c, stack=stack)
 
 
@@ -332,14 +355,19 @@ def _conversation(stack: str, conversation_id: str):
     return h.load(conversation_id or ids[-1])
 
 
-@command(name="list", help={"stack": STACK_HELP})
-def history_list(c, stack="dev"):
+@command(name="list", help={"stack": STACK_HELP, "json": "as JSON"})
+def history_list(c, stack="dev", json=False):
     """The stack's saved conversations: id, model, messages."""
+    import json as jsonlib
+
     from gpu_session.chat.history import History
 
     h = History(stack)
-    for conversation_id in h.ids():
-        conversation = h.load(conversation_id)
+    found = [(i, h.load(i)) for i in h.ids()]
+    if json:
+        print(jsonlib.dumps([{"id": i, "model": conv.model, "messages": len(conv.messages)} for i, conv in found], indent=2))
+        return
+    for conversation_id, conversation in found:
         print(f"{conversation_id}  {conversation.model}  {len(conversation.messages)} messages")
 
 
@@ -371,57 +399,115 @@ def history_export(c, stack="dev", id="", format="markdown", out=""):
     Path(out).chmod(0o600)
 
 
-@command(name="purge", help={"stack": STACK_HELP})
-def history_purge(c, stack="dev"):
-    """Delete the stack's history and its key."""
+@command(name="purge", help={"stack": STACK_HELP, "yes": "do not ask"})
+def history_purge(c, stack="dev", yes=False):
+    """Delete the stack's history and its key (asks first)."""
     from gpu_session.chat.history import History
 
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("no terminal to ask whether to delete the history: pass --yes")
+        if not _ask(f"Delete every conversation of stack {stack}, and its key?", default=False):
+            print("kept")
+            return
     print(f"deleted {History(stack).purge()} conversation(s) and the key of stack {stack}")
 
 
-@command(help={"stack": STACK_HELP, "json": "progress as JSON lines (CI)", "sim": "the session is on the simulator"})
-def down(c, stack="dev", json=False, sim=False):
+@command(
+    help={
+        "stack": STACK_HELP,
+        "json": "progress as JSON lines, and the summary as the last (CI)",
+        "sim": "start the simulator if none runs (a session made with --sim remembers its simulator anyway)",
+        "yes": "accepted for scripts that pass it to every command: down never asks",
+        "verbose": "show Ansible's task lines too (they are always in the session's log)",
+    }
+)
+def down(c, stack="dev", json=False, sim=False, yes=False, verbose=False):
     """Scrub the host, destroy it, check with the cloud that nothing is left, delete the session's secrets."""
+    import json as jsonlib
+
     from gpu_session.session.down import down as end
 
     _user_config()
     on_event, say = _printer(json)
     if sim:
         _simulate(say)
-    summary = end(stack, say=say, on_event=on_event)
-    if summary["receipt"]:
-        say(f"scrub receipt: {summary['receipt']}")
-    for s in summary["sessions"]:
-        say(f"{s['cloud']} {s['gpu']}: {s['cost']:.4f} USD for {s['model']}")
-    say(f"stack {stack}: nothing left at the cloud")
+    if json:
+        summary = end(stack, say=say, on_event=on_event)
+    else:
+        with _view("down", stack, verbose) as view:
+            view.begin()
+            summary = end(stack, say=view.say, on_event=view.on_event)
+            view.done("verify")
+    if json:
+        print(jsonlib.dumps({"event": "summary", **summary}), flush=True)
+        return
+    for line in _down_summary(summary):
+        say(line)
+
+
+def _down_summary(s: dict) -> list[str]:
+    """What `down` did and proved, for a person (the receipt's JSON stays on disk)."""
+    lines = []
+    r = s["receipt"]
+    if r:
+        verified = r.get("verified") or {}
+        lines.append(
+            f"scrubbed {r['instance_id']}: {len(r.get('removed') or [])} paths removed, "
+            f"{verified.get('paths_absent', 0)} checked absent, {verified.get('canaries_checked', 0)} canaries found nowhere, "
+            f"no process of {verified.get('no_process_of', '?')}, nothing listening on {verified.get('nothing_listening_on', '?')}"
+        )
+        lines.append(f"  receipt: {s['receipt_file']}")
+    if s["terminated_orphans"]:
+        lines.append(f"ended what was left at the cloud: {', '.join(s['terminated_orphans'])}")
+    lines.append(f"asked {' and '.join(s['clouds_asked'])}: no instance or SSH key of stack {s['stack']} is left")
+    for e in s["sessions"]:
+        lines.append(
+            f"cost: ${e['cost']:.4f} for {e['model']} on {e['cloud']} {e['gpu']} ({e['hours']:.2f} h at ${e['price_per_hour']:.2f}/h)"
+        )
+    lines.append(f"stack {s['stack']}: nothing left at the cloud")
+    return lines
 
 
 # --- tunnel: the session's tunnel to its model server ------------------------------------------
 
 
-@command(name="start", help={"stack": STACK_HELP})
-def tunnel_start(c, stack="dev"):
+def _tunnel_report(stack: str, t, as_json: bool, text: str) -> None:
+    import json as jsonlib
+
+    if as_json:
+        print(jsonlib.dumps({"stack": stack, "running": t.running, "port": t.port, "connected": t.connected}))
+    else:
+        print(text)
+
+
+@command(name="start", help={"stack": STACK_HELP, "json": "as JSON"})
+def tunnel_start(c, stack="dev", json=False):
     """Open the tunnel (it reconnects by itself when the link drops)."""
     from gpu_session.local import tunnel
 
-    print(f"tunnel up: http://127.0.0.1:{tunnel.start(stack).port}/v1")
+    t = tunnel.start(stack)
+    _tunnel_report(stack, t, json, f"tunnel up: http://127.0.0.1:{t.port}/v1")
 
 
-@command(name="stop", help={"stack": STACK_HELP})
-def tunnel_stop(c, stack="dev"):
+@command(name="stop", help={"stack": STACK_HELP, "json": "as JSON"})
+def tunnel_stop(c, stack="dev", json=False):
     """Close the tunnel."""
     from gpu_session.local import tunnel
 
-    print("tunnel closed" if tunnel.stop(stack) else "no tunnel was running")
+    stopped = tunnel.stop(stack)
+    _tunnel_report(stack, tunnel.status(stack), json, "tunnel closed" if stopped else "no tunnel was running")
 
 
-@command(name="status", help={"stack": STACK_HELP})
-def tunnel_status(c, stack="dev"):
+@command(name="status", help={"stack": STACK_HELP, "json": "as JSON"})
+def tunnel_status(c, stack="dev", json=False):
     """Whether the tunnel runs, on which port, and whether it is connected."""
     from gpu_session.local import tunnel
 
     t = tunnel.status(stack)
-    print(f"127.0.0.1:{t.port}: {'connected' if t.connected else 'reconnecting'}" if t.running else "no tunnel")
+    _tunnel_report(
+        stack, t, json, f"127.0.0.1:{t.port}: {'connected' if t.connected else 'reconnecting'}" if t.running else "no tunnel"
+    )
 
 
 @command(help={"stack": STACK_HELP, "command": "run this instead of a shell"})
@@ -442,6 +528,7 @@ def status(c, json=False):
     import json as jsonlib
 
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     from gpu_session.session.status import interrupted
@@ -457,15 +544,32 @@ def status(c, json=False):
     if not rows:
         print("no session is running" + (" in the ledger" if unfinished else ""))
         return
+    console = Console()
     table = Table("stack", "cloud", "GPU", "up (h)", "USD so far", "lease left (h)", "server", "tunnel", "at the cloud")
     for r in rows:
         table.add_row(r["stack"], r["cloud"], r["gpu"], f"{r['uptime_h']:.2f}", f"{r['cost_so_far']:.4f}",
                       str(r.get("lease_left_h", "?")), r["server"], r["tunnel"], r["cloud_status"])  # fmt: skip
-    Console().print(table)
+    if Measurement.get(console, console.options.update_width(10_000), table).maximum <= console.width:
+        console.print(table)
+        for r in rows:
+            console.print(f"{r['stack']}: protected by " + "; ".join(r["protections"]), highlight=False)
+    else:  # too narrow for the table: a block per session, a line per fact
+        for r in rows:
+            console.print(_status_block(r), highlight=False)
     for r in rows:
-        print(f"{r['stack']}: protected by " + "; ".join(r["protections"]))
         if r.get("drift"):
-            print(f"{r['stack']}: {r['drift']}")
+            console.print(f"{r['stack']}: {r['drift']}", highlight=False)
+
+
+def _status_block(r: dict) -> str:
+    lease = f"{r['lease_left_h']:.2f} h left" if "lease_left_h" in r else "no lease"
+    return "\n".join([
+        f"[bold]{r['stack']}[/]: {r['model']} on {r['cloud']} {r['gpu']} ({r['instance_id']})",
+        f"  up {r['uptime_h']:.2f} h, ${r['cost_so_far']:.4f} so far at ${r['price_per_hour']:.2f}/h; lease: {lease}",
+        f"  server: {r['server']}; tunnel: {r['tunnel']}",
+        f"  at the cloud: {r['cloud_status']}",
+        "  protected by " + "; ".join(r["protections"]),
+    ])  # fmt: skip
 
 
 @command(help={"hours": "how many hours more", "stack": STACK_HELP, "json": "progress as JSON lines"}, positional=["hours"])
@@ -478,14 +582,18 @@ def extend(c, hours, stack="dev", json=False):
     say(f"the lease now ends {move_lease(stack, _number(hours, 'hours'), on_event=on_event)}")
 
 
-@command()
-def doctor(c):
+@command(help={"json": "as JSON"})
+def doctor(c, json=False):
     """Check this machine: the Pulumi CLI, ssh, the cloud keys (asked of each API), the privacy of config and state files."""
+    import json as jsonlib
+
     from gpu_session.cli import doctor as checks
 
     _user_config()
     results = checks.run()
-    for check in results:
+    if json:
+        print(jsonlib.dumps([vars(check) for check in results], indent=2))
+    for check in results if not json else []:
         print(f"{'ok ' if check.ok else 'FIX'}  {check.name:<12} {check.detail}")
     if not all(c.ok for c in results if not c.name.endswith(" key")) or not any(c.ok for c in results if c.name.endswith(" key")):
         raise Exit(code=1)
@@ -557,47 +665,70 @@ def bench(c, backend="transformers", cloud="lambda", json=""):
         benchmark.save(report, Path(json))
 
 
-@command(help={"yes": "terminate every orphan without asking"})
-def sweep(c, yes=False):
+@command(help={"yes": "terminate every orphan without asking", "json": "progress and the result as JSON lines"})
+def sweep(c, yes=False, json=False):
     """Find instances named like ours that no stack owns, and offer to terminate them."""
+    import json as jsonlib
+
     from gpu_session.session.down import sweep as sweep_orphans
 
     _user_config()
-    _, say = _printer(False)
+    _, say = _printer(json)
+    if not yes and not sys.stdin.isatty():
+        raise UsageError("no terminal to ask before terminating orphans: pass --yes")
 
     def confirm(cloud, inst) -> bool:
         say(f"orphan: {cloud} {inst.id} {inst.name} ({inst.raw_status}, ${inst.price_per_hour:.2f}/h)")
         return yes or _ask("Terminate it?", default=True)
 
     ended = sweep_orphans(confirm=confirm, say=say)
-    say(f"{len(ended)} orphan(s) terminated" if ended else "no orphans")
+    if json:
+        print(jsonlib.dumps({"event": "summary", "terminated": ended}), flush=True)
+    else:
+        say(f"{len(ended)} orphan(s) terminated" if ended else "no orphans")
 
 
-@command(help={"cloud": "lambda, runpod or auto (every cloud you have a key for)"})
-def available(c, cloud="auto"):
+@command(help={"cloud": "lambda, runpod or auto (every cloud you have a key for)", "json": "as JSON"})
+def available(c, cloud="auto", json=False):
     """GPU offers with their prices and where they have capacity now."""
+    import json as jsonlib
+
     from rich.console import Console
     from rich.table import Table
 
     from gpu_session.session.status import available as offers_now
 
     _user_config()
+    offers = offers_now(cloud)
+    if json:
+        print(
+            jsonlib.dumps(
+                [vars(o) | {"total_vram_gb": o.total_vram_gb, "catalog_models_that_fit": fits} for o, fits in offers], indent=2
+            )
+        )
+        return
     table = Table("cloud", "GPU", "type", "GPUs", "memory", "$/h", "capacity", "catalog models that fit")
-    for o, fits in offers_now(cloud):
+    for o, fits in offers:
         table.add_row(o.cloud, o.gpu_name, o.instance_type, str(o.gpu_count), f"{o.total_vram_gb} GB", f"{o.price_per_hour:.2f}",
                       ", ".join(o.regions) or "none", ", ".join(fits))  # fmt: skip
     Console().print(table)
 
 
-@command()
-def cost(c):
+@command(help={"json": "as JSON"})
+def cost(c, json=False):
     """What the sessions cost: each one, per month, and in all."""
+    import json as jsonlib
+
     from rich.console import Console
     from rich.table import Table
 
     from gpu_session.local.ledger import Ledger
 
     ledger = Ledger()
+    if json:
+        sessions = [vars(s) | {"hours": s.hours, "cost": s.cost} for s in ledger.sessions()]
+        print(jsonlib.dumps({"sessions": sessions, "by_month": ledger.by_month(), "total": ledger.total()}, indent=2))
+        return
     table = Table("stack", "cloud", "GPU", "model", "hours", "USD", "state")
     for s in ledger.sessions():
         table.add_row(

@@ -27,9 +27,12 @@ CLOUDS = ("lambda", "runpod")
 # Where each cloud's API key is looked for: the environment, and the stack's secret config.
 API_KEY_ENV = {"lambda": "LAMBDA_API_KEY", "runpod": "RUNPOD_API_KEY"}
 API_KEY_CONFIG = {"lambda": "lambdaApiKey", "runpod": "runpodApiKey"}
+# Where each client sends its calls when not to the cloud's own API (the simulator's address).
+API_BASE_ENV = {"lambda": "LAMBDA_API_BASE", "runpod": "RUNPOD_API_BASE_URL"}
 
 __all__ = [
     "ANY_REGION",
+    "API_BASE_ENV",
     "API_KEY_CONFIG",
     "API_KEY_ENV",
     "CLOUDS",

@@ -37,7 +37,7 @@ class Target:
 
 @dataclass
 class Event:
-    kind: str  # "task" (a task started), "ok", "changed", "failed", "skipped"
+    kind: str  # "task" (a task started), "ok", "changed", "failed", "skipped", "retry" (an until loop's try)
     task: str
     message: str = ""
     seconds: float = 0.0  # how long the task took on this host (ok, changed, failed)
@@ -137,6 +137,8 @@ def run(
         elif kind in ("verbose", "error") and event.get("stdout", "").strip():
             # Ansible's own words outside any task: a playbook that does not parse, a missing command.
             said.append(re.sub(r"\x1b\[[0-9;]*m", "", event["stdout"]).strip())
+        elif kind == "runner_retry" and not (data.get("res") or {}).get("_ansible_no_log"):
+            emit(Event("retry", task, str((data.get("res") or {}).get("stdout") or "")))  # what the try printed
         elif kind == "runner_on_ok":
             res = data.get("res") or {}
             if data.get("task_action", "").endswith("set_fact") and not res.get("_ansible_no_log"):

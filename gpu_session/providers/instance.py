@@ -26,6 +26,7 @@ from pulumi.dynamic import (
     UpdateResult,
 )
 
+from gpu_session import progress
 from gpu_session.clouds import CLOUDS, CapacityError, CloudError, LaunchSpec, NotFound, cloud_class
 from gpu_session.clouds.base import validate_name
 from gpu_session.sizing import SizingError, explain_no_fit, fitting
@@ -102,6 +103,7 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
         deadline = time.monotonic() + int(props.get("ready_timeout_s") or DEFAULT_READY_TIMEOUT_S)
         instance_id, vram_gb = self._launch(cloud, props)
         print(f"launched {props['cloud']} instance {instance_id}; waiting for SSH", flush=True)
+        print(progress.line("boot", "start", instance_id=instance_id), flush=True)
         try:
             endpoint = cloud.wait_ready(instance_id, deadline)
             outs = {**self._outputs(cloud.get(instance_id), endpoint), "vram_gb": vram_gb}

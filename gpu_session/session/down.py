@@ -13,17 +13,17 @@ import shutil
 import time
 from collections.abc import Callable
 
-from gpu_session.clouds import API_KEY_CONFIG, API_KEY_ENV, Cloud, Instance, NotFound
+from gpu_session.clouds import Cloud, Instance, NotFound
 from gpu_session.host import converge
 from gpu_session.host.ansible import ConfigureError, remove_orphaned_runs
 from gpu_session.local import tunnel
 from gpu_session.local.ledger import Ledger
-from gpu_session.paths import stack_dir
+from gpu_session.paths import private_dir, stack_dir, state_dir, write_private
 from gpu_session.stack import names
 from gpu_session.stack.automation import OnEvent, StackError, StackNotFound, engine
 
 from . import watch
-from .plan import Say, SessionError, cloud_client, clouds_for
+from .plan import Say, SessionError, cloud_client, clouds_for, use_session
 
 
 def ours(stack: str, cloud: Cloud) -> list[Instance]:
@@ -41,8 +41,7 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
     except StackNotFound:
         stack = None
     recorded = stack.resources() if stack else []
-    if stack:
-        use_stack_keys(stack.config())
+    use_session(stack_name, stack.config() if stack else {})
     watch.stop(stack_name)
     if tunnel.stop(stack_name):
         say("tunnel closed")
@@ -50,7 +49,13 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
         scrub_half_configured(stack, recorded, say)
         stack.destroy(on_event)
     receipt_file = stack_dir(stack_name) / converge.RECEIPT
-    receipt = json.loads(receipt_file.read_text()) if receipt_file.exists() else None
+    receipt, kept = None, None
+    if receipt_file.exists():  # kept after the stack's folder goes: the proof of the scrub
+        receipt = json.loads(receipt_file.read_text())
+        kept = write_private(
+            private_dir(state_dir() / "receipts") / f"{stack_name}-{receipt['instance_id']}.json", receipt_file.read_text()
+        )
+    asked = clouds_for("auto")
     left = verify_gone(stack_name, say)
     remove_orphaned_runs()  # what a killed converge left (its extra vars hold secrets)
     if stack:
@@ -62,18 +67,12 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
         say(f"stack {stack_name}: nothing was up")
     return {
         "stack": stack_name,
-        "receipt": receipt,
+        "receipt": receipt,  # the scrub's, as the host reported it; None when nothing was scrubbed
+        "receipt_file": str(kept) if kept else None,
+        "clouds_asked": asked,  # each said: no instance or key of the stack's is left (after ending what was)
         "terminated_orphans": left,
-        "sessions": [vars(s) | {"cost": s.cost} for s in closed if s],
+        "sessions": [vars(s) | {"cost": s.cost, "hours": s.hours} for s in closed if s],
     }
-
-
-def use_stack_keys(config: dict[str, str]) -> None:
-    """The cloud keys the stack holds (its secret config, set by `up`) for this process's own calls
-    to the clouds, where the environment has none."""
-    for cloud, key in API_KEY_CONFIG.items():
-        if config.get(key) and not os.environ.get(API_KEY_ENV[cloud]):
-            os.environ[API_KEY_ENV[cloud]] = config[key]
 
 
 def scrub_half_configured(stack, recorded: list[dict], say: Say) -> None:

@@ -14,6 +14,8 @@ from gpu_session import sizing
 from gpu_session.clouds import API_KEY_CONFIG, CLOUDS, Cloud, Offer, get_cloud
 from gpu_session.clouds import API_KEY_ENV as KEY_ENV
 from gpu_session.errors import GpuSessionError
+from gpu_session.local import record
+from gpu_session.stack.automation import StackNotFound, engine
 from gpu_session.stack.config import StackConfig, default_device
 
 Say = Callable[[str], None]  # progress, one line at a time
@@ -116,3 +118,22 @@ def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:
     if os.environ.get("HF_TOKEN"):
         config["hfToken"] = os.environ["HF_TOKEN"]
     return config
+
+
+def use_session(stack: str, config: dict[str, str] | None = None) -> None:
+    """Point this process at where `stack`'s session lives, so a command on it works from any
+    shell: the record's environment (the simulator's addresses, or none for the real clouds) and
+    the cloud keys the stack holds (its secret config, set by `up`; `config` when the caller has
+    it, else asked of the engine only when a key is missing), wherever the environment has none."""
+    live = record.find(stack)
+    for name, value in (live.environment if live else {}).items():
+        os.environ.setdefault(name, value)
+    clouds = [live.cloud] if live else CLOUDS
+    if config is None and any(not os.environ.get(KEY_ENV[c]) for c in clouds):
+        try:
+            config = engine(stack, create=False).config()
+        except StackNotFound:
+            return
+    for cloud, key in API_KEY_CONFIG.items():
+        if (config or {}).get(key) and not os.environ.get(KEY_ENV[cloud]):
+            os.environ[KEY_ENV[cloud]] = config[key]

@@ -11,7 +11,7 @@ from gpu_session.paths import STACK_NAME, state_dir
 from gpu_session.stack.automation import StackError, engine
 
 from . import watch
-from .plan import SessionError, cloud_client, clouds_for
+from .plan import SessionError, cloud_client, clouds_for, use_session
 
 
 def status() -> list[dict]:
@@ -20,6 +20,7 @@ def status() -> list[dict]:
 
     found = []
     for s in Ledger().sessions(live=True):
+        use_session(s.stack)  # from any shell: where its cloud is, and its key
         row = {"stack": s.stack, "cloud": s.cloud, "gpu": s.gpu, "model": s.model, "instance_id": s.instance_id,
                "uptime_h": round(s.hours, 2), "cost_so_far": s.cost, "price_per_hour": s.price_per_hour}  # fmt: skip
         try:

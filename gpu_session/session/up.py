@@ -17,7 +17,7 @@ from gpu_session.stack.automation import NoCapacity, OnEvent, engine
 from gpu_session.stack.config import StackConfig
 
 from . import watch
-from .plan import Plan, Say, SessionError, UpOptions, plans, stack_settings
+from .plan import Plan, Say, SessionError, UpOptions, plans, stack_settings, use_session
 
 
 def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: OnEvent) -> dict:
@@ -47,7 +47,7 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
             continue
         Ledger().open(Entry(opts.stack, outputs["cloud"], outputs["instance_id"], outputs.get("gpu") or plan.offer.gpu_name,
                               opts.model, float(outputs["price_per_hour"]), time.time(), budget=opts.budget))  # fmt: skip
-        record.save(opts.stack, outputs)
+        record.save(opts.stack, outputs, dict(os.environ))
         if opts.budget is not None or not cloud_class(outputs["cloud"]).host_ends_itself:
             watch.start(opts.stack)  # the budget, and the lease end where the host cannot end itself
         if opts.configure:
@@ -60,13 +60,14 @@ def extend(stack_name: str, hours: float, *, on_event: OnEvent) -> str:
     """Move the lease's end `hours` later (the host's watchdog takes it without a restart). The new end."""
     if hours <= 0:
         raise SessionError("extend by a positive number of hours")
+    use_session(stack_name)
     stack = engine(stack_name)
     if not stack.outputs().get("instance_id"):
         raise SessionError(f"stack {stack_name} is not up: nothing to extend")
     config = stack.config()
     stack.set_config({**config, "hours": str(float(config.get("hours") or StackConfig.hours) + hours)})
     outputs = stack.up(on_event)
-    record.save(stack_name, outputs)
+    record.save(stack_name, outputs, dict(os.environ))
     return outputs["lease_expires_at"]
 
 
@@ -74,6 +75,7 @@ def reconfigure(stack_name: str, *, say: Say) -> None:
     """The site playbook again, on the live host, with the stack's settings (what Configure runs)."""
     live = record.load(stack_name)
     config = engine(stack_name).config()
+    use_session(stack_name, config)
     settings = converge.HostSettings(
         stack=stack_name, cloud=live.cloud, instance_id=live.instance_id, host=live.endpoint.host,
         port=live.endpoint.port, user=live.endpoint.user, model=live.model, backend=live.backend,

@@ -138,8 +138,9 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
 
     down = invoke("down", "--stack", stack, "--json")
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
-    said = [e["message"] for e in events(down.stdout) if e["event"] == "say"]
-    assert any(m.startswith("scrub receipt:") for m in said) and said[-1] == f"stack {stack}: nothing left at the cloud"
+    summary = events(down.stdout)[-1]
+    assert summary["event"] == "summary" and summary["receipt"]["instance_id"] == inst["id"] and summary["receipt"]["ok"]
+    assert oct(Path(summary["receipt_file"]).stat().st_mode & 0o777) == "0o600" and summary["clouds_asked"]
     assert not alive(sim, stack) and not keys(sim, stack)
     gone = [i for i in sim.world.snapshot()["instances"] if i["id"] == inst["id"]]
     assert not gone or not gone[0]["host_dir_exists"]  # the host's files went with it
@@ -339,7 +340,8 @@ def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, poi
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     if point == "configuring":
         assert (
-            f"up was killed while it configured {launched['id']}: scrubbing it" in down.stderr and "scrub receipt:" in down.stderr
+            f"up was killed while it configured {launched['id']}: scrubbing it" in down.stderr
+            and f"scrubbed {launched['id']}: " in down.stderr
         )
     assert not alive(sim, stack) and not keys(sim, stack)
 
