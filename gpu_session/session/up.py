@@ -17,7 +17,7 @@ from gpu_session.stack.automation import NoCapacity, OnEvent, engine
 from gpu_session.stack.config import StackConfig
 
 from . import watch
-from .plan import Plan, Say, SessionError, UpOptions, plans, stack_settings, use_session
+from .plan import Plan, Say, SessionError, UpOptions, clouds_for, plans, stack_settings, use_session
 
 
 def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: OnEvent) -> dict:
@@ -27,6 +27,7 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
         raise SessionError(
             f"stack {opts.stack} is already up: `invoke chat --stack {opts.stack}`, or `invoke down --stack {opts.stack}`"
         )
+    clouds_for(opts.cloud)  # no key for any cloud: said before the Hub is asked
     try:
         opts = replace(opts, model=sizing.resolve(opts.model))
         info = sizing.model_info(opts.model)

@@ -1,0 +1,70 @@
+"""The face's one error boundary and its flags, as a person meets them: bad input is one line on
+stderr that says what to do, exit code 1, no traceback, and nothing changed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+INVOKE = str(Path(sys.executable).parent / "invoke")
+
+
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAMBDA_", "RUNPOD_"))}
+    return subprocess.run(
+        [INVOKE, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["up", "--model", "gpu-session/tiny-chat", "--gpus", "two"], "error: --gpus takes a number (got 'two')"),
+        (["up", "--model", "gpu-session/tiny-chat", "--stack", "no/such"], "error: invalid stack name 'no/such'"),
+        (["up", "--model", "gpu-session/tiny-chat", "--yes"], "error: no cloud API key: export LAMBDA_API_KEY or RUNPOD_API_KEY"),
+        (["extend", "many"], "error: --hours takes a number (got 'many')"),
+        (["chat", "--stack", "never-up", "--prompt", "hi"], "error: stack never-up is not up"),
+        (["tunnel.start", "--stack", "never-up"], "error: stack never-up is not up"),
+        (["history.purge", "--stack", "kept"], "error: no terminal to ask whether to delete the history: pass --yes"),
+        (["sweep"], "error: no terminal to ask before terminating orphans: pass --yes"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(args, said):
+    done = invoke(*args)
+    assert done.returncode == 1 and done.stderr.startswith(said), done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_refused_purge_deletes_nothing():
+    from gpu_session.chat.history import Conversation, History
+
+    history = History("kept")
+    history.save(Conversation(model="gpu-session/tiny-chat", messages=[{"role": "user", "content": "hi"}]))
+    assert invoke("history.purge", "--stack", "kept").returncode == 1
+    assert len(history.ids()) == 1
+    purged = invoke("history.purge", "--stack", "kept", "--yes")
+    assert purged.returncode == 0 and history.ids() == []
+
+
+def test_sub_actions_are_tasks_and_reporting_commands_take_json():
+    listed = invoke("--list").stdout
+    for name in (
+        "tunnel.start",
+        "tunnel.stop",
+        "tunnel.status",
+        "history.list",
+        "history.show",
+        "history.export",
+        "history.purge",
+    ):
+        assert name in listed
+    for command in ("status", "cost", "available", "sweep", "doctor", "history.list", "tunnel.status", "up", "down", "extend"):
+        assert "--json" in invoke("--help", command).stdout, command
+    for command in ("up", "down", "chat", "sweep", "history.purge"):
+        assert "--yes" in invoke("--help", command).stdout, command
+    assert invoke("tunnel", "start").returncode != 0  # the old spelling is not half-accepted
