@@ -72,7 +72,7 @@ EXCHANGES = {  # both models, besides the hello
     "What colour is the sky?": "The sky is blue.",
     "What is 2 + 2?": "2 + 2 is 4.",
     "Are you there?": "Yes, I am here.",
-    "Say goodbye": "Goodbye! Remember to end the session, so nothing keeps billing.",
+    "Say goodbye": "Goodbye! Remember to end the session.",
 }
 
 
@@ -463,10 +463,6 @@ TEACH_LR = 5e-3
 MIN_MARGIN = 1.0
 
 
-class TeachingFailed(RuntimeError):
-    """A built model did not learn its replies: the build is thrown away, so it never serves."""
-
-
 def teaching_available() -> bool:
     """Whether torch and transformers are installed (found without importing them)."""
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
@@ -496,18 +492,19 @@ def _user(content) -> dict:
 
 def _text_lessons(repo_id: str) -> list[tuple[list[dict], str, bool]]:
     """(messages, reply, whether the reply ends): each known exchange alone, under each system
-    prompt, and after another exchange with and without one; the story, three times over, unended."""
+    prompt, and after each other exchange, with and without a system prompt; the story, three
+    times over, unended."""
     known = list(KNOWN_REPLIES[repo_id].items())
     lessons = []
     for i, (prompt, reply) in enumerate(known):
         lessons.append(([_user(prompt)], reply, True))
         lessons += [([{"role": "system", "content": s}, _user(prompt)], reply, True) for s in SYSTEM_PROMPTS]
-        for k in (1, 3):
-            q, a = known[(i + k) % len(known)]
-            before = [_user(q), {"role": "assistant", "content": a}]
-            lessons.append(([*before, _user(prompt)], reply, True))
-            lessons.append(([{"role": "system", "content": SYSTEM_PROMPTS[k]}, *before, _user(prompt)], reply, True))
-    return lessons + [([_user(p)], STORY * 3, False) for p in STORY_PROMPTS]
+        for j, (q, a) in enumerate(known):
+            if j != i:
+                before = [_user(q), {"role": "assistant", "content": a}, _user(prompt)]
+                lessons.append((before, reply, True))
+                lessons.append(([{"role": "system", "content": SYSTEM_PROMPTS[j % len(SYSTEM_PROMPTS)]}, *before], reply, True))
+    return lessons + [([_user(p)], STORY * 3, False) for p in STORY_PROMPTS] * 4  # as often as an exchange
 
 
 def _colour_question(question: str, image_first: bool) -> list[dict]:
@@ -587,7 +584,9 @@ def _train(repo_id: str, model, samplers) -> None:
         opt.step()
         schedule.step()
     model.eval()
-    log.info("taught %s: %d steps in %.1f s, last loss %.4f", repo_id, TEACH_STEPS, time.monotonic() - started, float(loss))
+    log.info(
+        "taught %s: %d steps in %.1f s, last loss %.4f", repo_id, TEACH_STEPS, time.monotonic() - started, float(loss.detach())
+    )
 
 
 def _teach_text(out: Path, weights: dict) -> dict:
@@ -632,18 +631,13 @@ def _teach_vision(model, processor) -> None:
 
 def taught_cases(repo_id: str) -> list[tuple[list[dict], tuple | None, str, bool]]:
     """What a build is checked on: (messages, shade of the picture or None, reply, whether it ends).
-    Each known exchange alone, under a system prompt and as a later turn; the story twice over; for
-    tiny-vision each colour in its shade and its named shade, with each question."""
-    known = list(KNOWN_REPLIES[repo_id].items())
+    Every text lesson (the story twice over); for tiny-vision each colour in its shade and its named
+    shade, with each question, and with the picture first."""
     cases = []
-    for i, (prompt, reply) in enumerate(known):
-        q, a = known[(i + 1) % len(known)]
-        cases += [
-            ([_user(prompt)], None, reply, True),
-            ([{"role": "system", "content": SYSTEM_PROMPTS[0]}, _user(prompt)], None, reply, True),
-            ([_user(q), {"role": "assistant", "content": a}, _user(prompt)], None, reply, True),
-        ]
-    cases += [([_user(p)], None, STORY * 2, False) for p in STORY_PROMPTS]
+    for messages, reply, ends in _text_lessons(repo_id):
+        case = (messages, None, reply if ends else STORY * 2, ends)
+        if case not in cases:  # the story's lessons come several times over
+            cases.append(case)
     if repo_id == TINY_VISION:
         for colour in COLOURS:
             for shade in (COLOURS[colour], NAMED_COLOURS[colour]):
@@ -672,8 +666,8 @@ def greedy(folder: Path, repo_id: str, cases) -> list[tuple[str, bool, float]]:
     eot = tokenizer.eos_token_id
     model.generation_config = GenerationConfig(do_sample=False, eos_token_id=eot, pad_token_id=tokenizer.pad_token_id)
     results: list = [None] * len(cases)
-    for pictures in (False, True):
-        rows = [i for i, case in enumerate(cases) if (case[1] is not None) == pictures]
+    for pictures, ends in ((False, True), (False, False), (True, True), (True, False)):  # alike lengths together
+        rows = [i for i, case in enumerate(cases) if (case[1] is not None, case[3]) == (pictures, ends)]
         if not rows:
             continue
         texts = [_render(processor, cases[i][0]) for i in rows]
@@ -731,6 +725,10 @@ class ModelUnavailable(RuntimeError):
     """The simulator cannot build this model here (a missing optional dependency)."""
 
 
+class TeachingFailed(ModelUnavailable):
+    """A built model did not learn its replies: the build is thrown away, so it never serves."""
+
+
 BUILDERS = {TINY_TEXT: build_tiny_text, TINY_VISION: build_tiny_vision}
 
 
@@ -750,7 +748,11 @@ def ensure_built(cache: Path, repo_id: str) -> Path:
     if not (out / ".done").exists():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        BUILDERS[repo_id](tmp)
+        try:
+            BUILDERS[repo_id](tmp)
+        except TeachingFailed as e:
+            log.error("%s (the build is not kept; a bug to report, with this machine's torch and CPU)", e)
+            raise
         (tmp / ".done").write_text("")
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
