@@ -252,10 +252,10 @@ TINY_VISION_CONFIG = dict(hidden=64, layers=2, heads=1, inter=128, image=56, pat
 
 def built_models() -> list[HubModel]:
     """Their parameter counts are read from the weights once built (see hf_hub)."""
-    tags = ["simulator", "random-weights"]
+    text = ["simulator", "taught" if teaching_available() else "random-weights"]
     return [
-        HubModel(TINY_TEXT, 0, "BF16", {}, built=True, tags=tags),
-        HubModel(TINY_VISION, 0, "BF16", {}, built=True, pipeline_tag="image-text-to-text", tags=tags),
+        HubModel(TINY_TEXT, 0, "BF16", {}, built=True, tags=text),
+        HubModel(TINY_VISION, 0, "BF16", {}, built=True, pipeline_tag="image-text-to-text", tags=["simulator", "taught"]),
     ]
 
 
