@@ -18,6 +18,7 @@ import pytest
 
 from gpu_session.local import daemon
 from gpu_session.local.ledger import Ledger
+from gpu_session.sim.models import COLOUR_QUESTION, COLOUR_REPLIES, KNOWN_REPLIES
 from gpu_session.stack.names import is_ssh_key_of
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
@@ -92,6 +93,9 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
         plain = invoke(*question)
         assert seen.returncode == 0 and plain.returncode == 0, seen.stderr[-2000:] + plain.stderr[-2000:]
         assert prompt_tokens(seen.stderr) > prompt_tokens(plain.stderr)
+        # Asked greedily through the tunnel, it names the picture's colour.
+        content = [{"type": "text", "text": COLOUR_QUESTION}, {"type": "image_url", "image_url": {"url": data_url(picture)}}]
+        assert greedy_reply(port, api_key, model, content) == COLOUR_REPLIES["red"]
 
     if cloud == "lambda":
         assert seen.returncode == 1 and "gpu-session/tiny-chat does not take images" in seen.stderr, seen.stderr[-2000:]
@@ -257,19 +261,42 @@ def prompt_tokens(stats: str) -> int:
 
 
 def stream_reply(port: int, api_key: str, model: str) -> list[str]:
-    """A streamed chat completion straight through the tunnel: the content of each chunk as it arrives."""
+    """A streamed chat completion straight through the tunnel, greedy: the content of each chunk as
+    it arrives, which together are the hello the simulator taught its model."""
     import httpx
 
     with httpx.stream(
         "POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
         headers={"Authorization": f"Bearer {api_key}"},
-        json={"model": model, "stream": True, "max_tokens": 8,
+        json={"model": model, "stream": True, "max_tokens": 48, "temperature": 0,
               "messages": [{"role": "user", "content": "Say hello"}]},
     ) as r:  # fmt: skip
         r.raise_for_status()
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # all 8 tokens came
-    return [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"  # the model ended its sentence
+    pieces = [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert "".join(pieces) == KNOWN_REPLIES[model]["Say hello"]
+    return pieces
+
+
+def greedy_reply(port: int, api_key: str, model: str, content) -> str:
+    """A greedy chat completion straight through the tunnel: the whole reply, which the model ended."""
+    import httpx
+
+    r = httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {api_key}"},
+        json={"model": model, "max_tokens": 48, "temperature": 0, "messages": [{"role": "user", "content": content}]},
+    )  # fmt: skip
+    r.raise_for_status()
+    [choice] = r.json()["choices"]
+    assert choice["finish_reason"] == "stop", choice
+    return choice["message"]["content"]
+
+
+def data_url(picture: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
 
 
 def pid_alive(pid: int) -> bool:

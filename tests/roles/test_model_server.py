@@ -5,7 +5,11 @@ converge, idempotence with every task run, testinfra.)"""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import secrets
+import shlex
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from conftest import on
 
 from gpu_session.host import engines
 from gpu_session.host.ansible import ConfigureError, run
+from gpu_session.sim.models import COLOUR_QUESTION, COLOUR_REPLIES, KNOWN_REPLIES, SYSTEM_PROMPTS, TINY_TEXT, TINY_VISION
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +152,45 @@ def test_engines_link_to_the_prebuilt_venvs_which_scrub_leaves_alone(site, sim, 
     check = "; ".join(f"{v}/bin/python -c pass && sha256sum < {v}/.gpu-session-lock | cut -c1-16" for v in links)
     left = on(target, keypair, f"sudo sh -c '{check}; test -e /opt/gpu-session || echo gone'").split()
     assert left == [v.rsplit("-", 1)[1] for v in links] + ["gone"]
+
+
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+@pytest.mark.parametrize("model", [TINY_TEXT, TINY_VISION])
+def test_the_small_models_say_what_they_were_taught(site, keypair, model, backend):
+    """Asked greedily, each engine gives the sentences the simulator taught its models: the same
+    weights make the same replies on vLLM's CPU build and on transformers serve."""
+    target, good, converge = site
+    converge(model_server_model=model, model_server_backend=backend)
+
+    def ask(*messages) -> str:
+        """curl on the host (the port is reachable nowhere else): the whole reply, which the model ended."""
+        body = json.dumps({"model": model, "messages": list(messages), "temperature": 0, "max_tokens": 48})
+        headers = f"-H 'Content-Type: application/json' -H 'Authorization: Bearer {good['model_server_api_key']}'"
+        answer = on(target, keypair, f"curl -sf --max-time 120 {headers} --data-binary {shlex.quote(body)} {URL}")
+        [choice] = json.loads(answer)["choices"]
+        assert choice["finish_reason"] == "stop", choice
+        return choice["message"]["content"]
+
+    known = KNOWN_REPLIES[model]
+    assert ask({"role": "user", "content": "Say hello"}) == known["Say hello"]
+    assert ask({"role": "system", "content": SYSTEM_PROMPTS[1]}, {"role": "user", "content": "Hello"}) == known["Hello"]
+    earlier = [
+        {"role": "user", "content": "What colour is the sky?"},
+        {"role": "assistant", "content": known["What colour is the sky?"]},
+    ]
+    assert ask(*earlier, {"role": "user", "content": "Hi"}) == known["Hi"]
+    if model == TINY_VISION:
+        for colour, rgb in (("red", (200, 30, 30)), ("blue", (0, 0, 255))):
+            question = [{"type": "text", "text": COLOUR_QUESTION}, {"type": "image_url", "image_url": {"url": png(rgb)}}]
+            assert ask({"role": "user", "content": question}) == COLOUR_REPLIES[colour]
+
+
+URL = "http://127.0.0.1:8000/v1/chat/completions"
+
+
+def png(rgb: tuple[int, int, int]) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), rgb).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
