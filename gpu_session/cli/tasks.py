@@ -144,18 +144,26 @@ def _printer(as_json: bool):
 
     from rich.console import Console
 
+    from gpu_session import progress
+
     console = Console(stderr=True, highlight=False, soft_wrap=True)  # a message is one line, even in a log
 
     def on_event(event) -> None:
         if as_json:
-            print(jsonlib.dumps({"event": event.kind, **{k: v for k, v in vars(event).items() if v and k != "kind"}}), flush=True)
+            found = progress.read(event.message) if event.kind == "log" else None
+            shown = (
+                {"event": "progress", **found}
+                if found
+                else {"event": event.kind, **{k: v for k, v in vars(event).items() if v and k != "kind"}}
+            )
+            print(jsonlib.dumps(shown), flush=True)
         elif event.kind == "start" and event.op != "same":
             console.print(f"[bold]{event.op}[/] {event.type} {event.name} …")
         elif event.kind == "done" and event.op != "same":
             console.print(f"  [green]done[/] {event.op} {event.type} {event.name} ({event.seconds:.0f}s)")
         elif event.kind == "failed":
             console.print(f"  [red]failed[/] {event.name}: {event.message}")
-        elif event.kind == "log" and event.message:
+        elif event.kind in ("log", "notice") and event.message:
             console.print(f"  [dim]{event.message}[/]")
 
     def say(text: str) -> None:

@@ -95,7 +95,7 @@ class SessionView:
         found = progress.read(event.message) if event.kind == "log" else None
         if found:
             self._progress(found)
-        elif event.kind == "log" and self.verbose and event.message:
+        elif event.kind == "notice" or (event.kind == "log" and self.verbose and event.message):
             self._show(f"[dim]{event.message}[/]")
         elif event.kind == "failed":
             running = [p for p in self.phases.values() if p.state == "running"]

@@ -40,7 +40,7 @@ INSTALL_PULUMI = (
 
 @dataclass
 class StackEvent:
-    kind: str  # "start", "done", "failed", "log"
+    kind: str  # "start", "done", "failed", "log" (a resource's provider said it), "notice" (ours, for the person)
     op: str = ""  # the engine's: create, update, replace, delete, same, refresh, …
     type: str = ""  # GpuInstance, LambdaSshKey, Configure
     name: str = ""  # the resource's name in the program
@@ -360,12 +360,14 @@ class PulumiEngine:
         launched is not lost: GpuInstance's create adopts a live instance of its deterministic name,
         and `invoke down` asks the cloud for anything of that name. The pending operations found."""
         for lock in self.stale_locks():
-            on_event(StackEvent("log", message=f"pulumi (pid {lock['pid']}) was killed with the stack locked: unlocking it"))
+            on_event(StackEvent("notice", message=f"pulumi (pid {lock['pid']}) was killed with the stack locked: unlocking it"))
             self._stack.cancel()
         pending = [r for r in self.resources() if r["pending"]]
         if any(r["pending"] == "creating" for r in pending):
             names = ", ".join(f"{r['type']} {r['name']}" for r in pending if r["pending"] == "creating")
-            on_event(StackEvent("log", message=f"an interrupted operation left {names} half-created: clearing it from the state"))
+            on_event(
+                StackEvent("notice", message=f"an interrupted operation left {names} half-created: clearing it from the state")
+            )
             self._run("refresh", self._stack.refresh, on_event, show_secrets=False, clear_pending_creates=True)
         return pending
 
