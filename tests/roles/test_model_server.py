@@ -1,10 +1,11 @@
 """model_server's bad input, on a simulator host through site.yml: each fails before it can do harm,
 with a message that says what to do; then site.yml's early end for a converge that would change
-nothing. (Serving itself is proven by the role's molecule scenarios: vLLM and transformers,
-converge, idempotence with every task run, testinfra.)"""
+nothing; the download's progress on each try of its wait. (Serving itself is proven by the role's
+molecule scenarios: vLLM and transformers, converge, idempotence with every task run, testinfra.)"""
 
 from __future__ import annotations
 
+import json
 import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import on
 
+from gpu_session import progress
+from gpu_session.host import converge as host_converge
 from gpu_session.host import engines
 from gpu_session.host.ansible import ConfigureError, run
 
@@ -147,3 +150,23 @@ def test_engines_link_to_the_prebuilt_venvs_which_scrub_leaves_alone(site, sim, 
     check = "; ".join(f"{v}/bin/python -c pass && sha256sum < {v}/.gpu-session-lock | cut -c1-16" for v in links)
     left = on(target, keypair, f"sudo sh -c '{check}; test -e /opt/gpu-session || echo gone'").split()
     assert left == [v.rsplit("-", 1)[1] for v in links] + ["gone"]
+
+
+def test_each_try_of_the_download_wait_says_its_bytes_and_converge_shows_them(site, sim, keypair):
+    """With a slow Hub (one file request waits 7 s, the others are quick), the wait for the download
+    tries several times; each try prints the bytes the model's folder holds so far and the weights'
+    total, which converge turns into the download's progress line."""
+    target, _, converge = site
+    on(target, keypair, "sudo rm -rf /opt/gpu-session/run/model.json /opt/gpu-session/hf/hub/models--gpu-session--tiny-chat")
+    sim.inject("hf:resolve", "slow", times=1, delay=7)
+    events = []
+    result = converge(events, model_server_backend="transformers", gpu_session_full_converge=True)
+    tries = [e.message for e in events if e.kind == "retry" and e.task == host_converge.DOWNLOAD_WAIT]
+    said = [json.loads(t) for t in tries]
+    weights = int(result.facts["model_server_weights_bytes"])
+    assert weights > 0 and all(s["total"] == weights and not s["finished"] for s in said), said
+    assert any(s["bytes"] > 0 for s in said), said
+    shown = [progress.read(host_converge.download_progress(t)) for t in tries]
+    assert {"phase": "download", "state": "running", "bytes": max(s["bytes"] for s in said), "total": weights} in shown
+    # The last try (no retry event) ended the loop with what the download printed: its timing.
+    assert float(result.facts["model_server_timings"]["download_s"]) > 0
