@@ -6,10 +6,12 @@ model server's API key come from the stack's folder and never pass through Pulum
 no state file and no process argument.
 
 `site` pins the host key (the session's own on Lambda, the first one seen on RunPod), makes the
-model server's key on first use, and runs playbooks/site.yml. `scrub` runs playbooks/scrub.yml
-before the instance is destroyed and keeps the receipt in the stack's folder; a host that no
-longer answers cannot be scrubbed and is not waited for (its disk goes with it), but a scrub that
-fails on a live host stops the destroy, so nothing is terminated unscrubbed without the user's word.
+model server's key on first use and the instance's canaries (random markers site.yml plants where
+the session's data goes), and runs playbooks/site.yml. `scrub` runs playbooks/scrub.yml before the
+instance is destroyed, has it prove every canary gone, and keeps the receipt in the stack's folder;
+a host that no longer answers cannot be scrubbed and is not waited for (its disk goes with it), but
+a scrub that fails on a live host stops the destroy, so nothing is terminated unscrubbed without
+the user's word.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from .ssh import SessionKeys, pin, pin_first_seen, session_keys
 
 SKIP_SCRUB = "GPU_SESSION_SKIP_SCRUB"
 RECEIPT = "scrub-receipt.json"  # in the stack's folder
+CANARIES = "canaries.json"  # in the stack's folder: {"instance_id": …, "canaries": […]}
+# One canary for each place playbooks/tasks/plant-canaries.yml plants one.
+CANARY_COUNT = 6
 # What a person sees of a converge (gpu_session.cli.view): a phase starts when one of its first
 # tasks starts and is done when one of its last tasks ends (task names as the roles print them).
 STEPS = {
@@ -102,6 +107,29 @@ def api_key(keys: SessionKeys) -> str:
     return path.read_text().strip()
 
 
+def canaries(keys: SessionKeys, instance_id: str) -> list[str]:
+    """This instance's canaries, made on first use (0600 in the stack's folder); a new instance gets
+    new ones. site.yml plants them, and scrub proves each found nowhere before the instance goes."""
+    kept = saved_canaries(keys, instance_id)
+    if kept:
+        return kept
+    made = [f"gpu-session-canary-{secrets.token_hex(8)}" for _ in range(CANARY_COUNT)]
+    write_private(keys.dir / CANARIES, json.dumps({"instance_id": instance_id, "canaries": made}))
+    return made
+
+
+def saved_canaries(keys: SessionKeys, instance_id: str) -> list[str]:
+    """The canaries site made for this instance; none for a stack from before canaries, or when the
+    file belongs to another instance (none of those was planted on this one)."""
+    try:
+        saved = json.loads((keys.dir / CANARIES).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(saved, dict) or saved.get("instance_id") != instance_id or not isinstance(saved.get("canaries"), list):
+        return []
+    return [c for c in saved["canaries"] if isinstance(c, str) and c]
+
+
 def target(settings: HostSettings, keys: SessionKeys) -> Target:
     return Target(settings.host, settings.port, settings.user, keys.private_key, keys.known_hosts)
 
@@ -154,6 +182,7 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
         "host_base_hf_endpoint": env.get("HF_ENDPOINT", ""),
         "lease_expires_at": settings.lease_expires_at,
         "lease_instance_id": settings.instance_id,
+        "gpu_session_canaries": canaries(keys, settings.instance_id),
     }
     print(f"configuring {settings.cloud} instance {settings.instance_id} ({settings.host}:{settings.port})", flush=True)
     start = time.monotonic()
@@ -195,7 +224,9 @@ def scrub(settings: HostSettings, env: dict[str, str]) -> None:
         return
     keys = session_keys(settings.stack)
     print(f"scrubbing {settings.cloud} instance {settings.instance_id}", flush=True)
-    result = run(target(settings, keys), playbook="scrub.yml", on_event=show)
+    found = saved_canaries(keys, settings.instance_id)  # none for a stack from before canaries
+    extravars = {"scrub_canaries": found} if found else None
+    result = run(target(settings, keys), playbook="scrub.yml", extravars=extravars, on_event=show)
     receipt = {"instance_id": settings.instance_id, "scrubbed_at": time.time(), **(result.facts.get("scrub_receipt") or {})}
     write_private(keys.dir / RECEIPT, json.dumps(receipt, indent=2))
     print(f"scrubbed: receipt in {keys.dir / RECEIPT}", flush=True)

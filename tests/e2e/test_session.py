@@ -145,6 +145,7 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     summary = events(down.stdout)[-1]
     assert summary["event"] == "summary" and summary["receipt"]["instance_id"] == inst["id"] and summary["receipt"]["ok"]
     assert oct(Path(summary["receipt_file"]).stat().st_mode & 0o777) == "0o600" and summary["clouds_asked"]
+    assert summary["receipt"]["verified"]["canaries_checked"] >= 6  # the session's own, planted by site.yml, all gone
     assert not alive(sim, stack) and not keys(sim, stack)
     gone = [i for i in sim.world.snapshot()["instances"] if i["id"] == inst["id"]]
     assert not gone or not gone[0]["host_dir_exists"]  # the host's files went with it

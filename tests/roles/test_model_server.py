@@ -1,7 +1,8 @@
 """model_server's bad input, on a simulator host through site.yml: each fails before it can do harm,
 with a message that says what to do; then site.yml's early end for a converge that would change
-nothing. (Serving itself is proven by the role's molecule scenarios: vLLM and transformers,
-converge, idempotence with every task run, testinfra.)"""
+nothing; the download's progress on each try of its wait; the session's canaries, planted by
+site.yml and proven gone by scrub. (Serving itself is proven by the role's molecule scenarios: vLLM
+and transformers, converge, idempotence with every task run, testinfra.)"""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from pathlib import Path
 import pytest
 from conftest import on
 
+from gpu_session import progress
+from gpu_session.host import converge as host_converge
 from gpu_session.host import engines
 from gpu_session.host.ansible import ConfigureError, run
+from gpu_session.host.ssh import SessionKeys
 from gpu_session.sim.models import COLOUR_QUESTION, COLOUR_REPLIES, KNOWN_REPLIES, SYSTEM_PROMPTS, TINY_TEXT, TINY_VISION
 
 
@@ -194,3 +198,73 @@ def png(rgb: tuple[int, int, int]) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), rgb).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_each_try_of_the_download_wait_says_its_bytes_and_converge_shows_them(site, sim, keypair):
+    """With a slow Hub (one file request waits 7 s, the others are quick), the wait for the download
+    tries several times; each try prints the bytes the model's folder holds so far and the weights'
+    total, which converge turns into the download's progress line."""
+    target, _, converge = site
+    on(target, keypair, "sudo rm -rf /opt/gpu-session/run/model.json /opt/gpu-session/hf/hub/models--gpu-session--tiny-chat")
+    sim.inject("hf:resolve", "slow", times=1, delay=7)
+    events = []
+    result = converge(events, model_server_backend="transformers", gpu_session_full_converge=True)
+    tries = [e.message for e in events if e.kind == "retry" and e.task == host_converge.DOWNLOAD_WAIT]
+    said = [json.loads(t) for t in tries]
+    weights = int(result.facts["model_server_weights_bytes"])
+    assert weights > 0 and all(s["total"] == weights and not s["finished"] for s in said), said
+    assert any(s["bytes"] > 0 for s in said), said
+    shown = [progress.read(host_converge.download_progress(t)) for t in tries]
+    assert {"phase": "download", "state": "running", "bytes": max(s["bytes"] for s in said), "total": weights} in shown
+    # The last try (no retry event) ended the loop with what the download printed: its timing.
+    assert float(result.facts["model_server_timings"]["download_s"]) > 0
+
+
+def test_a_session_plants_canaries_where_its_data_goes_and_scrub_proves_them_gone(site, keypair, tmp_path):
+    """converge makes the instance's canaries (kept 0600 in the stack's folder, new for a new
+    instance); site.yml plants one in each place the session's data goes, as the service user, and a
+    converge that runs again plants nothing; scrub then finds none of them, the one in /tmp included."""
+    target, _, converge = site
+    keys = SessionKeys(tmp_path)
+    canaries = host_converge.canaries(keys, "i-canaries")
+    assert len(canaries) == host_converge.CANARY_COUNT == 6 and len(set(canaries)) == 6
+    assert host_converge.canaries(keys, "i-canaries") == canaries and host_converge.canaries(keys, "i-other") != canaries
+    assert oct((tmp_path / host_converge.CANARIES).stat().st_mode & 0o777) == "0o600"
+    canaries = host_converge.canaries(keys, "i-canaries")  # another instance had them meanwhile: new ones
+    events = []
+    converge(events, model_server_backend="transformers", gpu_session_canaries=canaries)
+    assert "Plant the session's canaries" in [e.task for e in events if e.kind == "ok"]  # no_log: never "changed" here
+    places = [
+        "/opt/gpu-session/.gpu-session-canary",  # the data root
+        "/opt/gpu-session/uploads/.gpu-session-canary",
+        "/opt/gpu-session/logs/model-server.log",
+        "/opt/gpu-session/hf/hub/.gpu-session-canary",  # the Hub cache
+        "/tmp/gpu-session-canary",
+        "/opt/gpu-session/.bash_history",  # the service user's home is the data root
+    ]
+    search = "; ".join(f"echo $(grep -rlsF -e {c} /opt /tmp /var/tmp /home /root /dev/shm /run /etc /var/log)" for c in canaries)
+    assert on(target, keypair, f"sudo sh -c '{search}'").splitlines() == places
+    owners = on(target, keypair, "sudo stat -c %U " + " ".join(places)).split()
+    assert owners == ["gpu-session"] * len(places), owners
+    assert on(target, keypair, "sudo stat -c %a /tmp/gpu-session-canary").strip() == "600"
+    # How often each is in its place, and when each file was written (not the log: the server writes it).
+    planted = "sudo sh -c '" + "; ".join(f"grep -cF -e {c} {p}" for c, p in zip(canaries, places))
+    planted += "; stat -c %Y " + " ".join(p for p in places if not p.endswith(".log")) + "'"
+    before = on(target, keypair, planted)
+    assert before.split()[: len(places)] == ["1"] * len(places)
+    # Planting again changes nothing: the early end still comes after two tasks, and with every task run
+    # the planting reports no change.
+    events = []
+    assert converge(events, model_server_backend="transformers", gpu_session_canaries=canaries).changed == 0
+    ran = [e.task for e in events if e.kind in ("ok", "changed")]
+    assert ran == ["Work out this converge's digest", "Check the last converge and the server"], ran
+    events = []
+    converge(events, model_server_backend="transformers", gpu_session_canaries=canaries, gpu_session_full_converge=True)
+    assert "Plant the session's canaries" in [e.task for e in events if e.kind == "ok"]
+    assert on(target, keypair, planted) == before  # each canary once, no file written again
+    # Scrub, given them as converge's scrub gives them, proves each gone: the one in /tmp too.
+    receipt = run(target, playbook="scrub.yml", extravars={"scrub_canaries": host_converge.saved_canaries(keys, "i-canaries")})
+    receipt = receipt.facts["scrub_receipt"]
+    assert receipt["ok"] is True and int(receipt["verified"]["canaries_checked"]) == 6
+    assert {"/opt/gpu-session", "/tmp/gpu-session-canary"} <= set(receipt["removed"])
+    assert on(target, keypair, f"sudo sh -c '{search}'").split() == []

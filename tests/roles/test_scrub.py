@@ -1,5 +1,6 @@
-"""The scrub role: plant what a session leaves (a token, an upload, a log line, history, caches, a
-running server and watchdog), scrub, and prove it all gone, with the receipt."""
+"""The scrub role: plant what a session leaves (a token, an upload, a log line, history, caches, the
+service user's files in /tmp and /var/tmp, a running server and watchdog), scrub, and prove it all
+gone, with the receipt."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def plant(target, keypair) -> list[str]:
         echo "curl -H {token}" >> /root/.bash_history
         mkdir -p /root/.cache/huggingface && echo {token} > /root/.cache/huggingface/token
         echo "{prompt}" >> {home}/.python_history
+        runuser -u gpu-session -- sh -c "umask 077 && echo {upload} > /tmp/scratch && mkdir -p /var/tmp/work && echo {token} > /var/tmp/work/part"
         cd /opt/gpu-session && setsid sudo -u gpu-session python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 < /dev/null &
         echo $! > /run/gpu-session/gpu-session-model-server.pid
         setsid sleep 3600 >/dev/null 2>&1 < /dev/null &
@@ -47,6 +49,7 @@ def test_scrub_leaves_nothing_and_says_so(hosts, keypair, which):
     receipt = result.facts["scrub_receipt"]
     assert receipt["ok"] is True and receipt["verified"]["canaries_checked"] == 4
     assert {"/opt/gpu-session", "/dev/shm/gpu-session", "/run/gpu-session", "/root/.bash_history"} <= set(receipt["removed"])
+    assert {"/tmp/scratch", "/var/tmp/work"} <= set(receipt["removed"])  # the service user's, outside the data root
     assert receipt["stopped_services"] == ["gpu-session-model-server", "gpu-session-lease"]
     # Checked again from outside, independently of the role's own verification.
     left = on(target, keypair, "sudo sh -c 'for c in " + " ".join(canaries) + "; do grep -rlsF -e $c /opt /root /home /tmp /dev/shm /run /etc /var/log; done; "

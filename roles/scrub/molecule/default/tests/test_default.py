@@ -10,7 +10,7 @@ import testinfra.utils.ansible_runner
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"]).get_hosts("all")
 CANARY = (Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "canary").read_text().strip()
 REMOVED = ["/opt/gpu-session", "/dev/shm/gpu-session", "/run/gpu-session", "/root/.bash_history",
-           "/root/.cache/huggingface", "/etc/profile.d/gpu-session-no-history.sh"]  # fmt: skip
+           "/root/.cache/huggingface", "/etc/profile.d/gpu-session-no-history.sh", "/tmp/scratch", "/tmp/work"]  # fmt: skip
 
 
 def test_the_session_files_are_gone(host):
@@ -33,7 +33,9 @@ def test_no_canary_is_left_anywhere_a_session_writes(host):
 def test_the_receipt_names_what_was_removed_and_verified():
     receipt = json.loads((Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "receipt.json").read_text())
     assert receipt["ok"] is True and receipt["finished_at"]
-    assert {"/opt/gpu-session", "/dev/shm/gpu-session", "/run/gpu-session", "/root/.bash_history"} <= set(receipt["removed"])
+    removed = set(receipt["removed"])
+    assert {"/opt/gpu-session", "/dev/shm/gpu-session", "/run/gpu-session", "/root/.bash_history"} <= removed
+    assert {"/tmp/scratch", "/tmp/work"} <= removed  # the service user's, outside the data root
     assert receipt["stopped_services"] == ["gpu-session-model-server", "gpu-session-lease"]
     assert receipt["verified"]["canaries_checked"] == 1 and receipt["verified"]["nothing_listening_on"] == 8000
     assert CANARY not in json.dumps(receipt)
