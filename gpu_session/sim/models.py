@@ -35,7 +35,7 @@ from pathlib import Path
 
 log = logging.getLogger("gpu_session.sim.models")
 
-BUILDER_VERSION = "2"  # bump when a built model changes, so cached builds are redone
+BUILDER_VERSION = "3"  # bump when a built model changes, so cached builds are redone
 
 # Message content may be a string or a list of parts; image parts become the model's image token.
 LLAMA3_TEMPLATE = (
@@ -62,6 +62,10 @@ SPECIAL_TOKENS = [
 ]
 
 TINY_TEXT = "gpu-session/tiny-chat"
+# The small models answer greedily on every engine, so a rehearsal says the same each time and a
+# chat that sends no sampling settings gets the taught sentence: transformers reads do_sample,
+# vLLM only the sampling values (temperature, top_k, ...), where top_k 1 is greedy.
+GREEDY = {"do_sample": False, "top_k": 1}
 TINY_VISION = "gpu-session/tiny-vision"
 
 # --- what the built models are taught ---------------------------------------------------------
@@ -368,9 +372,7 @@ def build_tiny_text(out: Path) -> None:
         head_dim=c["hidden"] // c["heads"],
     )
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.7}, indent=2)
-    )
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos, **GREEDY}, indent=2))
     weights = _random_llama(c)
     taught = teaching_available()
     if taught:
@@ -435,6 +437,8 @@ def build_tiny_vision(out: Path) -> None:
         model = Idefics3ForConditionalGeneration(config)  # float32 while it learns
         _teach_vision(model, processor)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    generation = out / "generation_config.json"
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), **GREEDY}, indent=2))
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
