@@ -205,6 +205,8 @@ class SessionView:
         done, total = phase.facts.get("bytes"), phase.facts.get("total")
         if done is None:
             return ""
+        if total and (phase.state == "done" or done > total):
+            done = total  # the folder also holds the config and tokenizer, which the total leaves out
         rate = done / took if took > 0 else 0
         shown = f"{size(done)}" + (f" of {size(total)}" if total else "") + f", {size(rate)}/s"
         if total and rate > 0 and phase.state == "running":

@@ -145,7 +145,8 @@ def run(
                 facts.update(res.get("ansible_facts") or {})
             if res.get("changed"):
                 changed += 1
-            emit(Event("changed" if res.get("changed") else "ok", task, seconds=float(data.get("duration") or 0)))
+            printed = "" if res.get("_ansible_no_log") else str(res.get("stdout") or "")  # a command's output, for converge
+            emit(Event("changed" if res.get("changed") else "ok", task, printed, seconds=float(data.get("duration") or 0)))
         return False  # keep nothing in the artifacts: they may hold task results
 
     def emit(event: Event) -> None:

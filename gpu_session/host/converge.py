@@ -191,9 +191,10 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
     started: dict[str, float] = {}
 
     def on_event(event: Event) -> None:
-        if event.kind == "retry" and event.task == DOWNLOAD_WAIT:
-            print(download_progress(event.message), flush=True)
-            return
+        if event.task == DOWNLOAD_WAIT and event.kind in ("retry", "ok", "changed") and event.message:
+            print(download_progress(event.message), flush=True)  # each try, and the last, say the bytes
+            if event.kind == "retry":
+                return
         show(event)
         per_task[event.task] = per_task.get(event.task, 0.0) + event.seconds
         for phase, (first, last) in STEPS.items():
