@@ -59,11 +59,16 @@ def make_private(tree: Path) -> None:
                 os.chmod(path, 0o600)
 
 
-def stack_dir(stack: str) -> Path:
-    """The stack's own folder: its session key, known_hosts, the model server's key, receipts."""
+def checked_stack_name(stack: str) -> str:
+    """`stack`, when it is a name we accept (it becomes a folder name): else BadStackName."""
     if not STACK_NAME.match(stack or ""):
         raise BadStackName(f"invalid stack name {stack!r}: use up to 40 letters, digits, '.', '_' or '-'")
-    return private_dir(state_dir() / "stacks" / stack)
+    return stack
+
+
+def stack_dir(stack: str) -> Path:
+    """The stack's own folder: its session key, known_hosts, the model server's key, receipts."""
+    return private_dir(state_dir() / "stacks" / checked_stack_name(stack))
 
 
 def write_private(path: Path, data: str | bytes) -> Path:

@@ -93,5 +93,6 @@ pulumi.export("price_per_hour", instance.price_per_hour)
 pulumi.export("model", cfg.model)
 pulumi.export("backend", backend)
 pulumi.export("served_model_name", cfg.model)  # both backends answer to the model id
+pulumi.export("launched_at", instance.launched_at)  # when the machine began to bill
 pulumi.export("lease_expires_at", lease_expires_at)
 pulumi.export("session_dir", str(keys.dir))

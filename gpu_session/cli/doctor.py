@@ -37,7 +37,9 @@ def _tools() -> list[Check]:
 
 def _keys() -> list[Check]:
     out = []
-    for cloud, var in (("lambda", "LAMBDA_API_KEY"), ("runpod", "RUNPOD_API_KEY")):
+    from gpu_session.clouds import API_KEY_ENV
+
+    for cloud, var in API_KEY_ENV.items():
         if not os.environ.get(var):
             out.append(Check(f"{cloud} key", False, f"export {var}=... to use {cloud}"))
             continue

@@ -45,13 +45,16 @@ def command(*args, **kwargs):
 
 
 def _number(value, option: str, kind=float):
-    """An option's text as a number (None stays None); UsageError naming the option."""
+    """An option's text as a number above 0 (None stays None); UsageError naming the option."""
     if value is None:
         return None
     try:
-        return kind(value)
+        number = kind(value)
     except (TypeError, ValueError):
         raise UsageError(f"--{option.replace('_', '-')} takes a number (got {value!r})") from None
+    if not number > 0:
+        raise UsageError(f"--{option.replace('_', '-')} takes a number above 0 (got {value!r})")
+    return number
 
 
 def _ask(question: str, default: bool) -> bool:
@@ -115,14 +118,15 @@ def sim(
 
 @command(
     help={
-        "lock": "re-resolve the engines' lock files from PyPI first (after changing a pin in gpu_session/engines.py)",
+        "lock": "re-resolve the engines' lock files from PyPI first (after changing a pin in gpu_session/host/engines.py)",
         "dest": "where the wheelhouse goes (default: $GPU_SESSION_WHEELHOUSE or /var/cache/gpu-session/wheels)",
         "venvs": "where the prebuilt venvs go (default: $GPU_SESSION_VENVS or /var/cache/gpu-session/venvs)",
     }
 )
 def engines(c, lock=False, dest="", venvs=""):
-    """Build what the model server installs on hosts without internet (the simulator's): the wheelhouse,
-    and a ready venv per CPU engine that those hosts link to instead of installing."""
+    """Build the wheelhouse and prebuilt engine venvs that hosts without internet (the simulator's) install from.
+
+    Each CPU engine gets a ready venv, which those hosts link to instead of installing."""
     from pathlib import Path
 
     from gpu_session.host import engines as pinned
@@ -158,19 +162,19 @@ def _printer(as_json: bool):
             )
             print(jsonlib.dumps(shown), flush=True)
         elif event.kind == "start" and event.op != "same":
-            console.print(f"[bold]{event.op}[/] {event.type} {event.name} …")
+            console.print(f"{event.op} {event.type} {event.name} …", markup=False)
         elif event.kind == "done" and event.op != "same":
-            console.print(f"  [green]done[/] {event.op} {event.type} {event.name} ({event.seconds:.0f}s)")
+            console.print(f"  done {event.op} {event.type} {event.name} ({event.seconds:.0f}s)", markup=False)
         elif event.kind == "failed":
-            console.print(f"  [red]failed[/] {event.name}: {event.message}")
+            console.print(f"  failed {event.name}: {event.message}", markup=False)
         elif event.kind in ("log", "notice") and event.message:
-            console.print(f"  [dim]{event.message}[/]")
+            console.print(f"  {event.message}", markup=False)
 
     def say(text: str) -> None:
         if as_json:
             print(jsonlib.dumps({"event": "say", "message": text}), flush=True)
         else:
-            console.print(text)
+            console.print(text, markup=False)
 
     return on_event, say
 
@@ -199,9 +203,12 @@ def _user_config() -> dict:
 
 def _simulate(say) -> None:
     """`--sim`: the real engine against the simulator (started in the background when none runs)."""
-    from gpu_session.sim import background as simulator
     from gpu_session.stack.automation import pulumi_binary
 
+    try:
+        from gpu_session.sim import background as simulator
+    except ImportError as e:  # a plain install, without the simulator's libraries
+        raise UsageError(f"the simulator needs its extra: pip install 'gpu-session[sim]' ({e})") from None
     pulumi_binary()  # a rehearsal runs the real engine: say how to get it before starting anything
     simulator.use(say)
     say("rehearsing against the simulator")
@@ -256,10 +263,7 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     view = None if json else _view("up", stack, verbose)
     on_event, say = (view.on_event, view.say) if view else (plain_event, plain_say)
     defaults = _user_config()  # the user's defaults; UpOptions' own fill the rest
-    if sim:
-        _simulate(say)
-        model = model or "gpu-session/tiny-chat"
-    model = model or defaults.get("model", "")
+    model = model or ("gpu-session/tiny-chat" if sim else defaults.get("model", ""))
     if not model:
         raise UsageError("which model? --model owner/name (or --sim, to rehearse with the simulator's small model)")
     given = {
@@ -271,12 +275,18 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     opts = UpOptions(
         model, **{k: v for k, v in given.items() if v is not None}, quantize=quantize, stack=stack, configure=configure
     )
+    if sim:  # after the options are checked: a typo starts nothing
+        _simulate(say)
+
+    launching = []  # the accepted plan: from then on, an interrupted up may have made what bills
 
     def confirm(plan) -> bool:
         say(f"plan: {plan.describe()}")
         if not yes and not sys.stdin.isatty():
             raise SessionError("no terminal to ask whether to launch: pass --yes to launch without asking")
         accepted = yes or _ask("Launch it?", default=False)
+        if accepted:
+            launching.append(plan)
         if accepted and view:
             view.planned(plan.offer.price_per_hour)
         return accepted
@@ -288,7 +298,8 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
         with view or contextlib.nullcontext():
             outputs = bring_up(opts, confirm=confirm, say=say, on_event=on_event)
     except (KeyboardInterrupt, StackCancelled) as e:
-        _offer_teardown(stack, plain_say, plain_event)
+        if launching:
+            _offer_teardown(stack, plain_say, plain_event)
         raise Exit("error: interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}", code=1) from None
     say = plain_say
     if not outputs:
@@ -328,7 +339,7 @@ def chat(c, stack="dev", prompt="", image="", system="", keep=False, yes=False, 
     facts = context.facts(stack, client.served_context())
     one_shot = bool(prompt or image) or not sys.stdin.isatty()
     chat = repl.Chat(
-        client, facts, stack=stack, system=system, max_tokens=_number(max_tokens, "max_tokens", int) or None,
+        client, facts, stack=stack, system=system, max_tokens=_number(max_tokens or None, "max_tokens", int),
         history=None if no_history or one_shot else History(stack), console=Console(stderr=one_shot),
     )  # fmt: skip
     if one_shot:
@@ -377,6 +388,8 @@ def history_list(c, stack="dev", json=False):
         return
     for conversation_id, conversation in found:
         print(f"{conversation_id}  {conversation.model}  {len(conversation.messages)} messages")
+    if not found:
+        print(f"stack {stack} has no saved conversations")
 
 
 @command(name="show", help={"stack": STACK_HELP, "id": HISTORY_ID})
@@ -393,7 +406,6 @@ def history_show(c, stack="dev", id=""):
 )
 def history_export(c, stack="dev", id="", format="markdown", out=""):
     """A saved conversation as markdown or JSON, printed or written (0600) to a new file."""
-    from pathlib import Path
 
     from gpu_session.chat.history import export
 
@@ -401,10 +413,11 @@ def history_export(c, stack="dev", id="", format="markdown", out=""):
     if not out:
         print(text, end="")
         return
-    if Path(out).exists():
-        raise UsageError(f"{out} exists: give another name (nothing is overwritten)")
-    Path(out).write_text(text)
-    Path(out).chmod(0o600)
+    try:
+        with open(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:  # 0600 from the first byte
+            f.write(text)
+    except FileExistsError:
+        raise UsageError(f"{out} exists: give another name (nothing is overwritten)") from None
 
 
 @command(name="purge", help={"stack": STACK_HELP, "yes": "do not ask"})
@@ -468,6 +481,9 @@ def _down_summary(s: dict) -> list[str]:
         lines.append(f"  receipt: {s['receipt_file']}")
     if s["terminated_orphans"]:
         lines.append(f"ended what was left at the cloud: {', '.join(s['terminated_orphans'])}")
+    if not s["clouds_asked"]:
+        return [*lines, f"stack {s['stack']}: nothing is up here; no cloud key is set, so no cloud was asked "
+                        "(export LAMBDA_API_KEY or RUNPOD_API_KEY, or pass --sim, to ask them)"]  # fmt: skip
     lines.append(f"asked {' and '.join(s['clouds_asked'])}: no instance or SSH key of stack {s['stack']} is left")
     for e in s["sessions"]:
         lines.append(
@@ -570,6 +586,9 @@ def status(c, json=False):
 
 
 def _status_block(r: dict) -> str:
+    from rich.markup import escape
+
+    r = {k: escape(v) if isinstance(v, str) else v for k, v in r.items()}  # what hosts and clouds said is not markup
     lease = f"{r['lease_left_h']:.2f} h left" if "lease_left_h" in r else "no lease"
     return "\n".join([
         f"[bold]{r['stack']}[/]: {r['model']} on {r['cloud']} {r['gpu']} ({r['instance_id']})",

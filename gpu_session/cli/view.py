@@ -88,7 +88,7 @@ class SessionView:
 
     def say(self, text: str) -> None:
         self._log(text)
-        self._show(text)
+        self._show(Text(text))
 
     def on_event(self, event: StackEvent) -> None:
         self._log(" ".join(str(x) for x in (event.kind, event.op, event.type, event.name, event.message) if x))
@@ -96,12 +96,12 @@ class SessionView:
         if found:
             self._progress(found)
         elif event.kind == "notice" or (event.kind == "log" and self.verbose and event.message):
-            self._show(f"[dim]{event.message}[/]")
+            self._show(Text(event.message, "dim"))
         elif event.kind == "failed":
             running = [p for p in self.phases.values() if p.state == "running"]
             if running:
                 running[-1].failed = event.message.splitlines()[0] if event.message else "failed"
-            self._show(f"[red]failed[/] {event.name}: {event.message}")
+            self._show(Text.assemble(("failed", "red"), f" {event.name}: {event.message}"))
         elif event.kind in ("start", "done") and event.op != "same":
             self._step(event)
 
@@ -125,7 +125,7 @@ class SessionView:
             phase.started = time.monotonic()
         phase.seconds = seconds if seconds is not None else time.monotonic() - phase.started
         if not self.live:
-            self.console.print(f"{phase.title}: done in {phase.seconds:.0f}s")
+            self.console.print(Text(f"{phase.title}: done in {phase.seconds:.0f}s"))
 
     # --- from the engine's events to phases ----------------------------------------------------
 
@@ -173,8 +173,8 @@ class SessionView:
 
     # --- drawing -------------------------------------------------------------------------------
 
-    def _show(self, markup: str) -> None:
-        self.console.print(markup)  # above the live view while it draws
+    def _show(self, text: Text) -> None:
+        self.console.print(text)  # above the live view while it draws; Text: nothing said is taken as markup
 
     def _log(self, text: str) -> None:
         self.log.write(f"{time.strftime('%H:%M:%S')} {text}\n")

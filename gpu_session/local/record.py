@@ -86,6 +86,20 @@ def save(stack: str, outputs: dict, environment: dict[str, str]) -> LiveSession:
     return session
 
 
+def remember_environment(stack: str, environment: dict[str, str]) -> None:
+    """Before anything is launched: where the stack's cloud is, so that `down` finds it from any
+    shell even when `up` fails or is killed before its outputs exist."""
+    write_private(
+        stack_dir(stack) / FILE, json.dumps({"environment": {k: v for k, v in environment.items() if k in ENVIRONMENT}})
+    )
+
+
+def environment_of(stack: str) -> dict[str, str]:
+    """Where the stack's cloud was (ENVIRONMENT's variables), live session or not; {} when unknown."""
+    path = stack_dir(stack) / FILE
+    return json.loads(path.read_text()).get("environment") or {} if path.exists() else {}
+
+
 def load(stack: str) -> LiveSession:
     """The stack's live session; NotUp (saying what to do) when there is none on this machine."""
     found = find(stack)
@@ -100,4 +114,4 @@ def find(stack: str) -> LiveSession | None:
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    return LiveSession.of(stack, saved["outputs"], saved["environment"])
+    return LiveSession.of(stack, saved["outputs"], saved["environment"]) if "outputs" in saved else None

@@ -105,7 +105,16 @@ class ConfigureProvider(ResourceProvider):
         return DiffResult(changes=bool(changed), replaces=replaces, delete_before_replace=True)
 
     def create(self, props):
-        converge("site", props)
+        try:
+            converge("site", props)
+        except ConfigureFailed:
+            # A failed create leaves no Configure in the state, so no delete would ever scrub this
+            # host (which may hold the HF token, the server's key, part of the weights): now.
+            try:
+                converge("scrub", props)
+            except ConfigureFailed as e:
+                print(f"the scrub after the failed configure failed too: {e}", flush=True)
+            raise
         return CreateResult(str(props["instance_id"]), dict(props))
 
     def update(self, id_, olds, news):

@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 
-from gpu_session.clouds import Cloud, Instance, NotFound
+from gpu_session.clouds import API_KEY_ENV, Cloud, Instance, NotFound
 from gpu_session.host import converge
 from gpu_session.host.ansible import ConfigureError, remove_orphaned_runs
 from gpu_session.local import tunnel
@@ -42,12 +42,12 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
         stack = None
     recorded = stack.resources() if stack else []
     use_session(stack_name, stack.config() if stack else {})
-    watch.stop(stack_name)
     if tunnel.stop(stack_name):
         say("tunnel closed")
     if stack:
         scrub_half_configured(stack, recorded, say)
         stack.destroy(on_event)
+    watch.stop(stack_name)  # only now: while a destroy fails, the watch still guards the bill
     receipt_file = stack_dir(stack_name) / converge.RECEIPT
     receipt, kept = None, None
     if receipt_file.exists():  # kept after the stack's folder goes: the proof of the scrub
@@ -55,8 +55,12 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
         kept = write_private(
             private_dir(state_dir() / "receipts") / f"{stack_name}-{receipt['instance_id']}.json", receipt_file.read_text()
         )
-    asked = clouds_for("auto")
-    left = verify_gone(stack_name, say)
+    if not stack and not any(os.environ.get(var) for var in API_KEY_ENV.values()):
+        # Nothing of the stack here, and no key to ask a cloud with: say so rather than fail.
+        asked, left = [], []
+    else:
+        asked = clouds_for("auto")
+        left = verify_gone(stack_name, say)
     remove_orphaned_runs()  # what a killed converge left (its extra vars hold secrets)
     if stack:
         stack.remove()

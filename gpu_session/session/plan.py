@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -126,7 +127,7 @@ def use_session(stack: str, config: dict[str, str] | None = None) -> None:
     the cloud keys the stack holds (its secret config, set by `up`; `config` when the caller has
     it, else asked of the engine only when a key is missing), wherever the environment has none."""
     live = record.find(stack)
-    for name, value in (live.environment if live else {}).items():
+    for name, value in record.environment_of(stack).items():
         os.environ.setdefault(name, value)
     clouds = [live.cloud] if live else CLOUDS
     if config is None and any(not os.environ.get(KEY_ENV[c]) for c in clouds):
@@ -137,3 +138,22 @@ def use_session(stack: str, config: dict[str, str] | None = None) -> None:
     for cloud, key in API_KEY_CONFIG.items():
         if (config or {}).get(key) and not os.environ.get(KEY_ENV[cloud]):
             os.environ[KEY_ENV[cloud]] = config[key]
+
+
+@contextmanager
+def in_session(stack: str):
+    """For one stack among several (status): its own cloud and keys while the block runs, whatever
+    this shell exports (a session on the simulator and one on a real cloud are each asked of their
+    own), and this process's environment back after."""
+    saved = dict(os.environ)
+    for name in (*record.ENVIRONMENT, *KEY_ENV.values()):
+        os.environ.pop(name, None)
+    try:
+        use_session(stack)
+        for name in KEY_ENV.values():  # a stack that holds no key of a cloud: the shell's, as before
+            if not os.environ.get(name) and saved.get(name):
+                os.environ[name] = saved[name]
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -4,14 +4,14 @@ and its server), the stacks an interrupted `up` left holding resources, and the 
 from __future__ import annotations
 
 from gpu_session import sizing
-from gpu_session.clouds import NotFound, Offer
+from gpu_session.clouds import CloudError, NotFound, Offer
 from gpu_session.local import record, tunnel
 from gpu_session.local.ledger import Ledger
 from gpu_session.paths import STACK_NAME, state_dir
 from gpu_session.stack.automation import StackError, engine
 
 from . import watch
-from .plan import SessionError, cloud_client, clouds_for, use_session
+from .plan import SessionError, cloud_client, clouds_for, in_session
 
 
 def status() -> list[dict]:
@@ -20,35 +20,35 @@ def status() -> list[dict]:
 
     found = []
     for s in Ledger().sessions(live=True):
-        use_session(s.stack)  # from any shell: where its cloud is, and its key
-        row = {"stack": s.stack, "cloud": s.cloud, "gpu": s.gpu, "model": s.model, "instance_id": s.instance_id,
-               "uptime_h": round(s.hours, 2), "cost_so_far": s.cost, "price_per_hour": s.price_per_hour}  # fmt: skip
-        try:
-            inst = cloud_client(s.cloud).get(s.instance_id)
-            row["cloud_status"] = inst.raw_status if inst.alive else f"gone ({inst.raw_status})"
-        except NotFound:
-            row["cloud_status"] = "gone"
-        except SessionError as e:
-            row["cloud_status"] = f"unknown: {e}"
-        if row["cloud_status"].startswith("gone"):
-            row["drift"] = (
-                f"the instance ended outside this tool (lease end or console): `invoke down --stack {s.stack}` tidies up"
-            )
-        live = record.find(s.stack)
-        left = live.lease_left_h() if live else None
-        if left is not None:
-            row["lease_left_h"] = round(left, 2)
-        row["protections"] = watch.protections(s.stack, s.cloud, s.budget)
-        t = tunnel.status(s.stack)
-        row["tunnel"] = f"127.0.0.1:{t.port} {'connected' if t.connected else 'reconnecting'}" if t.running else "closed"
-        row["server"] = "unknown (no tunnel)"
-        if t.connected:
+        with in_session(s.stack):  # from any shell: where its cloud is, and its key
+            row = {"stack": s.stack, "cloud": s.cloud, "gpu": s.gpu, "model": s.model, "instance_id": s.instance_id,
+                   "uptime_h": round(s.hours, 2), "cost_so_far": s.cost, "price_per_hour": s.price_per_hour}  # fmt: skip
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{t.port}/health", timeout=5) as r:
-                    row["server"] = "healthy" if r.status == 200 else f"HTTP {r.status}"
-            except OSError as e:
-                row["server"] = f"not answering: {e}"
-        found.append(row)
+                inst = cloud_client(s.cloud).get(s.instance_id)
+                row["cloud_status"] = inst.raw_status if inst.alive else f"gone ({inst.raw_status})"
+            except NotFound:
+                row["cloud_status"] = "gone"
+            except (SessionError, CloudError) as e:  # no key, or the cloud does not answer: the rest still shows
+                row["cloud_status"] = f"unknown: {e}"
+            if row["cloud_status"].startswith("gone"):
+                row["drift"] = (
+                    f"the instance ended outside this tool (lease end or console): `invoke down --stack {s.stack}` tidies up"
+                )
+            live = record.find(s.stack)
+            left = live.lease_left_h() if live else None
+            if left is not None:
+                row["lease_left_h"] = round(left, 2)
+            row["protections"] = watch.protections(s.stack, s.cloud, s.budget)
+            t = tunnel.status(s.stack)
+            row["tunnel"] = f"127.0.0.1:{t.port} {'connected' if t.connected else 'reconnecting'}" if t.running else "closed"
+            row["server"] = "unknown (no tunnel)"
+            if t.connected:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{t.port}/health", timeout=5) as r:
+                        row["server"] = "healthy" if r.status == 200 else f"HTTP {r.status}"
+                except OSError as e:
+                    row["server"] = f"not answering: {e}"
+            found.append(row)
     return found
 
 
@@ -69,7 +69,7 @@ def interrupted() -> list[dict]:
             found.append({
                 "stack": folder.name,
                 "resources": [f"{r['type']}" + (f" ({r['pending']})" if r["pending"] else "") for r in rows],
-                "drift": f"up did not finish (killed or interrupted) and may have launched a machine: "
+                "drift": f"up did not finish (it failed, or was killed or interrupted) and may have launched a machine: "
                          f"`invoke down --stack {folder.name}` ends what it made",
             })  # fmt: skip
     return found

@@ -7,13 +7,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 
 from gpu_session import sizing
 from gpu_session.clouds import cloud_class
 from gpu_session.host import converge
 from gpu_session.local import record, tunnel
 from gpu_session.local.ledger import Entry, Ledger
-from gpu_session.stack.automation import NoCapacity, OnEvent, engine
+from gpu_session.stack.automation import NoCapacity, OnEvent, StackError, engine
 from gpu_session.stack.config import StackConfig
 
 from . import watch
@@ -36,6 +37,7 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
     candidates = plans(opts, info)
     if not confirm(candidates[0]):
         return {}
+    record.remember_environment(opts.stack, dict(os.environ))  # a failed or killed up: down still finds the cloud
     for n, plan in enumerate(candidates):
         stack.set_config(stack_settings(opts, plan))
         try:
@@ -46,8 +48,17 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
             where = f"{plan.offer.gpu_name} in {plan.region or 'any region'} on {plan.offer.cloud}"
             say(f"no capacity: {where}; trying {candidates[n + 1].describe()}")
             continue
+        except StackError as e:
+            if any(r["type"] == "GpuInstance" for r in stack.resources()):
+                raise SessionError(
+                    f"{e}\nA machine of stack {opts.stack} is still up and bills (${plan.offer.price_per_hour:.2f}/h): "
+                    f"`invoke down --stack {opts.stack}` scrubs and ends it."
+                ) from None
+            raise
+        launched = outputs.get("launched_at")
+        started = datetime.fromisoformat(launched).timestamp() if launched else time.time()  # billed from launch
         Ledger().open(Entry(opts.stack, outputs["cloud"], outputs["instance_id"], outputs.get("gpu") or plan.offer.gpu_name,
-                              opts.model, float(outputs["price_per_hour"]), time.time(), budget=opts.budget))  # fmt: skip
+                              opts.model, float(outputs["price_per_hour"]), started, budget=opts.budget))  # fmt: skip
         record.save(opts.stack, outputs, dict(os.environ))
         if opts.budget is not None or not cloud_class(outputs["cloud"]).host_ends_itself:
             watch.start(opts.stack)  # the budget, and the lease end where the host cannot end itself

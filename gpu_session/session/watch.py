@@ -80,7 +80,12 @@ def guard(stack: str, end: Callable[[str], None], say: Callable[[str], None]) ->
             return
         if reason:
             say(f"{reason}: scrubbing and destroying the session")
-            end(stack)
+            try:
+                end(stack)
+            except Exception as e:  # noqa: BLE001 (a locked stack, a cloud's bad minute: the bill still runs, so try again)
+                say(f"could not end the session ({type(e).__name__}: {e}); trying again in {INTERVAL_S:g} s")
+                time.sleep(INTERVAL_S)
+                continue
             say("destroyed")
             return
         time.sleep(INTERVAL_S)

@@ -26,9 +26,19 @@ from pathlib import Path
 from gpu_session.clouds import CapacityError
 from gpu_session.errors import GpuSessionError
 from gpu_session.local.daemon import alive
-from gpu_session.paths import ASSETS, PACKAGE_PARENT, config_dir, make_private, private_dir, state_dir, write_private
+from gpu_session.paths import (
+    ASSETS,
+    PACKAGE_PARENT,
+    checked_stack_name,
+    config_dir,
+    make_private,
+    private_dir,
+    state_dir,
+    write_private,
+)
 
 from .config import NAMESPACE, SECRETS
+from .names import PROJECT
 
 INSTALL_PULUMI = (
     "The Pulumi CLI is not installed. Install it the official way and open a new shell:\n"
@@ -155,11 +165,21 @@ def workspace(stack: str) -> Path:
     where `pulumi stack init` by hand, with its own passphrase, would meet it."""
     import yaml
 
-    folder = private_dir(state_dir() / "workspaces" / stack)
+    folder = private_dir(state_dir() / "workspaces" / checked_stack_name(stack))
     project = yaml.safe_load((ASSETS / "Pulumi.yaml").read_text())
     project["main"] = os.path.relpath(ASSETS / project.get("main", "."), folder)
     write_private(folder / "Pulumi.yaml", yaml.safe_dump(project, sort_keys=False))
     return folder
+
+
+def brief(message: str) -> str:
+    """What a person needs of a failure: a provider's Python traceback cut to its last line (the
+    exception), the engine's own lines as they are."""
+    if "Traceback (most recent call last)" not in message:
+        return message
+    head = message.split("Traceback (most recent call last)", 1)[0].strip()
+    last = [line.strip() for line in message.splitlines() if line.strip()][-1]
+    return f"{head} {last}".strip()
 
 
 def engine_event(event) -> StackEvent | None:
@@ -228,8 +248,8 @@ class PulumiEngine:
                 started[ours.type, ours.name] = time.monotonic()
             elif ours.kind in ("done", "failed") and (ours.type, ours.name) in started:
                 ours.seconds = time.monotonic() - started.pop((ours.type, ours.name))
-            if ours.kind == "failed" and ours.message and ours.message not in failures:
-                failures.append(ours.message)
+            if ours.kind == "failed" and ours.message and brief(ours.message) not in failures:
+                failures.append(brief(ours.message))  # the whole of it reached on_event (and the log)
             on_event(ours)
 
         with sigint_guard() as pressed:
@@ -376,9 +396,18 @@ class PulumiEngine:
         self._stack.cancel()
 
     def remove(self) -> None:
-        """Forget the stack (after destroy): its state and its config, secrets included."""
+        """Forget the stack (after destroy): its state and its config, secrets included. On our own
+        file backend the CLI's leftovers go too: its <stack>.json.bak, and the backups/ and history/
+        of the stack's updates, which hold the secrets' ciphertexts."""
         self._stack.workspace.remove_stack(self.stack)
         shutil.rmtree(self.folder, ignore_errors=True)
+        ours = private_dir(state_dir() / "pulumi")
+        if self._env["PULUMI_BACKEND_URL"] == f"file://{ours}":
+            stacks = ours / ".pulumi" / "stacks" / PROJECT
+            for leftover in stacks.glob(f"{self.stack}.json*"):
+                leftover.unlink(missing_ok=True)
+            for kept in ("backups", "history"):  # checkpoints, and each update's record (its config too)
+                shutil.rmtree(ours / ".pulumi" / kept / PROJECT / self.stack, ignore_errors=True)
 
 
 def engine(stack: str, create: bool = True) -> PulumiEngine:

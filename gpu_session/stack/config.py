@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 
+from gpu_session.clouds import CLOUDS
 from gpu_session.errors import GpuSessionError
 from gpu_session.sizing import HUB_ID
 
@@ -103,7 +104,7 @@ def _text(text: str) -> str:
 
 PARSERS = {
     "model": _hub_id,
-    "cloud": _choice("lambda", "runpod"),
+    "cloud": _choice(*CLOUDS),
     "gpu": _text,
     "gpuCount": _whole(1),
     "region": _text,

@@ -1,11 +1,13 @@
 """What the program (infra/__main__.py) names the things a stack creates, so that `down` and
 `sweep` find them at the cloud by name: <project>-<stack>-gpu for the instance and
-<project>-<stack>-<8 hex of the key's SHA-256> for a Lambda SSH key. Imports nothing of ours."""
+<project>-<stack>-<8 hex of the key's SHA-256> for a Lambda SSH key. Imports paths only."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+
+from gpu_session.paths import STACK_NAME
 
 PROJECT = "gpu-session"  # Pulumi.yaml's name
 PREFIX = f"{PROJECT}-"
@@ -30,4 +32,5 @@ def stack_of_instance(name: str) -> str | None:
     """The stack an instance of ours belongs to, from its name; None for a name not ours."""
     if not name.startswith(PREFIX) or not name.endswith("-gpu"):
         return None
-    return name.removeprefix(PREFIX).removesuffix("-gpu")
+    stack = name.removeprefix(PREFIX).removesuffix("-gpu")
+    return stack if STACK_NAME.match(stack) else None  # "..", "a/b": never a stack of ours, never a path

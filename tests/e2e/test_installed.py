@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,8 +31,18 @@ def run(argv: list[str], timeout: int = 900, **kwargs) -> subprocess.CompletedPr
 def installed(tmp_path_factory) -> Path:
     """The `gpu-session` command of a clean venv with this checkout's wheel and its `sim` extra."""
     folder = tmp_path_factory.mktemp("installed")
+    # Built from the files git knows (tracked, and new ones it does not ignore), links kept: what a
+    # clone holds, never a stale build/ of this checkout.
+    source = folder / "source"
+    listed = run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT).stdout.split("\0")
+    for name in filter(None, listed):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_symlink():
+            (source / name).symlink_to(os.readlink(ROOT / name))
+        elif (ROOT / name).is_file():
+            shutil.copy2(ROOT / name, source / name)
     built = run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT), "-w", str(folder / "dist")]
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source), "-w", str(folder / "dist")]
     )
     assert built.returncode == 0, built.stderr[-3000:]
     [wheel] = (folder / "dist").glob("gpu_session-*.whl")
