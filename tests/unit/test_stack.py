@@ -136,3 +136,16 @@ def test_doctor_names_every_file_others_could_read(tmp_path):
     (tmp_path / "stacks").chmod(0o755)
     problems = private_files_problems(tmp_path)
     assert len(problems) == 2 and "known_hosts is 0o644: chmod 600" in problems[1] and "stacks is 0o755: chmod 700" in problems[0]
+
+
+@pytest.mark.parametrize("name", ["gpu-session-..-gpu", "gpu-session-a/b-gpu", "gpu-session--gpu", "gpu-session-.x-gpu"])
+def test_an_instance_name_that_is_no_stack_name_is_nobodys_and_never_a_path(name):
+    """A cloud may hold an instance of any name: one that is not a stack name belongs to no stack of
+    ours, and a name that is not a stack name never reaches a folder (`sweep` once looked .. up)."""
+    from gpu_session.paths import BadStackName
+    from gpu_session.stack.automation import workspace
+    from gpu_session.stack.names import stack_of_instance
+
+    assert stack_of_instance(name) is None
+    with pytest.raises(BadStackName):
+        workspace(name.removeprefix("gpu-session-").removesuffix("-gpu"))
