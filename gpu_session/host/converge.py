@@ -146,6 +146,16 @@ def pin_host(settings: HostSettings, keys: SessionKeys) -> None:
         pin_first_seen(keys.known_hosts, settings.host, settings.port)
 
 
+def say(line: str) -> None:
+    """One line to whoever runs us (the Configure provider, which logs it). When that is gone (a
+    killed engine) the lines go nowhere instead of failing: this process must live on until
+    ansible-runner sees its parent gone and cancels the play, or the play is left running alone."""
+    try:
+        print(line, flush=True)
+    except OSError:  # BrokenPipeError: the reader died
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process's life)
+
+
 def show(event: Event) -> None:
     if event.kind in ("task", "retry"):
         return
@@ -153,7 +163,7 @@ def show(event: Event) -> None:
     line = f"  {event.kind:<7} {event.task}{took}"
     if event.kind == "failed" and event.message:
         line += f": {event.message}"
-    print(line, flush=True)
+    say(line)
 
 
 def download_progress(printed: str) -> str:
@@ -184,7 +194,7 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
         "lease_instance_id": settings.instance_id,
         "gpu_session_canaries": canaries(keys, settings.instance_id),
     }
-    print(f"configuring {settings.cloud} instance {settings.instance_id} ({settings.host}:{settings.port})", flush=True)
+    say(f"configuring {settings.cloud} instance {settings.instance_id} ({settings.host}:{settings.port})")
     start = time.monotonic()
     per_task: dict[str, float] = {}
 
@@ -192,7 +202,7 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
 
     def on_event(event: Event) -> None:
         if event.task == DOWNLOAD_WAIT and event.kind in ("retry", "ok", "changed") and event.message:
-            print(download_progress(event.message), flush=True)  # each try, and the last, say the bytes
+            say(download_progress(event.message))  # each try, and the last, say the bytes
             if event.kind == "retry":
                 return
         show(event)
@@ -200,13 +210,13 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
         for phase, (first, last) in STEPS.items():
             if event.kind == "task" and event.task in first and phase not in started:
                 started[phase] = time.monotonic()
-                print(progress.line(phase, "start"), flush=True)
+                say(progress.line(phase, "start"))
             elif event.kind in ("ok", "changed") and event.task in last and phase in started:
-                print(progress.line(phase, "done", seconds=round(time.monotonic() - started.pop(phase), 1)), flush=True)
+                say(progress.line(phase, "done", seconds=round(time.monotonic() - started.pop(phase), 1)))
 
     result = run(target(settings, keys), playbook="site.yml", extravars=extravars, on_event=on_event)
     seconds = time.monotonic() - start
-    print(f"configured in {seconds:.0f}s: {settings.model} is served on the host's 127.0.0.1:8000", flush=True)
+    say(f"configured in {seconds:.0f}s: {settings.model} is served on the host's 127.0.0.1:8000")
     phases = {name: round(sum(per_task.get(t, 0.0) for t in tasks), 1) for name, tasks in PHASES.items()}
     write_private(keys.dir / "configured.json", json.dumps(
         {"instance_id": settings.instance_id, "changed": result.changed, "seconds": round(seconds, 1), "phases": phases}
@@ -215,7 +225,7 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
 
 def scrub(settings: HostSettings, env: dict[str, str]) -> None:
     if env.get(SKIP_SCRUB) == "1":
-        print(f"{SKIP_SCRUB}=1: destroying {settings.instance_id} without scrubbing it", flush=True)
+        say(f"{SKIP_SCRUB}=1: destroying {settings.instance_id} without scrubbing it")
         return
     if not ssh_banner(settings.host, settings.port, timeout=10):
         print(
@@ -224,13 +234,13 @@ def scrub(settings: HostSettings, env: dict[str, str]) -> None:
         )
         return
     keys = session_keys(settings.stack)
-    print(f"scrubbing {settings.cloud} instance {settings.instance_id}", flush=True)
+    say(f"scrubbing {settings.cloud} instance {settings.instance_id}")
     found = saved_canaries(keys, settings.instance_id)  # none for a stack from before canaries
     extravars = {"scrub_canaries": found} if found else None
     result = run(target(settings, keys), playbook="scrub.yml", extravars=extravars, on_event=show)
     receipt = {"instance_id": settings.instance_id, "scrubbed_at": time.time(), **(result.facts.get("scrub_receipt") or {})}
     write_private(keys.dir / RECEIPT, json.dumps(receipt, indent=2))
-    print(f"scrubbed: receipt in {keys.dir / RECEIPT}", flush=True)
+    say(f"scrubbed: receipt in {keys.dir / RECEIPT}")
 
 
 def main(argv: list[str] | None = None) -> int:
