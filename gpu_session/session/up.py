@@ -14,7 +14,7 @@ from gpu_session.clouds import cloud_class
 from gpu_session.host import converge
 from gpu_session.local import record, tunnel
 from gpu_session.local.ledger import Entry, Ledger
-from gpu_session.stack.automation import NoCapacity, OnEvent, StackError, engine
+from gpu_session.stack.automation import NoCapacity, OnEvent, StackCancelled, StackError, engine
 from gpu_session.stack.config import StackConfig
 
 from . import watch
@@ -49,7 +49,7 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
             say(f"no capacity: {where}; trying {candidates[n + 1].describe()}")
             continue
         except StackError as e:
-            if any(r["type"] == "GpuInstance" for r in stack.resources()):
+            if not isinstance(e, StackCancelled) and any(r["type"] == "GpuInstance" for r in stack.resources()):
                 raise SessionError(
                     f"{e}\nA machine of stack {opts.stack} is still up and bills (${plan.offer.price_per_hour:.2f}/h): "
                     f"`invoke down --stack {opts.stack}` scrubs and ends it."
