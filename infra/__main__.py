@@ -24,12 +24,19 @@ from gpu_session.stack import names
 try:
     cfg = stack_config.from_pulumi()
     model = sizing.model_info(cfg.model, cfg.hfToken)
+    # Everything knowable before launch is checked before launch, for `pulumi up` alone too.
+    sizing.preflight(model, context=cfg.context, trust_remote_code=cfg.trustRemoteCode, token=cfg.hfToken)
+    if cfg.diskGb is not None and cfg.diskGb < model.disk_gb():
+        raise sizing.SizingError(
+            f"gpu-session:diskGb {cfg.diskGb} is too small for {cfg.model}: it needs {model.disk_gb()} (or leave it unset)"
+        )
 except (stack_config.ConfigError, sizing.SizingError) as e:
     raise pulumi.RunError(str(e)) from None
 
 stack = pulumi.get_stack()
 keys = ssh.session_keys(stack)
-backend = model.backend if cfg.backend == "auto" else cfg.backend
+backend = model.backend(cfg.device) if cfg.backend == "auto" else cfg.backend
+context = cfg.context or model.default_context()
 cloud = cloud_class(cfg.cloud)
 
 if cloud.registers_ssh_keys:  # `down` and `sweep` find what this stack made by its names
@@ -46,8 +53,8 @@ instance = GpuInstance(
     gpu_type=cfg.gpu,
     gpu_count=cfg.gpuCount,
     region=None if cfg.region == "auto" else cfg.region,
-    disk_gb=cfg.diskGb,
-    min_vram_gb=model.need_gb(cfg.quantize),
+    disk_gb=cfg.diskGb or model.disk_gb(),
+    min_vram_gb=model.need_gb(context, cfg.quantize),  # GiB of room (gpu_session.fit.room) for the weights and the context
     max_price_per_hour=cfg.maxPricePerHour,
     image=cfg.image if cloud.runs_container_image else None,
     ssh_key_name=ssh_key.name if cloud.registers_ssh_keys else None,
@@ -76,6 +83,8 @@ if cfg.configure:
         backend=backend,
         quantize=str(cfg.quantize).lower(),
         device=cfg.device,
+        context=str(context),
+        trust_remote_code=str(cfg.trustRemoteCode).lower(),
         lease_expires_at=lease_expires_at,
         roles_digest=roles_digest,
         hf_token=pulumi.Output.secret(cfg.hfToken) if cfg.hfToken else None,

@@ -239,19 +239,23 @@ def _offer_teardown(stack: str, say, on_event) -> None:
         "hours": "the lease: the host wipes itself after this many hours; default 2",
         "max_price": "refuse any offer above this many dollars an hour",
         "budget": "dollars this session may spend: warned at 80 %, scrubbed and destroyed at 100 %",
-        "disk": "disk in GB; default 100",
+        "disk": "disk in GiB; default: sized from the weights (can only be raised)",
+        "context": "tokens of context the GPU must hold at least; default: the model's own, at most 8192",
+        "trust_remote_code": "let the engine run code from the model's repo (config.json's auto_map): read it first",
+        "dry_run": "plan and check everything, launch nothing: exit 0 when up would go ahead, 1 with the reason when not",
         "quantize": "serve 4-bit weights (less memory, cheaper GPUs)",
         "backend": "vllm, transformers or auto",
         "stack": STACK_HELP,
         "yes": "do not ask before spending",
-        "json": "progress as JSON lines (CI)",
+        "json": "progress as JSON lines (CI); with --dry-run, the plan as one JSON object",
         "configure": "configure the host as a model server (default); --no-configure gives just the machine",
         "sim": "rehearse against the cloud simulator (started in the background if none runs): no account, no GPU, no bill",
         "verbose": "show Ansible's task lines too (they are always in the session's log)",
     }
 )
-def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, budget=None, disk=None, quantize=False,
-       backend="", stack="dev", yes=False, json=False, configure=True, sim=False, verbose=False):  # fmt: skip
+def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, budget=None, disk=None, context=None,
+       trust_remote_code=False, quantize=False, backend="", stack="dev", yes=False, json=False, configure=True, sim=False,
+       verbose=False, dry_run=False):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
     import signal
 
@@ -270,13 +274,14 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
         "cloud": cloud or defaults.get("cloud"), "gpu": gpu or defaults.get("gpu"), "gpus": _number(gpus, "gpus", int),
         "hours": _number(hours or defaults.get("hours"), "hours"), "max_price": _number(max_price, "max_price"),
         "budget": _number(budget or defaults.get("budget"), "budget"), "disk": _number(disk, "disk", int),
-        "backend": backend or None,
+        "context": _number(context, "context", int), "backend": backend or None,
     }  # fmt: skip
-    opts = UpOptions(
-        model, **{k: v for k, v in given.items() if v is not None}, quantize=quantize, stack=stack, configure=configure
-    )
+    opts = UpOptions(model, **{k: v for k, v in given.items() if v is not None}, quantize=quantize,
+                     trust_remote_code=trust_remote_code, stack=stack, configure=configure)  # fmt: skip
     if sim:  # after the options are checked: a typo starts nothing
-        _simulate(say)
+        _simulate(plain_say if dry_run else say)
+    if dry_run:
+        return _dry_run(opts, json, plain_say)
 
     launching = []  # the accepted plan: from then on, an interrupted up may have made what bills
 
@@ -310,6 +315,28 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     if outputs.get("tunnel_port"):
         say(f"OpenAI-compatible endpoint: http://127.0.0.1:{outputs['tunnel_port']}/v1 (model {outputs['served_model_name']}; "
             f"API key in {outputs['session_dir']}/api_key)")  # fmt: skip
+
+
+def _dry_run(opts, as_json: bool, say) -> None:
+    """`up --dry-run`: the plan and every check before launch, nothing launched."""
+    import json as jsonlib
+
+    from gpu_session.session.plan import SessionError, prepare
+
+    try:
+        opts, plans = prepare(opts)
+    except SessionError as e:
+        if not as_json:
+            raise
+        print(jsonlib.dumps({"ok": False, "error": str(e)}))
+        raise Exit(code=1) from None
+    plan = plans[0]
+    if as_json:
+        print(jsonlib.dumps(plan.summary(opts.model)))
+        return
+    say(f"plan: {plan.describe()}")
+    say(f"{opts.model}: {plan.weights_gb} GiB of weights, {plan.disk_gb} GiB of disk, served by {plan.backend}")
+    say("dry run: nothing launched (without --dry-run, up would ask to launch this)")
 
 
 @command(

@@ -17,6 +17,8 @@ from typing import TypeVar
 
 from gpu_session.errors import GpuSessionError
 
+from . import gpus
+
 log = logging.getLogger("gpu_session.clouds")
 
 T = TypeVar("T")
@@ -102,6 +104,16 @@ class Offer:
     @property
     def total_vram_gb(self) -> int:
         return self.vram_gb * self.gpu_count
+
+    @property
+    def memory_mib(self) -> int:
+        """What nvidia-smi reports for all its GPUs together (less than the GB sold; clouds.gpus)."""
+        return gpus.reported_mib(self.gpu_name, self.vram_gb) * self.gpu_count
+
+    @property
+    def arch(self) -> str:
+        """The machine's CPU architecture: x86_64, or aarch64 for the Grace machines (GH200)."""
+        return gpus.arch(self.gpu_name)
 
     def launch_regions(self) -> list[str | None]:
         """Where a launch of this offer may ask for: a region's name, or None where the cloud

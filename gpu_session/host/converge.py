@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from gpu_session import progress
+from gpu_session import fit, progress
 from gpu_session.clouds import cloud_class
 from gpu_session.clouds.base import ssh_banner
 from gpu_session.paths import write_private
@@ -74,6 +74,8 @@ class HostSettings:
     backend: str = "vllm"
     quantize: bool = False
     device: str = "cuda"  # or cpu: where the model server runs (the role's model_server_device)
+    context: int = 0  # tokens the host must hold at least (0: the model's own, at most fit.DEFAULT_CONTEXT)
+    trust_remote_code: bool = False
     lease_expires_at: str = ""
 
     @classmethod
@@ -95,6 +97,8 @@ class HostSettings:
             backend=env.get("GPU_SESSION_BACKEND", "vllm"),
             quantize=env.get("GPU_SESSION_QUANTIZE", "false") == "true",
             device=env.get("GPU_SESSION_DEVICE") or "cuda",
+            context=int(env.get("GPU_SESSION_CONTEXT") or 0),
+            trust_remote_code=env.get("GPU_SESSION_TRUST_REMOTE_CODE", "false") == "true",
             lease_expires_at=env.get("GPU_SESSION_LEASE_EXPIRES_AT", ""),
         )
 
@@ -187,6 +191,9 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
         "model_server_hf_token": env.get("HF_TOKEN", ""),
         "model_server_quantization": "bitsandbytes" if settings.quantize else "",
         "model_server_device": settings.device,
+        "model_server_context": settings.context,
+        "model_server_trust_remote_code": settings.trust_remote_code,
+        "model_server_cpu_kvcache_gb": fit.CPU_KVCACHE_GIB,
         "model_server_wheelhouse": env.get("GPU_SESSION_HOST_WHEELHOUSE", ""),
         "model_server_prebuilt_venvs": env.get("GPU_SESSION_HOST_VENVS", ""),
         "host_base_hf_endpoint": env.get("HF_ENDPOINT", ""),

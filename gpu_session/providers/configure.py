@@ -50,6 +50,8 @@ SETTINGS = (
     "backend",
     "quantize",
     "device",
+    "context",
+    "trust_remote_code",
     "lease_expires_at",
     "roles_digest",
 )

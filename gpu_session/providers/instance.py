@@ -1,7 +1,7 @@
 """GpuInstance: one GPU instance on Lambda or RunPod, through gpu_session.clouds.
 
 create launches idempotently by the deterministic name (an instance already running under it is
-adopted). With gpu_type "auto" it takes the cheapest offer whose memory holds min_vram_gb, within
+adopted). With gpu_type "auto" it takes the cheapest offer whose room (gpu_session.fit.room) holds min_vram_gb GiB, within
 max_price_per_hour, and on a capacity error moves on to the next region or type; the choice is made
 at launch, so a later `up` with the same inputs keeps the machine it has. It then waits until SSH answers under its own deadline (Pulumi's custom timeouts do not reach
 dynamic providers), and terminates what it launched if anything after the launch fails, so a
@@ -29,7 +29,7 @@ from pulumi.dynamic import (
 from gpu_session import progress
 from gpu_session.clouds import CLOUDS, CapacityError, CloudError, LaunchSpec, NotFound, cloud_class
 from gpu_session.clouds.base import validate_name
-from gpu_session.sizing import SizingError, explain_no_fit, fitting
+from gpu_session.sizing import GB, SizingError, explain_no_fit, fitting
 
 from .credentials import CloudAccess
 
@@ -132,7 +132,7 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
         if props["gpu_type"] != AUTO and not props.get("max_price_per_hour"):
             return cloud.launch(spec), None
         offers = cloud.offers()
-        need = float(props.get("min_vram_gb") or 0)
+        need = int(float(props.get("min_vram_gb") or 0) * GB)  # GiB of room (gpu_session.fit.room) → bytes
         limits = dict(
             gpu_count=spec.gpu_count,
             max_price=props.get("max_price_per_hour") or None,

@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from gpu_session import sizing
+from gpu_session import fit, sizing
 from gpu_session.clouds import API_KEY_CONFIG, CLOUDS, Cloud, Offer, get_cloud
 from gpu_session.clouds import API_KEY_ENV as KEY_ENV
 from gpu_session.errors import GpuSessionError
@@ -38,7 +38,9 @@ class UpOptions:
     hours: float = StackConfig.hours  # the lease
     max_price: float | None = StackConfig.maxPricePerHour  # USD/h
     budget: float | None = None  # USD: the watch ends the session when it is spent
-    disk: int = StackConfig.diskGb  # GB
+    disk: int | None = StackConfig.diskGb  # GiB; None: sized from the weights (it can only be raised)
+    context: int | None = StackConfig.context  # tokens the offer must hold at least; None: the model's own, at most 8,192
+    trust_remote_code: bool = StackConfig.trustRemoteCode  # load code from the model's repo (auto_map)
     quantize: bool = StackConfig.quantize
     backend: str = StackConfig.backend  # auto, vllm or transformers
     stack: str = "dev"
@@ -49,9 +51,13 @@ class UpOptions:
 class Plan:
     offer: Offer
     region: str | None  # None: any
-    need_gb: float
+    need_gb: float  # GiB of room the model needs at the asked context (weights and KV cache)
     hours: float
     budget: float | None = None  # USD: the watch ends the session when it is spent
+    context: int = 0  # tokens this offer serves (the most its KV cache holds, capped at the model's own); 0: the engine's
+    weights_gb: float = 0.0  # GiB the host downloads
+    disk_gb: int = 0  # GiB
+    backend: str = "vllm"
 
     @property
     def estimate(self) -> float:
@@ -60,10 +66,20 @@ class Plan:
     def describe(self) -> str:
         o = self.offer
         ends = (datetime.now(UTC) + timedelta(hours=self.hours)).strftime("%H:%M UTC")
-        return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({o.total_vram_gb} GB for {self.need_gb} GB needed) in "
+        room = sizing.gib(fit.room(o.memory_mib, o.gpu_count))
+        context = f"{self.context:,} tokens of context" if self.context else "the engine's context"
+        return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({room} usable for {self.need_gb} GiB needed; {context}) in "
                 f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}"
                 + (f"; the ${self.budget:g} budget ends it after {self.budget / o.price_per_hour:.2g} h"
                    if self.budget is not None and self.budget < self.estimate else ""))  # fmt: skip
+
+    def summary(self, model: str) -> dict:
+        """The plan as `up --dry-run --json` prints it (sizes in GiB, price in USD/h)."""
+        o = self.offer
+        return {"ok": True, "model": model, "cloud": o.cloud, "instance_type": o.instance_type, "gpu": o.gpu_name,
+                "gpu_count": o.gpu_count, "region": self.region, "price_per_hour": o.price_per_hour,
+                "weights_gb": self.weights_gb, "need_gb": self.need_gb, "context": self.context, "disk_gb": self.disk_gb,
+                "backend": self.backend}  # fmt: skip
 
 
 def cloud_client(name: str) -> Cloud:
@@ -87,18 +103,45 @@ def clouds_for(choice: str) -> list[str]:
     return [choice]
 
 
-def plans(opts: UpOptions, info: sizing.ModelInfo) -> list[Plan]:
-    """Every (offer, region) that fits, cheapest first, across the allowed clouds."""
-    need = info.need_gb(opts.quantize)
+def prepare(opts: UpOptions) -> tuple[UpOptions, list[Plan]]:
+    """Everything `up` knows before it launches: the model resolved and described by the Hub,
+    every preflight check (gpu_session.sizing.preflight, the disk), and the plans, cheapest first.
+    The options with the model's Hub id. Raises SessionError saying what to do; launches nothing."""
+    clouds_for(opts.cloud)  # no key for any cloud: said before the Hub is asked
+    try:
+        opts = replace(opts, model=sizing.resolve(opts.model))
+        info = sizing.model_info(opts.model)
+        sizing.preflight(info, context=opts.context, trust_remote_code=opts.trust_remote_code)
+    except sizing.SizingError as e:
+        raise SessionError(str(e)) from None
+    disk = info.disk_gb()
+    if opts.disk is not None and opts.disk < disk:
+        raise SessionError(
+            f"{opts.model} needs {disk} GiB of disk ({sizing.gib(info.weights_bytes)} of weights and the engine): "
+            f"--disk {opts.disk} is too small; leave it out (it is sized from the weights) or give {disk} or more"
+        )
+    return opts, plans(opts, info, disk=max(disk, opts.disk or 0))
+
+
+def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Plan]:
+    """Every (offer, region) that holds the model at the asked context, cheapest first, across the allowed clouds."""
+    context = opts.context or info.default_context()
+    need = info.need_bytes(context, opts.quantize)
     offers = [o for c in clouds_for(opts.cloud) for o in cloud_client(c).offers()]
     gpu = None if opts.gpu == "auto" else opts.gpu
     if gpu and not any(gpu in (o.instance_type, o.gpu_name) for o in offers):
         raise SessionError(f"no GPU type {gpu!r} here; `invoke available` lists them")
-    fit = sizing.fitting(offers, need, gpu_count=opts.gpus, max_price=opts.max_price, gpu_type=gpu)
-    found = [Plan(o, r, need, opts.hours, opts.budget) for o in fit for r in o.launch_regions()]
+    limits = dict(gpu_count=opts.gpus, max_price=opts.max_price, gpu_type=gpu)
+    device = default_device()
+    backend = info.backend(device) if opts.backend == "auto" else opts.backend
+    found = [
+        Plan(o, r, info.need_gb(context, opts.quantize), opts.hours, opts.budget, context=info.context_on(o, opts.quantize, device),
+             weights_gb=round(info.weights_bytes / sizing.GB, 1), disk_gb=disk, backend=backend)
+        for o in sizing.fitting(offers, need, **limits) for r in o.launch_regions()
+    ]  # fmt: skip
     if not found:
-        why = sizing.explain_no_fit(offers, need, gpu_count=opts.gpus, max_price=opts.max_price, gpu_type=gpu)
-        raise SessionError(f"{opts.model} {why}")
+        why = sizing.explain_no_fit(offers, need, **limits)
+        raise SessionError(f"{opts.model} {why} (for {context:,} tokens of context)")
     return found
 
 
@@ -107,12 +150,15 @@ def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:
     own credentials (as secrets), so `down` works from any shell."""
     config = {
         "model": opts.model, "cloud": plan.offer.cloud, "gpu": plan.offer.instance_type, "gpuCount": str(plan.offer.gpu_count),
-        "region": plan.region or "auto", "hours": str(opts.hours), "diskGb": str(opts.disk),
+        "region": plan.region or "auto", "hours": str(opts.hours), "diskGb": str(plan.disk_gb),
+        "trustRemoteCode": str(opts.trust_remote_code).lower(),
         "quantize": str(opts.quantize).lower(), "backend": opts.backend, "configure": str(opts.configure).lower(),
         "device": default_device(),
     }  # fmt: skip
     if opts.max_price is not None:
         config["maxPricePerHour"] = str(opts.max_price)
+    if opts.context is not None:
+        config["context"] = str(opts.context)
     for cloud, key in API_KEY_CONFIG.items():
         if os.environ.get(KEY_ENV[cloud]):
             config[key] = os.environ[KEY_ENV[cloud]]

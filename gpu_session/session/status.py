@@ -76,13 +76,14 @@ def interrupted() -> list[dict]:
 
 
 def available(cloud: str = "auto") -> list[tuple[Offer, list[str]]]:
-    """Offers, cheapest first, each with the catalog's models that fit it."""
-    offers = [o for c in clouds_for(cloud) for o in cloud_client(c).offers() if not o.spot]
+    """Offers a session can run on (sizing.usable), cheapest first, each with the catalog's models
+    that fit it at their default context (the rule `up` plans with)."""
+    offers = [o for c in clouds_for(cloud) for o in cloud_client(c).offers() if sizing.usable(o)]
     needs = {}
     for alias, model in sizing.catalog().items():
         try:
-            needs[alias] = sizing.model_info(model).need_gb()
+            needs[alias] = sizing.model_info(model).need_bytes()
         except sizing.SizingError:
             continue  # a model the Hub does not show here is simply not listed
     ranked = sorted(offers, key=lambda o: (o.price_per_hour, o.cloud, o.instance_type))
-    return [(o, [a for a, need in needs.items() if need <= o.total_vram_gb]) for o in ranked]
+    return [(o, [a for a, need in needs.items() if sizing.fitting([o], need, with_capacity=False)]) for o in ranked]

@@ -6,10 +6,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime
 
-from gpu_session import sizing
 from gpu_session.clouds import cloud_class
 from gpu_session.host import converge
 from gpu_session.local import record, tunnel
@@ -18,7 +16,7 @@ from gpu_session.stack.automation import NoCapacity, OnEvent, StackCancelled, St
 from gpu_session.stack.config import StackConfig
 
 from . import watch
-from .plan import Plan, Say, SessionError, UpOptions, clouds_for, plans, stack_settings, use_session
+from .plan import Plan, Say, SessionError, UpOptions, prepare, stack_settings, use_session
 
 
 def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: OnEvent) -> dict:
@@ -28,13 +26,7 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
         raise SessionError(
             f"stack {opts.stack} is already up: `invoke chat --stack {opts.stack}`, or `invoke down --stack {opts.stack}`"
         )
-    clouds_for(opts.cloud)  # no key for any cloud: said before the Hub is asked
-    try:
-        opts = replace(opts, model=sizing.resolve(opts.model))
-        info = sizing.model_info(opts.model)
-    except sizing.SizingError as e:
-        raise SessionError(str(e)) from None
-    candidates = plans(opts, info)
+    opts, candidates = prepare(opts)
     if not confirm(candidates[0]):
         return {}
     record.remember_environment(opts.stack, dict(os.environ))  # a failed or killed up: down still finds the cloud
@@ -92,6 +84,7 @@ def reconfigure(stack_name: str, *, say: Say) -> None:
         stack=stack_name, cloud=live.cloud, instance_id=live.instance_id, host=live.endpoint.host,
         port=live.endpoint.port, user=live.endpoint.user, model=live.model, backend=live.backend,
         quantize=config.get("quantize") == "true", device=config.get("device") or StackConfig.device,
+        context=int(config.get("context") or 0), trust_remote_code=config.get("trustRemoteCode") == "true",
         lease_expires_at=live.lease_expires_at.isoformat(timespec="seconds") if live.lease_expires_at else "",
     )  # fmt: skip
     env = {**os.environ, **({"HF_TOKEN": config["hfToken"]} if config.get("hfToken") else {})}

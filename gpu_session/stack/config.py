@@ -30,7 +30,11 @@ class StackConfig:
     region: str = "auto"
     hours: float = 2.0
     maxPricePerHour: float | None = None  # noqa: N815
-    diskGb: int = 100  # noqa: N815
+    diskGb: int | None = None  # noqa: N815 (None: sized from the weights, gpu_session.fit.disk_gib)
+    # Tokens of context the GPU must hold at least; None: the model's own, at most 8,192. The host
+    # serves the most its KV cache holds, capped at the model's own (vLLM's --max-model-len).
+    context: int | None = None
+    trustRemoteCode: bool = False  # noqa: N815 (load code from the model's repo: config.json's auto_map)
     quantize: bool = False
     backend: str = "auto"
     image: str | None = None  # RunPod only; None: the client's default (clouds.runpod.DEFAULT_IMAGE)
@@ -111,6 +115,8 @@ PARSERS = {
     "hours": _positive,
     "maxPricePerHour": _positive,
     "diskGb": _whole(10),
+    "context": _whole(1),
+    "trustRemoteCode": _bool,
     "quantize": _bool,
     "backend": _choice("auto", "vllm", "transformers"),
     "image": _text,

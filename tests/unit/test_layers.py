@@ -19,7 +19,7 @@ PACKAGE = ROOT / "gpu_session"
 
 # Lowest first; a module may import its own layer and the layers before it.
 LAYERS = [
-    ("gpu_session.errors", "gpu_session.paths", "gpu_session.progress", "gpu_session"),
+    ("gpu_session.errors", "gpu_session.paths", "gpu_session.progress", "gpu_session.fit", "gpu_session"),
     ("gpu_session.clouds",),
     ("gpu_session.sizing",),
     ("gpu_session.host",),

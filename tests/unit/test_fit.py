@@ -1,0 +1,96 @@
+"""The one rule (gpu_session.fit) on the shapes real repos have: which files are the weights, the
+KV cache a token takes, and the context a machine holds."""
+
+from __future__ import annotations
+
+from gpu_session import fit
+
+GIB = 1024**3
+# mistralai/Mistral-7B-Instruct-v0.3's files: Mistral's own consolidated checkpoint beside the HF shards.
+MISTRAL = {
+    "consolidated.safetensors": 14_496_078_512,
+    "model-00001-of-00003.safetensors": 4_949_453_792,
+    "model-00002-of-00003.safetensors": 4_999_819_336,
+    "model-00003-of-00003.safetensors": 4_546_807_800,
+    "model.safetensors.index.json": 23_950,
+    "params.json": 202,
+    "tokenizer.model.v3": 587_404,
+    "config.json": 601,
+}
+MISTRAL_INDEX = {"weight_map": {"lm_head.weight": "model-00003-of-00003.safetensors",
+                                "model.embed_tokens.weight": "model-00001-of-00003.safetensors",
+                                "model.layers.9.mlp.up_proj.weight": "model-00002-of-00003.safetensors"}}  # fmt: skip
+SHARDS = 4_949_453_792 + 4_999_819_336 + 4_546_807_800
+
+
+def test_mistral_is_counted_and_downloaded_once():
+    assert fit.index_file(MISTRAL) == "model.safetensors.index.json"
+    for index in (MISTRAL_INDEX, None):  # by the index, and by the layout where the index cannot be read
+        weights = fit.weight_files(MISTRAL, index)
+        assert sum(weights.values()) == SHARDS and "consolidated.safetensors" not in weights
+    download = fit.downloads(MISTRAL, fit.weight_files(MISTRAL, MISTRAL_INDEX))
+    assert "consolidated.safetensors" not in download and {"params.json", "config.json", "tokenizer.model.v3"} <= set(download)
+
+
+def test_safetensors_win_over_bin_of_the_same_weights():
+    files = {
+        "pytorch_model-00001-of-00002.bin": 9_943_028_044, "pytorch_model-00002-of-00002.bin": 4_540_535_536,
+        "pytorch_model.bin.index.json": 23_950, "model-00001-of-00002.safetensors": 9_942_981_696,
+        "model-00002-of-00002.safetensors": 4_540_516_344, "model.safetensors.index.json": 23_950, "training_args.bin": 4_600,
+    }  # fmt: skip
+    weights = fit.weight_files(files)
+    assert sorted(weights) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert fit.weight_format(weights) == "safetensors" and fit.index_file(files) == "model.safetensors.index.json"
+    assert not any(f.endswith(".bin") for f in fit.downloads(files, weights))
+
+
+def test_bin_only_repos_count_their_shards_and_not_training_args():
+    files = {"pytorch_model-00001-of-00003.bin": 9_948_728_430, "pytorch_model-00002-of-00003.bin": 9_904_165_024,
+             "pytorch_model-00003-of-00003.bin": 6_178_983_625, "pytorch_model.bin.index.json": 33_444, "training_args.bin": 4_600}  # fmt: skip
+    weights = fit.weight_files(files)
+    assert len(weights) == 3 and fit.weight_format(weights) == "bin" and fit.index_file(files) == "pytorch_model.bin.index.json"
+
+
+def test_gguf_only_and_original_checkpoints_are_no_weights():
+    assert fit.weight_files({"Llama-3.2-3B-Instruct-Q4_K_M.gguf": 2_019_377_696, "README.md": 9_000}) == {}
+    assert fit.weight_files({"original/consolidated.00.pth": 16_060_617_592, "config.json": 1}) == {}
+
+
+def test_an_index_that_names_files_the_repo_lacks_is_not_trusted():
+    files = {"model.safetensors": 2_471_645_608}
+    assert fit.weight_files(files, {"weight_map": {"x": "model-00001-of-00002.safetensors"}}) == files
+
+
+def test_kv_cache_per_token_for_the_kinds_of_config():
+    llama_8b = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096}
+    assert fit.kv_bytes_per_token(llama_8b) == 131_072  # 128 KiB
+    assert fit.kv_bytes_per_token({**llama_8b, "num_key_value_heads": None}) == 524_288  # no GQA: every head
+    assert fit.kv_bytes_per_token({**llama_8b, "torch_dtype": "float32"}) == 262_144
+    gemma = {"num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "hidden_size": 3584, "head_dim": 256}
+    assert fit.kv_bytes_per_token(gemma) == 2 * 42 * 8 * 256 * 2  # head_dim is not hidden/heads
+    qwen_vl = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "vision_config": {"depth": 32},
+               "text_config": {"num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_size": 3584,
+                               "max_position_embeddings": 128000}}  # fmt: skip
+    assert fit.kv_bytes_per_token(qwen_vl) == 2 * 28 * 4 * 128 * 2 and fit.model_context(qwen_vl) == 128000
+    internvl = {"architectures": ["InternVLChatModel"], "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"},
+                "llm_config": {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096,
+                               "max_position_embeddings": 32768}}  # fmt: skip
+    assert fit.kv_bytes_per_token(internvl) == 131_072 and fit.model_context(internvl) == 32768
+    deepseek = {"num_hidden_layers": 61, "num_attention_heads": 128, "kv_lora_rank": 512, "qk_rope_head_dim": 64}
+    assert fit.kv_bytes_per_token(deepseek) == 61 * (512 + 64) * 2  # one latent per layer (MLA)
+    assert fit.kv_bytes_per_token({}) is None and fit.model_context({}) is None
+
+
+def test_the_context_held_is_the_kv_room_capped_at_the_models_own():
+    room = fit.room(23028, 1)  # an A10
+    assert room == int(23028 * 1024**2 * 0.9 - 1.5 * GIB)
+    held = fit.context_held(room, 15 * GIB, 131_072, 131_072)
+    assert held == int((room - 15 * GIB) * fit.CONTEXT_MARGIN) // 131_072 // 256 * 256
+    assert fit.context_held(room, 1 * GIB, 1024, 2048) == 2048  # the model's own caps it
+    assert fit.context_held(room, 1024, 1024, 8_388_608, kv_space=1 * GIB) < 1_048_576  # vLLM's CPU KV cache space
+    assert fit.context_held(room, room + 1, 1024, 8192) == 0 and fit.context_held(room, 1, None, 8192) == 0
+
+
+def test_the_disk_holds_the_weights_and_the_engine():
+    assert fit.disk_gib(141_107_412_992) == 170  # Llama-3.1-70B: 131.4 GiB of weights
+    assert fit.disk_gib(1_000_000) == 30
