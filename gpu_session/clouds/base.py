@@ -247,8 +247,8 @@ class Cloud(ABC):
     def list(self, name_prefix: str = "") -> list[Instance]: ...
 
     @abstractmethod
-    def terminate(self, instance_id: str) -> None:
-        """Ask for termination; NotFound when it is already gone."""
+    def _terminate_once(self, instance_id: str) -> None:
+        """One termination request, no retries: None, or an error (NotFound when it is gone)."""
 
     @abstractmethod
     def _launch_once(self, spec: LaunchSpec) -> str:
@@ -303,6 +303,32 @@ class Cloud(ABC):
                 if delay is None:
                     raise
 
+    def ending(self, instance_id: str) -> bool:
+        """Whether the instance is terminating or terminated; NotFound when the cloud no longer knows it."""
+        return self.get(instance_id).status in (Status.TERMINATING, Status.TERMINATED)
+
+    def terminate(self, instance_id: str) -> None:
+        """Ask for termination; NotFound when it is already gone. An instance already terminating
+        or terminated counts as asked. A failed request is followed by a look at the instance before
+        any retry: Lambda answers a terminate of an instance already on its way out with an error
+        (global/unknown, a 500), and a 5xx or a dropped connection may come after the request took
+        effect, so a retry would only meet that error again."""
+        delays = self.retry.delays()
+        while True:
+            try:
+                return self._terminate_once(instance_id)
+            except NotFound:
+                raise
+            except CloudError as e:
+                if self.ending(instance_id):  # NotFound from here: gone, as the caller wants
+                    log.info("%s: %s is already on its way out (%s)", self.name, instance_id, e)
+                    return None
+                delay = next(delays, None) if e.retryable else None
+                if delay is None:
+                    raise
+                log.info("%s: terminate of %s failed (%s); retrying in %.1fs", self.name, instance_id, e, delay)
+                time.sleep(delay)
+
     def wait_ready(self, instance_id: str, deadline: float) -> SshEndpoint:
         """Until the instance runs and its sshd answers; deadline is a time.monotonic() value."""
         last = None
@@ -333,7 +359,8 @@ class Cloud(ABC):
         raise CloudError(f"{self.name} instance {instance_id} still not terminated: check the console")
 
     def terminate_and_wait(self, instance_id: str, deadline: float) -> None:
-        """Terminate, treating "already gone" as success, and wait until the API confirms."""
+        """Terminate, treating "already gone" and "already ending" as success, and wait until the
+        API confirms."""
         try:
             self.terminate(instance_id)
         except NotFound:

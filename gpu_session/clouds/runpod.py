@@ -249,6 +249,6 @@ class RunpodCloud(Cloud):
         )
         return self._once(run_graphql_query, doc)["data"]["podRentInterruptable"]["id"]
 
-    def terminate(self, instance_id: str) -> None:
+    def _terminate_once(self, instance_id: str) -> None:
         _check_text(instance_id, "pod id")
-        self._call(runpod.terminate_pod, instance_id)
+        self._once(runpod.terminate_pod, instance_id)

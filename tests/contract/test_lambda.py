@@ -69,6 +69,21 @@ def test_second_launch_with_same_name_adopts(sim, cloud, key, name):
     cloud.terminate_and_wait(first, time.monotonic() + 30)
 
 
+def test_a_terminate_while_terminating_succeeds_and_the_instance_ends(sim, cloud, key, raw, name, monkeypatch):
+    iid = cloud.launch(LaunchSpec(name=name, instance_type="gpu_1x_a10", ssh_key_name=key.name))
+    cloud.wait_ready(iid, time.monotonic() + 30)
+    monkeypatch.setattr(sim.world.config, "terminate_delay", 600.0)  # held in `terminating` until killed below
+    cloud.terminate(iid)
+    assert cloud.get(iid).status == Status.TERMINATING
+    again = raw("POST", "/instance-operations/terminate", {"instance_ids": [iid]})
+    assert (again.status_code, again.json()["error"]["code"]) == (500, "global/unknown")  # what Lambda answers
+    cloud.terminate(iid)  # a second destroy, while the first is under way: no error
+    sim.kill_instance(iid)  # the terminating phase ends
+    cloud.terminate_and_wait(iid, time.monotonic() + 30)  # terminated, then gone: both are success
+    sim.wait_gone(iid)
+    assert own_instances(sim, name) == []
+
+
 def test_host_key_from_user_data_is_pinned(sim, cloud, key, keypair, name, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "hostkey")], check=True)
     private, public = (tmp_path / "hostkey").read_text(), (tmp_path / "hostkey.pub").read_text().strip()
