@@ -277,8 +277,14 @@ class Cloud(ABC):
         return next((i for i in self.list(name) if i.name == name and i.alive), None)
 
     def launch(self, spec: LaunchSpec) -> str:
-        """Launch idempotently: adopt a live instance of the same name; after an ambiguous failure
-        (timeout, dropped connection, 5xx, 429) look the name up again before trying another launch."""
+        """Launch idempotently: adopt a live instance of the same name; after any failure that is not
+        a refusal before creation (timeout, dropped connection, 5xx, 429, an error we cannot read)
+        look the name up before deciding, and retry only what is retryable.
+
+        A found instance is adopted rather than ended: the name is the launch's own (deterministic,
+        one per stack and machine), so what bears it was made from this very spec, and the caller
+        (the provider) records it in the stack, where `down` ends it. Ending it would only start the
+        same launch again."""
         spec = self._check_launch(spec)
         existing = self.find_by_name(spec.name)
         if existing is not None:
@@ -288,10 +294,10 @@ class Cloud(ABC):
         while True:
             try:
                 return self._launch_once(spec)
+            except (AuthError, InvalidRequest, CapacityError):
+                raise  # refused before anything was made
             except CloudError as e:
-                if not e.retryable:
-                    raise
-                delay = next(delays, None)
+                delay = next(delays, None) if e.retryable else None
                 if delay is not None and isinstance(e, RateLimited):
                     delay = max(delay, self.launch_interval)
                 log.info("%s: launch of %s failed (%s); checking whether it happened", self.name, spec.name, e)

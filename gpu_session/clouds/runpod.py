@@ -55,6 +55,12 @@ POD_FIELDS = """id name desiredStatus costPerHr gpuCount imageName
 _sdk_lock = threading.Lock()  # runpod.api_key is a module global
 
 
+# What RunPod (and GraphQL itself) says when it refuses a request before doing anything: the only
+# messages taken as "nothing was created". Anything else is a failure we cannot read, after which a
+# launch looks for the pod by its name (Cloud.launch).
+REFUSALS = ("is required", "invalid", "minimum bid", "must provide", "syntax error", "cannot query field", "unknown argument")
+
+
 def _classify(message: str) -> CloudError:
     m = message.lower()
     if "no longer any instances available" in m:
@@ -67,7 +73,11 @@ def _classify(message: str) -> CloudError:
         return CloudError(f"RunPod: {message}", retryable=True)
     if "unauthorized" in m or "not authorized" in m:
         return AuthError(f"RunPod: {message}. Check RUNPOD_API_KEY.")
-    return InvalidRequest(f"RunPod: {message}")
+    if any(r in m for r in REFUSALS):
+        return InvalidRequest(f"RunPod: {message}")
+    return CloudError(
+        f"RunPod answered an error we do not know: {message}. Try again; if it persists, check RunPod's status page"
+    )
 
 
 def _check_text(value: str, what: str) -> None:

@@ -184,6 +184,13 @@ def status_error(status: int) -> Response:
     return Response(status, f"<html><body><h1>{status} Bad Gateway</h1></body></html>".encode(), {"Content-Type": "text/html"})
 
 
+def error_after_create() -> Response:
+    """A 5xx whose GraphQL error carries a message no client has a rule for: what a backend's own
+    failure looks like once the work is done (this wording is ours, deliberately unfamiliar; Go's
+    context timeout, not a quote of RunPod)."""
+    return _errors("failed to attach pod to machine: context deadline exceeded", "INTERNAL_SERVER_ERROR", 500)
+
+
 def capacity_error() -> Response:
     return _errors(NO_CAPACITY, "BAD_USER_INPUT")
 
@@ -456,7 +463,7 @@ def mount(router: Router, world: World) -> None:
                 out["errors"] = [e.formatted for e in result.errors]
             return json_response(out)
 
-        return with_faults(world, "runpod", field, execute, status_error, capacity_error)(req)
+        return with_faults(world, "runpod", field, execute, status_error, capacity_error, error_after_create)(req)
 
     router.add("POST", "/graphql", handle)
     router.add("GET", "/graphql", handle)

@@ -33,7 +33,8 @@ class Fault:
     "resolve"); "*" matches any operation. kind is one of FAULT_KINDS:
     429/500/502/503 answer that status; slow sleeps `delay` and then answers normally; timeout
     sleeps `delay` after doing the work (so a client that gave up cannot know whether it happened);
-    capacity answers the cloud's capacity error; error_after_create does the work and answers 500;
+    capacity answers the cloud's capacity error; error_after_create does the work and answers 500
+    (RunPod: with an error message no client has a rule for);
     drop does the work and closes the connection without an answer.
     """
 

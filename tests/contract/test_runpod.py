@@ -137,6 +137,31 @@ def test_no_capacity_is_a_capacity_error(sim, cloud, keypair, name):
     assert own_instances(sim, name) == []
 
 
+def test_a_create_that_answers_an_unknown_error_after_making_the_pod_adopts_it_and_destroy_ends_it(sim, sim_env, keypair, name):
+    from gpu_session.providers import GpuInstanceProvider
+    from gpu_session.providers.instance import OUTPUTS
+
+    sim.inject("runpod:podFindAndDeployOnDemand", "error_after_create")  # a 500 with a message no rule knows
+    p = GpuInstanceProvider()
+    props = {"cloud": "runpod", "name": name, "gpu_type": "NVIDIA GeForce RTX 4090", "gpu_count": 1,
+             "ssh_public_key": keypair.public, "ready_timeout_s": 60, **dict.fromkeys(OUTPUTS)}  # fmt: skip
+    created = p.create(props)
+    [pod] = own_instances(sim, name)  # exactly one, and it is the one the stack records: no orphan
+    assert pod["id"] == created.id and [e["event"] for e in sim.world.events if e.get("name") == name] == ["launch"]
+    p.delete(created.id, created.outs)
+    sim.wait_gone(created.id)
+    assert own_instances(sim, name) == []
+
+
+def test_only_a_refusal_we_know_counts_as_nothing_made():
+    from gpu_session.clouds import CloudError
+    from gpu_session.clouds.runpod import _classify
+
+    assert isinstance(_classify("imageName is required when no templateId is given."), InvalidRequest)
+    unknown = _classify("failed to attach pod to machine: context deadline exceeded")
+    assert type(unknown) is CloudError and "do not know" in str(unknown)
+
+
 # --- the unmodified SDK ---------------------------------------------------------------------
 
 
