@@ -38,6 +38,12 @@ from .base import (
 )
 
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
+# The host CUDA versions a pod may land on (allowedCudaVersions in every deploy): our engines' locks
+# (roles/model_server/files/engines/*-cuda.txt) take torch's CUDA 13 wheels, which need an NVIDIA
+# driver >= 580 (CUDA 13.0's minimum, in NVIDIA's CUDA toolkit release notes); without the list
+# RunPod places pods on hosts with older drivers too. "13.0" is the newest value RunPod's
+# CudaVersion enum has; add newer ones as RunPod lists them.
+CUDA_VERSIONS = ("13.0",)
 UNSAFE = re.compile(r'["\\\n\r]')
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 STATUS = {
@@ -245,16 +251,19 @@ class RunpodCloud(Cloud):
                 data_center_id=region,
                 support_public_ip=True,
                 start_ssh=True,
+                allowed_cuda_versions=list(CUDA_VERSIONS),
             )
             return pod["id"]
         # The SDK (1.12) has no spot call: the same input through its GraphQL transport.
         env_items = ", ".join(f'{{ key: "{k}", value: "{v}" }}' for k, v in env.items())
         dc = f'"{region}"' if region else "null"
+        cuda = ", ".join(f'"{v}"' for v in CUDA_VERSIONS)
         doc = (
             f'mutation {{ podRentInterruptable(input: {{ bidPerGpu: {float(spec.bid_per_gpu)}, name: "{spec.name}", '
             f'imageName: "{spec.image or DEFAULT_IMAGE}", cloudType: {self.cloud_type}, startSsh: true, '
             f'gpuTypeId: "{spec.instance_type}", supportPublicIp: true, gpuCount: {int(spec.gpu_count)}, '
-            f'containerDiskInGb: {int(spec.disk_gb or 50)}, ports: "22/tcp", dataCenterId: {dc}, env: [{env_items}] }}) '
+            f'containerDiskInGb: {int(spec.disk_gb or 50)}, ports: "22/tcp", dataCenterId: {dc}, '
+            f"allowedCudaVersions: [{cuda}], env: [{env_items}] }}) "
             "{ id } }"
         )
         return self._once(run_graphql_query, doc)["data"]["podRentInterruptable"]["id"]

@@ -142,6 +142,7 @@ input PodRentInterruptableInput {
   env: [EnvironmentVariableInput]
   templateId: String
   networkVolumeId: String
+  allowedCudaVersions: [String]
 }
 input PodStopInput { podId: String! incrementVersion: Boolean }
 input PodResumeInput { podId: String! gpuCount: Int }
@@ -362,6 +363,9 @@ class Api:
                     extensions={"code": "BAD_USER_INPUT"},
                 )
             per_gpu = input["bidPerGpu"]
+        driver = catalog.runpod_host_driver(input.get("allowedCudaVersions"))
+        if driver is None:  # no host runs an allowed CUDA version
+            raise GraphQLError(NO_CAPACITY, extensions={"code": "BAD_USER_INPUT"})
         dcs = [input["dataCenterId"]] if input.get("dataCenterId") else catalog.RUNPOD_DATA_CENTERS
         world = self.world
         with world.lock:
@@ -384,6 +388,7 @@ class Api:
             ports=ports,
             spot=spot,
             disk_gb=input.get("containerDiskInGb") or 10,
+            driver=driver,
         )
         return self.pod_json(inst)
 

@@ -55,6 +55,27 @@ def test_launch_ssh_list_terminate_and_host_gone(sim, cloud, keypair, name):
     cloud.terminate_and_wait(iid, time.monotonic() + 5)  # already gone is success
 
 
+def test_pods_land_where_the_driver_runs_our_cuda_and_report_real_memory(sim, cloud, sdk, keypair, name, gql):
+    iid = cloud.launch(spec(name, keypair))
+    endpoint = cloud.wait_ready(iid, time.monotonic() + 30)
+    out = ssh(endpoint, keypair, "nvidia-smi --query-gpu=memory.total,driver_version --format=csv,noheader,nounits")
+    assert out.returncode == 0, out.stderr
+    memory, driver = out.stdout.strip().split(", ")
+    assert memory == "24564" and tuple(map(int, driver.split("."))) >= (580,)  # an RTX 4090; CUDA 13 runs
+    cloud.terminate_and_wait(iid, time.monotonic() + 30)
+    # Without allowedCudaVersions RunPod may place a pod on an old driver: as the unmodified SDK does.
+    sdk.api_key = sim.runpod_key  # our client clears the SDK's global after each call
+    pod = sdk.create_pod(name + "-any", "runpod/base:0.0.0", "NVIDIA GeForce RTX 4090", ports="22/tcp")
+    [landed] = own_instances(sim, name + "-any")
+    assert landed["driver"] == "550.127.05"
+    sdk.terminate_pod(pod["id"])
+    # A CUDA version no host runs: RunPod's no-capacity answer, and nothing made.
+    deploy = (f'mutation {{ podFindAndDeployOnDemand(input: {{name: "{name}-old", imageName: "i", '
+              'gpuTypeId: "NVIDIA GeForce RTX 4090", allowedCudaVersions: ["11.8"]}) { id } }')  # fmt: skip
+    assert gql(deploy).json()["errors"][0]["message"].startswith("There are no longer any instances available")
+    assert own_instances(sim, name + "-old") == []
+
+
 def test_pod_is_running_with_null_runtime_until_the_host_is_up(sim, cloud, keypair, name):
     sim.world.config.boot_delay = 1.0
     try:
