@@ -25,6 +25,7 @@ from .history import Conversation, History, export
 
 TEXT_INLINE_BYTES = 32 * 1024  # a text file larger than this is uploaded but not put in the conversation
 FRAMES_PER_S = 15  # the streamed answer is redrawn at most this often, however fast tokens come
+CUT_MARK = " […cut: the link dropped]"  # ends an answer the link cut, in the conversation and its history
 
 HELP = """\
 /help           this help
@@ -136,7 +137,11 @@ class Chat:
             )
         reply = self.client.stream(sent, on_token=on_token, max_tokens=self.window.answer_limit(sent, self.max_tokens))
         self.window.learn(sent, reply.prompt_tokens)
-        self.messages.extend([message, {"role": "assistant", "content": reply.text}])
+        # A cut answer stays, marked: the conversation is one record, both what is sent next and what
+        # the history keeps, so the mark tells the model (and an export's reader) that the answer is
+        # unfinished rather than complete, and "go on" can pick it up.
+        answer = reply.text + CUT_MARK if reply.cut else reply.text
+        self.messages.extend([message, {"role": "assistant", "content": answer}])
         if self.history is not None:
             self.history.save(self.conversation)
         return reply
@@ -149,8 +154,14 @@ class Chat:
         except ChatError as e:
             self.say(f"[red]{escape(str(e))}[/]")
             return
-        if reply is not None:
-            self.say(f"[dim]{reply.stats()}[/]")
+        if reply is None:
+            return
+        if reply.cut:
+            self.say(
+                "[yellow]the link to the host dropped mid-answer: what came is kept, marked as cut. "
+                "The tunnel is reconnecting; your next message waits for it.[/]"
+            )
+        self.say(f"[dim]{reply.stats()}[/]")
 
     # --- commands ---
 

@@ -259,8 +259,8 @@ class Cloud(ABC):
     def list(self, name_prefix: str = "") -> list[Instance]: ...
 
     @abstractmethod
-    def terminate(self, instance_id: str) -> None:
-        """Ask for termination; NotFound when it is already gone."""
+    def _terminate_once(self, instance_id: str) -> None:
+        """One termination request, no retries: None, or an error (NotFound when it is gone)."""
 
     @abstractmethod
     def _launch_once(self, spec: LaunchSpec) -> str:
@@ -289,8 +289,14 @@ class Cloud(ABC):
         return next((i for i in self.list(name) if i.name == name and i.alive), None)
 
     def launch(self, spec: LaunchSpec) -> str:
-        """Launch idempotently: adopt a live instance of the same name; after an ambiguous failure
-        (timeout, dropped connection, 5xx, 429) look the name up again before trying another launch."""
+        """Launch idempotently: adopt a live instance of the same name; after any failure that is not
+        a refusal before creation (timeout, dropped connection, 5xx, 429, an error we cannot read)
+        look the name up before deciding, and retry only what is retryable.
+
+        A found instance is adopted rather than ended: the name is the launch's own (deterministic,
+        one per stack and machine), so what bears it was made from this very spec, and the caller
+        (the provider) records it in the stack, where `down` ends it. Ending it would only start the
+        same launch again."""
         spec = self._check_launch(spec)
         existing = self.find_by_name(spec.name)
         if existing is not None:
@@ -300,10 +306,10 @@ class Cloud(ABC):
         while True:
             try:
                 return self._launch_once(spec)
+            except (AuthError, InvalidRequest, CapacityError):
+                raise  # refused before anything was made
             except CloudError as e:
-                if not e.retryable:
-                    raise
-                delay = next(delays, None)
+                delay = next(delays, None) if e.retryable else None
                 if delay is not None and isinstance(e, RateLimited):
                     delay = max(delay, self.launch_interval)
                 log.info("%s: launch of %s failed (%s); checking whether it happened", self.name, spec.name, e)
@@ -314,6 +320,32 @@ class Cloud(ABC):
                     return found.id
                 if delay is None:
                     raise
+
+    def ending(self, instance_id: str) -> bool:
+        """Whether the instance is terminating or terminated; NotFound when the cloud no longer knows it."""
+        return self.get(instance_id).status in (Status.TERMINATING, Status.TERMINATED)
+
+    def terminate(self, instance_id: str) -> None:
+        """Ask for termination; NotFound when it is already gone. An instance already terminating
+        or terminated counts as asked. A failed request is followed by a look at the instance before
+        any retry: Lambda answers a terminate of an instance already on its way out with an error
+        (global/unknown, a 500), and a 5xx or a dropped connection may come after the request took
+        effect, so a retry would only meet that error again."""
+        delays = self.retry.delays()
+        while True:
+            try:
+                return self._terminate_once(instance_id)
+            except NotFound:
+                raise
+            except CloudError as e:
+                if self.ending(instance_id):  # NotFound from here: gone, as the caller wants
+                    log.info("%s: %s is already on its way out (%s)", self.name, instance_id, e)
+                    return None
+                delay = next(delays, None) if e.retryable else None
+                if delay is None:
+                    raise
+                log.info("%s: terminate of %s failed (%s); retrying in %.1fs", self.name, instance_id, e, delay)
+                time.sleep(delay)
 
     def wait_ready(self, instance_id: str, deadline: float) -> SshEndpoint:
         """Until the instance runs and its sshd answers; deadline is a time.monotonic() value."""
@@ -345,7 +377,8 @@ class Cloud(ABC):
         raise CloudError(f"{self.name} instance {instance_id} still not terminated: check the console")
 
     def terminate_and_wait(self, instance_id: str, deadline: float) -> None:
-        """Terminate, treating "already gone" as success, and wait until the API confirms."""
+        """Terminate, treating "already gone" and "already ending" as success, and wait until the
+        API confirms."""
         try:
             self.terminate(instance_id)
         except NotFound:

@@ -204,8 +204,8 @@ class LambdaCloud(Cloud):
         ids = self._once("POST", "/instance-operations/launch", body)["instance_ids"]
         return ids[0]
 
-    def terminate(self, instance_id: str) -> None:
-        self._call("POST", "/instance-operations/terminate", {"instance_ids": [instance_id]})
+    def _terminate_once(self, instance_id: str) -> None:
+        self._once("POST", "/instance-operations/terminate", {"instance_ids": [instance_id]})
 
     # --- SSH keys --------------------------------------------------------------------------
 

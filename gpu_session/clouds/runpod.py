@@ -38,6 +38,12 @@ from .base import (
 )
 
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
+# The host CUDA versions a pod may land on (allowedCudaVersions in every deploy): our engines' locks
+# (roles/model_server/files/engines/*-cuda.txt) take torch's CUDA 13 wheels, which need an NVIDIA
+# driver >= 580 (CUDA 13.0's minimum, in NVIDIA's CUDA toolkit release notes); without the list
+# RunPod places pods on hosts with older drivers too. "13.0" is the newest value RunPod's
+# CudaVersion enum has; add newer ones as RunPod lists them.
+CUDA_VERSIONS = ("13.0",)
 UNSAFE = re.compile(r'["\\\n\r]')
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 STATUS = {
@@ -55,6 +61,12 @@ POD_FIELDS = """id name desiredStatus costPerHr gpuCount imageName
 _sdk_lock = threading.Lock()  # runpod.api_key is a module global
 
 
+# What RunPod (and GraphQL itself) says when it refuses a request before doing anything: the only
+# messages taken as "nothing was created". Anything else is a failure we cannot read, after which a
+# launch looks for the pod by its name (Cloud.launch).
+REFUSALS = ("is required", "invalid", "minimum bid", "must provide", "syntax error", "cannot query field", "unknown argument")
+
+
 def _classify(message: str) -> CloudError:
     m = message.lower()
     if "no longer any instances available" in m:
@@ -67,7 +79,11 @@ def _classify(message: str) -> CloudError:
         return CloudError(f"RunPod: {message}", retryable=True)
     if "unauthorized" in m or "not authorized" in m:
         return AuthError(f"RunPod: {message}. Check RUNPOD_API_KEY.")
-    return InvalidRequest(f"RunPod: {message}")
+    if any(r in m for r in REFUSALS):
+        return InvalidRequest(f"RunPod: {message}")
+    return CloudError(
+        f"RunPod answered an error we do not know: {message}. Try again; if it persists, check RunPod's status page"
+    )
 
 
 def _check_text(value: str, what: str) -> None:
@@ -235,20 +251,23 @@ class RunpodCloud(Cloud):
                 data_center_id=region,
                 support_public_ip=True,
                 start_ssh=True,
+                allowed_cuda_versions=list(CUDA_VERSIONS),
             )
             return pod["id"]
         # The SDK (1.12) has no spot call: the same input through its GraphQL transport.
         env_items = ", ".join(f'{{ key: "{k}", value: "{v}" }}' for k, v in env.items())
         dc = f'"{region}"' if region else "null"
+        cuda = ", ".join(f'"{v}"' for v in CUDA_VERSIONS)
         doc = (
             f'mutation {{ podRentInterruptable(input: {{ bidPerGpu: {float(spec.bid_per_gpu)}, name: "{spec.name}", '
             f'imageName: "{spec.image or DEFAULT_IMAGE}", cloudType: {self.cloud_type}, startSsh: true, '
             f'gpuTypeId: "{spec.instance_type}", supportPublicIp: true, gpuCount: {int(spec.gpu_count)}, '
-            f'containerDiskInGb: {int(spec.disk_gb or 50)}, ports: "22/tcp", dataCenterId: {dc}, env: [{env_items}] }}) '
+            f'containerDiskInGb: {int(spec.disk_gb or 50)}, ports: "22/tcp", dataCenterId: {dc}, '
+            f"allowedCudaVersions: [{cuda}], env: [{env_items}] }}) "
             "{ id } }"
         )
         return self._once(run_graphql_query, doc)["data"]["podRentInterruptable"]["id"]
 
-    def terminate(self, instance_id: str) -> None:
+    def _terminate_once(self, instance_id: str) -> None:
         _check_text(instance_id, "pod id")
-        self._call(runpod.terminate_pod, instance_id)
+        self._once(runpod.terminate_pod, instance_id)

@@ -25,6 +25,9 @@ from . import daemon, record
 NAME = "tunnel"
 BACKOFF = (0.5, 1, 2, 4, 8, 10)
 STABLE_S = 30  # a connection that lived this long resets the backoff
+# How long a client waits for the tunnel after a dropped link: ssh's ServerAlive (15 s) may already
+# have passed, then the longest backoff (BACKOFF[-1]) and a new ssh handshake, with room to spare.
+RECONNECT_S = 60
 IDLE = "exec sleep 2147483647"  # the remote end of the tunnel's terminal session: waits, does nothing
 
 
@@ -81,6 +84,24 @@ def start(stack: str, port: int = 0, timeout: float = 30) -> TunnelStatus:
     stop(stack)
     said = daemon.log_path(stack, NAME).read_text().strip()
     raise TunnelError(f"the tunnel to {endpoint.host}:{endpoint.port} did not open: {said[-500:] or 'no answer'}")
+
+
+def reconnected(stack: str, port: int, timeout: float = RECONNECT_S) -> TunnelStatus:
+    """Until the tunnel answers on `port` again after a dropped link. The supervisor reconnects by
+    itself; one that is gone is started again on the same port, so a client's URL stays good."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = status(stack)
+        if not current.running:
+            return start(stack, port)
+        if current.connected:
+            return current
+        if time.monotonic() >= deadline:
+            raise TunnelError(
+                f"the tunnel did not reconnect within {timeout:.0f} s: its log is {daemon.log_path(stack, NAME)}; "
+                "`invoke tunnel.stop` and chat again to open a new one"
+            )
+        time.sleep(0.2)
 
 
 def stop(stack: str) -> bool:

@@ -16,7 +16,10 @@ def with_faults(
     handler: Handler,
     error: Callable[[int], Response],
     capacity: Callable[[], Response],
+    after_create: Callable[[], Response] | None = None,
 ) -> Handler:
+    """`after_create` is the API's answer for error_after_create (default: its 500)."""
+
     def wrapped(req: Request) -> Response:
         fault = world.take_fault(api, op)
         if fault is None:
@@ -34,7 +37,7 @@ def with_faults(
             time.sleep(fault.delay)
             return resp
         if kind == "error_after_create":
-            return error(500)
+            return after_create() if after_create else error(500)
         raise Drop  # "drop"
 
     return wrapped

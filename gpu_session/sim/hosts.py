@@ -51,6 +51,7 @@ class HostSpec:
     extra_ports: list[int] = field(default_factory=list)  # more ports sshd listens on (RunPod mapping)
     files: list[dict] = field(default_factory=list)  # cloud-init write_files, content decoded
     hostname: str | None = None
+    driver: tuple[str, str] = ("", "")  # (driver version, CUDA version) the simulated nvidia-smi reports
 
 
 @dataclass
@@ -99,16 +100,19 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def nvidia_smi_script(gpus: list[tuple[str, int]]) -> str:
-    """A stand-in nvidia-smi that reports the instance type's GPUs and says it is simulated."""
+def nvidia_smi_script(gpus: list[tuple[str, int]], driver: tuple[str, str]) -> str:
+    """A stand-in nvidia-smi that reports the instance type's GPUs as real ones do (memory.total in
+    MiB as the GPU reports it, a driver version that compares) and says it is simulated where no
+    query reads it: in its own text and in the table's header."""
     return f"""#!/usr/bin/env python3
 # SIMULATED nvidia-smi (gpu-session simulator): no GPU is attached to this host.
 import sys
 GPUS = {gpus!r}
+DRIVER, CUDA = {driver!r}
 FIELDS = {{
     "index": lambda i, g: str(i), "name": lambda i, g: g[0], "uuid": lambda i, g: f"GPU-sim-{{i:08d}}",
     "memory.total": lambda i, g: str(g[1]), "memory.used": lambda i, g: "0", "memory.free": lambda i, g: str(g[1]),
-    "utilization.gpu": lambda i, g: "0", "driver_version": lambda i, g: "000.00-simulated",
+    "utilization.gpu": lambda i, g: "0", "driver_version": lambda i, g: DRIVER,
     "count": lambda i, g: str(len(GPUS)), "compute_cap": lambda i, g: "9.0",
 }}
 UNITS = {{"memory.total": " MiB", "memory.used": " MiB", "memory.free": " MiB", "utilization.gpu": " %"}}
@@ -130,6 +134,7 @@ elif query:
         print(", ".join(vals))
 else:
     print("+-- NVIDIA-SMI (SIMULATED by the gpu-session simulator: no real GPU) --+")
+    print(f"| Driver Version: {{DRIVER:<16}} CUDA Version: {{CUDA:<6}}                     |")
     for i, g in enumerate(GPUS):
         print(f"| {{i}}  {{g[0]:<40}} {{0:>6}}MiB / {{g[1]:>6}}MiB   0% |")
     print("+----------------------------------------------------------------------+")
@@ -312,7 +317,7 @@ class Hosts:
         (etc_ssh / "sshd_config").chmod(0o600)
         (usr / "local" / "bin").mkdir(parents=True)
         smi = usr / "local" / "bin" / "nvidia-smi"
-        smi.write_text(nvidia_smi_script(spec.gpus))
+        smi.write_text(nvidia_smi_script(spec.gpus, spec.driver))
         smi.chmod(0o755)
 
     def _start_isolated(self, spec: HostSpec, hd: Path, n: int) -> Host:

@@ -30,6 +30,9 @@ MESSAGES = {
     "global/internal-error": ("An internal server error occurred.", "Try again later. Contact Support if the problem persists."),
     "instance-operations/launch/insufficient-capacity": ("Not enough capacity to fulfill launch request.", None),
     "global/rate-limited": ("Too many requests.", "Slow down and try again."),
+    # What Lambda answers (HTTP 500) to a terminate of an instance that is already terminating or
+    # terminated: seen in the field, and by SkyPilot (skypilot-org/skypilot#3410).
+    "global/unknown": ("An unknown error occurred.", None),
 }
 
 
@@ -270,9 +273,12 @@ class Api:
         insts, err = self._ids(req)
         if err:
             return err
+        # An instance already on its way out makes the whole request fail, as Lambda's does: no
+        # "already terminating" code, only global/unknown (a client must look at the instance).
+        if any(i.status in ("terminating", "terminated") for i in insts):
+            return error(500, "global/unknown")
         for inst in insts:
-            if inst.status in ("booting", "active", "unhealthy", "preempted"):
-                self.world.terminate(inst)
+            self.world.terminate(inst)
         return data({"terminated_instances": [instance_json(i, self.loopback) for i in insts]})
 
     def restart(self, req: Request) -> Response:

@@ -142,6 +142,7 @@ input PodRentInterruptableInput {
   env: [EnvironmentVariableInput]
   templateId: String
   networkVolumeId: String
+  allowedCudaVersions: [String]
 }
 input PodStopInput { podId: String! incrementVersion: Boolean }
 input PodResumeInput { podId: String! gpuCount: Int }
@@ -182,6 +183,13 @@ def status_error(status: int) -> Response:
         return _errors(SOMETHING_WRONG, "INTERNAL_SERVER_ERROR", 500)
     # Gateways in front of the API answer 502/503 with HTML, which the SDK cannot parse.
     return Response(status, f"<html><body><h1>{status} Bad Gateway</h1></body></html>".encode(), {"Content-Type": "text/html"})
+
+
+def error_after_create() -> Response:
+    """A 5xx whose GraphQL error carries a message no client has a rule for: what a backend's own
+    failure looks like once the work is done (this wording is ours, deliberately unfamiliar; Go's
+    context timeout, not a quote of RunPod)."""
+    return _errors("failed to attach pod to machine: context deadline exceeded", "INTERNAL_SERVER_ERROR", 500)
 
 
 def capacity_error() -> Response:
@@ -355,6 +363,9 @@ class Api:
                     extensions={"code": "BAD_USER_INPUT"},
                 )
             per_gpu = input["bidPerGpu"]
+        driver = catalog.runpod_host_driver(input.get("allowedCudaVersions"))
+        if driver is None:  # no host runs an allowed CUDA version
+            raise GraphQLError(NO_CAPACITY, extensions={"code": "BAD_USER_INPUT"})
         dcs = [input["dataCenterId"]] if input.get("dataCenterId") else catalog.RUNPOD_DATA_CENTERS
         world = self.world
         with world.lock:
@@ -377,6 +388,7 @@ class Api:
             ports=ports,
             spot=spot,
             disk_gb=input.get("containerDiskInGb") or 10,
+            driver=driver,
         )
         return self.pod_json(inst)
 
@@ -456,7 +468,7 @@ def mount(router: Router, world: World) -> None:
                 out["errors"] = [e.formatted for e in result.errors]
             return json_response(out)
 
-        return with_faults(world, "runpod", field, execute, status_error, capacity_error)(req)
+        return with_faults(world, "runpod", field, execute, status_error, capacity_error, error_after_create)(req)
 
     router.add("POST", "/graphql", handle)
     router.add("GET", "/graphql", handle)

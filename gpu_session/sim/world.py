@@ -33,7 +33,8 @@ class Fault:
     "resolve"); "*" matches any operation. kind is one of FAULT_KINDS:
     429/500/502/503 answer that status; slow sleeps `delay` and then answers normally; timeout
     sleeps `delay` after doing the work (so a client that gave up cannot know whether it happened);
-    capacity answers the cloud's capacity error; error_after_create does the work and answers 500;
+    capacity answers the cloud's capacity error; error_after_create does the work and answers 500
+    (RunPod: with an error message no client has a rule for);
     drop does the work and closes the connection without an answer.
     """
 
@@ -75,6 +76,7 @@ class SimInstance:
     booted_at: float | None = None
     last_status_change: float = 0.0
     holds_slot: bool = True  # counted against its type's capacity until released
+    driver: catalog.Driver = catalog.LAMBDA_DRIVER  # the host's NVIDIA driver (RunPod: where the pod landed)
 
     @property
     def host_up(self) -> bool:
@@ -249,9 +251,9 @@ class World:
     def _gpus_of(self, inst: SimInstance) -> list[tuple[str, int]]:
         if inst.cloud == "lambda":
             t = catalog.lambda_type(inst.type_name)
-            return [(f"NVIDIA {t.gpu} {t.vram_gb}GB", t.vram_gb * 1024)] * t.gpus
+            return [(f"NVIDIA {t.gpu} {t.vram_gb}GB", t.memory_mib)] * t.gpus
         g = catalog.runpod_gpu(inst.type_name)
-        return [(g.id, g.memory_gb * 1024)] * inst.gpu_count
+        return [(g.id, g.memory_mib)] * inst.gpu_count
 
     def _boot(self, inst: SimInstance) -> None:
         time.sleep(self.config.boot_delay)
@@ -266,6 +268,7 @@ class World:
                 self._gpus_of(inst),
                 files=_cloud_init_files(inst.user_data),
                 hostname=inst.hostname,
+                driver=(inst.driver.version, inst.driver.cuda),
             )
         else:
             env = {
@@ -279,7 +282,15 @@ class World:
                 "RUNPOD_API_BASE_URL": self.host_api_base,
             }
             keys = [k for k in env.get("PUBLIC_KEY", "").split("\n") if k.strip()]
-            spec = HostSpec(inst.id, "root", keys, self._gpus_of(inst), env=env, extra_ports=[inst.ssh_port])
+            spec = HostSpec(
+                inst.id,
+                "root",
+                keys,
+                self._gpus_of(inst),
+                env=env,
+                extra_ports=[inst.ssh_port],
+                driver=(inst.driver.version, inst.driver.cuda),
+            )
         try:
             host = self.hosts.start(spec)
         except HostError as e:
@@ -404,6 +415,7 @@ class World:
                         "status": i.status,
                         "address": i.address,
                         "ssh_port": i.ssh_port,
+                        "driver": i.driver.version,
                         "host_dir_exists": (self.hosts.dir / i.id).exists(),
                     }
                     for i in self.instances.values()

@@ -68,6 +68,7 @@ def assert_clean(sim, name, launched: int) -> None:
         (LIST, "503", 2),
         (TERMINATE, "503", 2),
         (TERMINATE, "drop", 1),
+        (TERMINATE, "error_after_create", 1),  # ended, then answered an error: looked at, not retried into an error
     ],
 )
 def test_transient_faults_are_retried_to_success(sim, cloud, spec, keypair, name, op, kind, times):

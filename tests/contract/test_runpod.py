@@ -55,6 +55,27 @@ def test_launch_ssh_list_terminate_and_host_gone(sim, cloud, keypair, name):
     cloud.terminate_and_wait(iid, time.monotonic() + 5)  # already gone is success
 
 
+def test_pods_land_where_the_driver_runs_our_cuda_and_report_real_memory(sim, cloud, sdk, keypair, name, gql):
+    iid = cloud.launch(spec(name, keypair))
+    endpoint = cloud.wait_ready(iid, time.monotonic() + 30)
+    out = ssh(endpoint, keypair, "nvidia-smi --query-gpu=memory.total,driver_version --format=csv,noheader,nounits")
+    assert out.returncode == 0, out.stderr
+    memory, driver = out.stdout.strip().split(", ")
+    assert memory == "24564" and tuple(map(int, driver.split("."))) >= (580,)  # an RTX 4090; CUDA 13 runs
+    cloud.terminate_and_wait(iid, time.monotonic() + 30)
+    # Without allowedCudaVersions RunPod may place a pod on an old driver: as the unmodified SDK does.
+    sdk.api_key = sim.runpod_key  # our client clears the SDK's global after each call
+    pod = sdk.create_pod(name + "-any", "runpod/base:0.0.0", "NVIDIA GeForce RTX 4090", ports="22/tcp")
+    [landed] = own_instances(sim, name + "-any")
+    assert landed["driver"] == "550.127.05"
+    sdk.terminate_pod(pod["id"])
+    # A CUDA version no host runs: RunPod's no-capacity answer, and nothing made.
+    deploy = (f'mutation {{ podFindAndDeployOnDemand(input: {{name: "{name}-old", imageName: "i", '
+              'gpuTypeId: "NVIDIA GeForce RTX 4090", allowedCudaVersions: ["11.8"]}) { id } }')  # fmt: skip
+    assert gql(deploy).json()["errors"][0]["message"].startswith("There are no longer any instances available")
+    assert own_instances(sim, name + "-old") == []
+
+
 def test_pod_is_running_with_null_runtime_until_the_host_is_up(sim, cloud, keypair, name):
     sim.world.config.boot_delay = 1.0
     try:
@@ -135,6 +156,31 @@ def test_no_capacity_is_a_capacity_error(sim, cloud, keypair, name):
     finally:
         sim.set_capacity("runpod", "NVIDIA GeForce RTX 4090", DEFAULT_CAPACITY)
     assert own_instances(sim, name) == []
+
+
+def test_a_create_that_answers_an_unknown_error_after_making_the_pod_adopts_it_and_destroy_ends_it(sim, sim_env, keypair, name):
+    from gpu_session.providers import GpuInstanceProvider
+    from gpu_session.providers.instance import OUTPUTS
+
+    sim.inject("runpod:podFindAndDeployOnDemand", "error_after_create")  # a 500 with a message no rule knows
+    p = GpuInstanceProvider()
+    props = {"cloud": "runpod", "name": name, "gpu_type": "NVIDIA GeForce RTX 4090", "gpu_count": 1,
+             "ssh_public_key": keypair.public, "ready_timeout_s": 60, **dict.fromkeys(OUTPUTS)}  # fmt: skip
+    created = p.create(props)
+    [pod] = own_instances(sim, name)  # exactly one, and it is the one the stack records: no orphan
+    assert pod["id"] == created.id and [e["event"] for e in sim.world.events if e.get("name") == name] == ["launch"]
+    p.delete(created.id, created.outs)
+    sim.wait_gone(created.id)
+    assert own_instances(sim, name) == []
+
+
+def test_only_a_refusal_we_know_counts_as_nothing_made():
+    from gpu_session.clouds import CloudError
+    from gpu_session.clouds.runpod import _classify
+
+    assert isinstance(_classify("imageName is required when no templateId is given."), InvalidRequest)
+    unknown = _classify("failed to attach pod to machine: context deadline exceeded")
+    assert type(unknown) is CloudError and "do not know" in str(unknown)
 
 
 # --- the unmodified SDK ---------------------------------------------------------------------

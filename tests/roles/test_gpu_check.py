@@ -10,8 +10,8 @@ from gpu_session.host.ansible import ConfigureError, Target, run
 def test_facts_for_a_fitting_model(hosts):
     result = run(hosts["lambda"], role="gpu_check", extravars={"gpu_check_required_memory_gb": 16})
     f = result.facts
-    assert f["gpu_check_gpus"] == [{"index": 0, "name": "NVIDIA A10 24GB", "memory_mib": 24576}]
-    assert (f["gpu_check_count"], f["gpu_check_total_memory_gb"], f["gpu_check_tensor_parallel_size"]) == (1, 24.0, 1)
+    assert f["gpu_check_gpus"] == [{"index": 0, "name": "NVIDIA A10 24GB", "memory_mib": 23028}]
+    assert (f["gpu_check_count"], f["gpu_check_total_memory_gb"], f["gpu_check_tensor_parallel_size"]) == (1, 22.5, 1)
     assert "gpu_check_simulated" not in f  # the device is the caller's to say (model_server_device), never sniffed
     two = run(hosts["runpod"], role="gpu_check", extravars={"gpu_check_required_memory_gb": 40, "gpu_check_min_gpus": 2})
     assert (
@@ -31,7 +31,7 @@ def test_a_model_that_cannot_fit_fails_naming_need_and_have(hosts):
         run(hosts["lambda"], role="gpu_check", extravars={"gpu_check_required_memory_gb": 140, "gpu_check_model": "meta-llama/Llama-3.1-70B-Instruct"},
             on_event=events.append)  # fmt: skip
     text = str(err.value)
-    assert "meta-llama/Llama-3.1-70B-Instruct needs 140 GB" in text and "has 24.0 GB (1 x NVIDIA A10 24GB)" in text
+    assert "meta-llama/Llama-3.1-70B-Instruct needs 140 GB" in text and "has 22.5 GB (1 x NVIDIA A10 24GB)" in text
     assert any(e.kind == "task" and e.task == "Query the GPUs" for e in events)
 
 

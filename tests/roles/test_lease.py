@@ -51,7 +51,7 @@ def test_status_extend_and_expiry_that_wipes_a_host_that_cannot_end_itself(hosts
     run(t, playbook="lease.yml", extravars={"lease_expires_at": in_seconds(3600), "lease_check_interval_s": 1})
     s = status(t, keypair)
     assert s["state"] == "active" and 3500 < s["lease_left_s"] <= 3600
-    assert s["server"] == "healthy" and s["gpus"][0]["memory_total_mib"] == 24576
+    assert s["server"] == "healthy" and s["gpus"][0]["memory_total_mib"] == 23028
     assert s["protection"].startswith("wipe only")
     pid = on(t, keypair, "sudo cat /run/gpu-session/gpu-session-lease.pid")
     assert on(t, keypair, "sudo stat -c '%a %U' /etc/gpu-session/lease.json /usr/local/sbin/gpu-session-lease").split() == [

@@ -1,17 +1,22 @@
-"""The chat's parts that need no server: what it shows, what it sends of a long conversation, /image."""
+"""The chat's parts: what it shows, what it sends of a long conversation, /image; and, against a fake
+OpenAI-compatible server in this process, an answer cut by a dropped link."""
 
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import json
+import socket
+import threading
 
 import pytest
 from rich.console import Console
 
 from gpu_session.chat import images
-from gpu_session.chat.client import Reply, printable
-from gpu_session.chat.context import ContextError, Window
-from gpu_session.chat.repl import settled, streamed_markdown
+from gpu_session.chat.client import ChatClient, ChatError, Reply, printable
+from gpu_session.chat.context import ContextError, ModelFacts, Window
+from gpu_session.chat.repl import CUT_MARK, Chat, settled, streamed_markdown
 
 
 def test_control_characters_from_the_model_are_defused_but_newlines_and_tabs_kept():
@@ -148,3 +153,96 @@ def test_finished_blocks_end_at_a_blank_line_outside_code():
     assert settled(text + "\n```\n\nThree", 0) == len(text + "\n```\n\n")
     assert settled(text, text.index("```")) == text.index("```")  # nothing new is finished
     assert settled("no blank line yet", 0) == 0
+
+
+# --- a link that drops mid-answer -------------------------------------------------------------
+
+
+class FakeServer(http.server.ThreadingHTTPServer):
+    """An OpenAI-compatible server that streams its answers as SSE chunks. Each entry of `answers`
+    is one request's pieces; a None piece ends that answer the way a dying tunnel does: the
+    connection closes mid-body, without the chunked encoding's last chunk."""
+
+    daemon_threads = True
+
+    def __init__(self, answers: list[list[str | None]]):
+        self.answers, self.requests = answers, []
+        super().__init__(("127.0.0.1", 0), FakeHandler)
+
+
+class FakeHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        server = self.server
+        server.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        pieces = server.answers[len(server.requests) - 1]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def send(data: str) -> None:
+            event = f"data: {data}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+
+        for piece in pieces:
+            if piece is None:  # the link drops
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}  # fmt: skip
+            send(json.dumps(chunk))
+        send("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+@pytest.fixture
+def fake_server():
+    servers = []
+
+    def start(answers):
+        server = FakeServer(answers)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_answer_cut_by_a_dropped_link_is_kept_marked_and_the_next_message_waits_for_the_link(fake_server):
+    server = fake_server([["The answer ", "begins", None, "never seen"], ["Back again."]])
+    waited = []
+    client = ChatClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "key", "m",
+                        reconnect=lambda: waited.append(len(server.requests)))  # fmt: skip
+    out = io.StringIO()
+    chat = Chat(client, ModelFacts("m", None, False, "vllm", "A10 ×1 on lambda"), stack="t",
+                console=Console(file=out, width=200))  # fmt: skip
+
+    chat.answer({"role": "user", "content": "Hello"})
+    said = out.getvalue()
+    assert "The answer begins" in said and "never seen" not in said  # what streamed was shown
+    assert "the link to the host dropped mid-answer" in said and "reconnecting" in said
+    assert "did not answer" not in said
+    assert chat.messages[-1] == {"role": "assistant", "content": "The answer begins" + CUT_MARK}
+
+    chat.answer({"role": "user", "content": "Go on"})
+    assert waited == [1]  # the second request waited for the link first
+    assert "Back again." in out.getvalue()
+    assert server.requests[1]["messages"][1] == {"role": "assistant", "content": "The answer begins" + CUT_MARK}
+    assert chat.messages[-1] == {"role": "assistant", "content": "Back again."}
+
+
+def test_a_link_that_drops_before_the_answer_begins_says_so_and_keeps_nothing(fake_server):
+    server = fake_server([[None]])
+    client = ChatClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "key", "m", reconnect=lambda: None)
+    with pytest.raises(ChatError, match="dropped before the answer began"):
+        client.stream([{"role": "user", "content": "Hello"}], on_token=lambda piece: None)

@@ -33,16 +33,17 @@ def test_cloud_init_write_files_plain_and_base64():
 
 def run_smi(tmp_path, *args):
     script = tmp_path / "nvidia-smi"
-    script.write_text(nvidia_smi_script([("NVIDIA A10 24GB", 24576)] * 2))
+    script.write_text(nvidia_smi_script([("NVIDIA A10 24GB", 23028)] * 2, ("580.95.05", "13.0")))
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
 
 
 def test_nvidia_smi_queries(tmp_path):
-    out = run_smi(tmp_path, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits").stdout
-    assert out.splitlines() == ["0, NVIDIA A10 24GB, 24576", "1, NVIDIA A10 24GB, 24576"]
+    out = run_smi(tmp_path, "--query-gpu=index,name,memory.total,driver_version", "--format=csv,noheader,nounits").stdout
+    assert out.splitlines() == ["0, NVIDIA A10 24GB, 23028, 580.95.05", "1, NVIDIA A10 24GB, 23028, 580.95.05"]
     out = run_smi(tmp_path, "--query-gpu=memory.total", "--format=csv").stdout
-    assert out.splitlines() == ["memory.total", "24576 MiB", "24576 MiB"]
-    assert "SIMULATED" in run_smi(tmp_path).stdout
+    assert out.splitlines() == ["memory.total", "23028 MiB", "23028 MiB"]
+    table = run_smi(tmp_path).stdout
+    assert "SIMULATED" in table and "Driver Version: 580.95.05" in table and "CUDA Version: 13.0" in table
     bad = run_smi(tmp_path, "--query-gpu=bogus", "--format=csv")
     assert bad.returncode != 0 and "not a valid field" in bad.stderr
 
