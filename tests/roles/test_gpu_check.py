@@ -10,7 +10,8 @@ from gpu_session.host.ansible import ConfigureError, Target, run
 def test_facts_for_a_fitting_model(hosts):
     result = run(hosts["lambda"], role="gpu_check", extravars={"gpu_check_required_memory_gb": 16})
     f = result.facts
-    assert f["gpu_check_gpus"] == [{"index": 0, "name": "NVIDIA A10 24GB", "memory_mib": 23028}]
+    assert f["gpu_check_gpus"] == [{"index": 0, "name": "NVIDIA A10 24GB", "memory_mib": 23028, "driver_version": "580.95.05"}]
+    assert f["gpu_check_driver_version"] == "580.95.05"
     assert (f["gpu_check_count"], f["gpu_check_total_memory_gb"], f["gpu_check_tensor_parallel_size"]) == (1, 22.5, 1)
     assert "gpu_check_simulated" not in f  # the device is the caller's to say (model_server_device), never sniffed
     two = run(hosts["runpod"], role="gpu_check", extravars={"gpu_check_required_memory_gb": 40, "gpu_check_min_gpus": 2})

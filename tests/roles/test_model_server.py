@@ -77,10 +77,25 @@ def test_a_gated_model_without_a_token_says_what_to_do(site):
 
 
 def test_a_model_too_big_fails_before_any_download_naming_need_and_have(site, sim, keypair):
+    """By the plan's rule (files/gpu_session_fit.py): the weights and the KV cache of the asked
+    context against the memory nvidia-smi reports, times vLLM's share, less the allowance."""
     target, _, converge = site
-    with pytest.raises(ConfigureError, match=r"needs 157\.\d GB of GPU memory; this host has 24\.0 GB \(1 x NVIDIA A10 24GB\)"):
+    with pytest.raises(ConfigureError, match=r"needs 13\d\.\d GiB of GPU memory for 8,192 tokens of context .* this host's 1 GPU\(s\) give 18\.7 GiB"):
         converge(model_server_model="meta-llama/Llama-3.1-70B-Instruct", model_server_hf_token=sim.hf_token)
+    with pytest.raises(ConfigureError, match=r"KV cache holds [\d,]+ tokens of context, fewer than the 2,000,000 asked for"):
+        converge(model_server_model="meta-llama/Llama-3.2-1B-Instruct", model_server_hf_token=sim.hf_token, model_server_context=2_000_000)
     assert "Llama-3.1-70B" not in on(target, keypair, "sudo ls -R /opt/gpu-session/hf")
+
+
+def test_an_nvidia_driver_too_old_for_the_engines_cuda_fails_before_any_download(site, keypair):
+    """A RunPod host placed without regard to CUDA has driver 550 (CUDA 12.4); the CUDA engines need 580."""
+    target, _, converge = site
+    old = "echo '#!/bin/sh' > /tmp/old-smi && echo 'echo 0, NVIDIA A10, 23028, 550.127.05' >> /tmp/old-smi && chmod 755 /tmp/old-smi"
+    on(target, keypair, f"sudo sh -c {shlex.quote(old)}")
+    with pytest.raises(ConfigureError, match=r"NVIDIA driver is 550\.127\.05; .* needs driver 580 or newer"):
+        converge(model_server_device="cuda", gpu_check_nvidia_smi="/tmp/old-smi", gpu_session_full_converge=True)
+    assert on(target, keypair, "sudo ls /opt/gpu-session/engines/ 2>/dev/null | grep cuda || echo none").strip() == "none"
+    on(target, keypair, "sudo rm /tmp/old-smi")
 
 
 def test_extra_arguments_are_passed_quoted_and_a_failed_start_shows_the_log(site, keypair):
@@ -206,7 +221,7 @@ def test_each_try_of_the_download_wait_says_its_bytes_and_converge_shows_them(si
     total, which converge turns into the download's progress line."""
     target, _, converge = site
     on(target, keypair, "sudo rm -rf /opt/gpu-session/run/model.json /opt/gpu-session/hf/hub/models--gpu-session--tiny-chat")
-    sim.inject("hf:resolve", "slow", times=1, delay=7)
+    sim.inject("hf:resolve", "slow", times=4, delay=7)  # the check's reads of config.json take the first ones
     events = []
     result = converge(events, model_server_backend="transformers", gpu_session_full_converge=True)
     tries = [e.message for e in events if e.kind == "retry" and e.task == host_converge.DOWNLOAD_WAIT]
