@@ -2,7 +2,10 @@
 
 Enough of the wire behaviour that the unmodified `huggingface_hub` client (`model_info`,
 `snapshot_download`, `hf download`) works: X-Repo-Commit, ETag / X-Linked-Etag / X-Linked-Size,
-ranges, and the X-Error-Code header its errors are keyed on.
+ranges, and the X-Error-Code header its errors are keyed on. HEAD on a file answers whoever may
+download it (its size and etag, as `get_hf_file_metadata` reads them) even where the simulator holds
+only the file's size; a gated entry answers 401 GatedRepo without a token and 403 GatedRepo to a
+token not among its readers (the Hub's answers; huggingface_hub raises GatedRepoError for both).
 """
 
 from __future__ import annotations
