@@ -87,8 +87,9 @@ def test(c, args="", fast=False):
         "cleanup": "remove what a simulator that died left behind",
         "fault": "inject a fault, API:OP:KIND[:TIMES] (repeatable)",
         "capacity": "instances a type can hold per region, CLOUD:TYPE[:REGION]=N (repeatable)",
+        "hub_extra": "more Hub entries from a YAML file, at start or into a running simulator (repeatable; README)",
     },
-    iterable=["fault", "capacity"],
+    iterable=["fault", "capacity", "hub_extra"],
 )
 def sim(
     c,
@@ -102,6 +103,7 @@ def sim(
     cleanup=False,
     fault=None,
     capacity=None,
+    hub_extra=None,
 ):
     """Run the cloud simulator in the foreground; it prints `export` lines that point clients at it."""
     from gpu_session.sim.__main__ import main
@@ -113,6 +115,8 @@ def sim(
         argv += ["--fault", f]
     for cap in capacity or []:
         argv += ["--capacity", cap]
+    for f in hub_extra or []:
+        argv += ["--hub-extra", f]
     sys.exit(main(argv))
 
 

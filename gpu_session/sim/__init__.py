@@ -19,7 +19,7 @@ from pathlib import Path
 from gpu_session.host.engines import venvs_dir, wheelhouse_dir
 from gpu_session.paths import state_dir
 
-from . import hf_hub, lambda_api, runpod_api
+from . import hf_hub, hub_models, lambda_api, runpod_api
 from .http import Request, Router, Server, json_response
 from .world import Fault, SimConfig, World, new_keys
 
@@ -119,6 +119,10 @@ class Simulator:
         """How many instances of the type a region (default: every region) can hold; live ones count."""
         self.world.set_capacity(cloud, type_name, region, slots)
 
+    def add_hub_models(self, entries: list[hub_models.HubModel]) -> None:
+        """More Hub entries (hub_models.parse or load); one with an id already served replaces it."""
+        self.hub.add(entries)
+
     def kill_instance(self, instance_id: str) -> None:
         self.world.kill_instance(instance_id)
 
@@ -174,6 +178,15 @@ class Simulator:
             self.set_capacity(body["cloud"], body["type"], int(body["slots"]), body.get("region"))
             return json_response({"ok": True})
 
+        def hub(req):
+            body = req.json() or {}
+            try:  # all of the file or nothing
+                entries = hub_models.parse(body.get("yaml") or "", body.get("source") or "the posted file")
+            except hub_models.BadHubEntry as e:
+                return json_response({"error": str(e)}, 400)
+            self.add_hub_models(entries)
+            return json_response({"ok": True, "models": [m.repo_id for m in entries]})
+
         def instance_fault(req):
             action = {"kill": self.kill_instance, "unhealthy": self.make_unhealthy}.get(req.params["action"])
             if action is None or req.params["id"] not in self.world.instances:
@@ -184,6 +197,7 @@ class Simulator:
         router.add("GET", "/_sim/state", guarded(state))
         router.add("POST", "/_sim/faults", guarded(fault))
         router.add("POST", "/_sim/capacity", guarded(capacity))
+        router.add("POST", "/_sim/hub", guarded(hub))
         router.add("POST", "/_sim/instances/{id}/{action}", guarded(instance_fault))
 
     def _write_info(self) -> None:

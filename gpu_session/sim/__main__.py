@@ -14,7 +14,7 @@ from pathlib import Path
 
 import requests
 
-from . import SimConfig, Simulator, default_state_dir
+from . import SimConfig, Simulator, default_state_dir, hub_models
 from .world import FAULT_KINDS
 
 
@@ -39,6 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="API:OP:KIND[:TIMES]",
         help=f"inject a fault, e.g. lambda:instance-operations/launch:503:2 (kinds: {', '.join(FAULT_KINDS)})",
     )
+    p.add_argument(
+        "--hub-extra",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="more Hub entries from a YAML file (the format: gpu_session/sim/hub_models.py, the README); "
+        "an id already served is replaced; into a running simulator too",
+    )
     p.add_argument("--env", action="store_true", help="print the running simulator's export lines and exit (for eval)")
     p.add_argument("--list", action="store_true", help="print the state of the running simulator and exit")
     p.add_argument("--json", action="store_true", help="with --list: JSON")
@@ -54,12 +63,16 @@ def _info(state_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+class NotAnswering(SystemExit):
+    """sim.json names a simulator that does not answer (it died)."""
+
+
 def _admin(state_dir: Path, method: str, path: str, body: dict | None = None) -> dict:
     info = _info(state_dir)
     try:
         resp = requests.request(method, info["url"] + path, json=body, headers={"X-Sim-Admin": info["admin_token"]}, timeout=10)
     except requests.ConnectionError:
-        sys.exit(f"the simulator at {info['url']} does not answer; if it died, run `invoke sim --cleanup`")
+        raise NotAnswering(f"the simulator at {info['url']} does not answer; if it died, run `invoke sim --cleanup`") from None
     if not resp.ok:
         sys.exit(f"simulator: {resp.status_code} {resp.text}")
     return resp.json()
@@ -70,6 +83,17 @@ def parse_fault(spec: str) -> dict:
     if len(parts) not in (3, 4) or parts[2] not in FAULT_KINDS:
         raise SystemExit(f"bad --fault {spec!r}: API:OP:KIND[:TIMES] with KIND one of {', '.join(FAULT_KINDS)}")
     return {"target": f"{parts[0]}:{parts[1]}", "kind": parts[2], "times": int(parts[3]) if len(parts) == 4 else 1}
+
+
+def read_hub_extra(path: Path) -> tuple[str, list[hub_models.HubModel]]:
+    """A --hub-extra file's text and entries, or the one-line error that names the entry and field."""
+    try:
+        text = path.read_text()
+        return text, hub_models.parse(text, str(path))
+    except OSError as e:
+        raise SystemExit(f"bad --hub-extra: cannot read {path}: {e.strerror}") from None
+    except hub_models.BadHubEntry as e:
+        raise SystemExit(f"bad --hub-extra: {e}") from None
 
 
 def parse_capacity(spec: str) -> dict:
@@ -139,14 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     faults = [parse_fault(f) for f in args.fault]
     capacity = [parse_capacity(c) for c in args.capacity]
-    if (faults or capacity) and (state_dir / "sim.json").exists():
+    extra = [(path, *read_hub_extra(path)) for path in args.hub_extra]  # every file checked before any is used
+    if (faults or capacity or extra) and (state_dir / "sim.json").exists():
         try:  # a simulator is running: change it instead of starting another
             for f in faults:
                 _admin(state_dir, "POST", "/_sim/faults", f)
             for c in capacity:
                 _admin(state_dir, "POST", "/_sim/capacity", c)
+            for path, text, entries in extra:
+                _admin(state_dir, "POST", "/_sim/hub", {"source": str(path), "yaml": text})
+                print(f"the simulator's Hub now serves {', '.join(m.repo_id for m in entries)}", file=sys.stderr)
             return 0
-        except SystemExit:
+        except NotAnswering:
             pass
     config = SimConfig(boot_delay=args.boot_delay, isolate_hosts=False if args.loopback else None)
     if args.no_rate_limits:
@@ -156,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         sim.inject(**f)
     for c in capacity:
         sim.set_capacity(c["cloud"], c["type"], c["slots"], c["region"])
+    for _, _, entries in extra:
+        sim.add_hub_models(entries)
     print_exports(sim.env())
     print(
         f"# simulator on {sim.url} ({'isolated hosts' if sim.world.hosts.isolated else 'loopback hosts'}); "

@@ -2,9 +2,8 @@
 
 Built models are real and small: a Llama (and an Idefics3-style vision model on it) with shapes the
 vLLM CPU build accepts (head_dim 64), a byte-level BPE tokenizer trained here, a Llama-3 chat
-template, one safetensors file of BF16 weights that vLLM and transformers both serve. Metadata-only
-entries carry the real ids, parameter counts and configs of larger models so sizing can be tested;
-their weights cannot be downloaded from the simulator.
+template, one safetensors file of BF16 weights that vLLM and transformers both serve. (The Hub's
+metadata-only entries, whole repos of real models without their weights, are hub_models.yaml.)
 
 The built models talk. While it builds them, the simulator teaches them (float32 training on the
 CPU from a fixed seed, one thread, deterministic ops; seconds) a handful of short exchanges through
@@ -27,11 +26,13 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import struct
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from .hub_models import HubModel
 
 log = logging.getLogger("gpu_session.sim.models")
 
@@ -67,6 +68,13 @@ TINY_TEXT = "gpu-session/tiny-chat"
 # vLLM only the sampling values (temperature, top_k, ...), where top_k 1 is greedy.
 GREEDY = {"do_sample": False, "top_k": 1}
 TINY_VISION = "gpu-session/tiny-vision"
+# tiny-chat's weights and tokenizer with a context too long for a small KV cache: vLLM's CPU build
+# with VLLM_CPU_KVCACHE_SPACE=1 (1 GiB; this model's KV cache takes 1 KiB a token) refuses to start
+# at its full length, so whoever serves it must choose a shorter --max-model-len. Only its
+# config.json differs from tiny-chat's (DERIVED).
+TINY_LONG = "gpu-session/tiny-chat-long"
+LONG_CONTEXT = 8_388_608
+DERIVED = {TINY_LONG: (TINY_TEXT, {"max_position_embeddings": LONG_CONTEXT})}
 
 # --- what the built models are taught ---------------------------------------------------------
 # Tests import these rather than repeat the sentences.
@@ -87,6 +95,7 @@ def hello(repo_id: str) -> str:
 # Prompt → the whole greedy reply, which then ends (<|eot_id|>). Also after one of these system
 # prompts, and as a later turn after another known exchange.
 KNOWN_REPLIES = {repo: {p: hello(repo) for p in HELLO_PROMPTS} | EXCHANGES for repo in (TINY_TEXT, TINY_VISION)}
+KNOWN_REPLIES[TINY_LONG] = KNOWN_REPLIES[TINY_TEXT]  # tiny-chat's weights: it says it is tiny-chat
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
     "Answer briefly.",
@@ -124,7 +133,7 @@ user assistant system tool content role message answer question please thank you
 """ + "\n".join(
     [
         *HELLO_PROMPTS,
-        *map(hello, KNOWN_REPLIES),
+        *map(hello, (TINY_TEXT, TINY_VISION)),
         *EXCHANGES.keys(),
         *EXCHANGES.values(),
         *SYSTEM_PROMPTS,
@@ -134,23 +143,6 @@ user assistant system tool content role message answer question please thank you
         *COLOUR_REPLIES.values(),
     ]
 )  # fmt: skip
-
-
-@dataclass
-class HubModel:
-    repo_id: str
-    params: int
-    dtype: str  # safetensors dtype of the weights: BF16, F16, F32
-    config: dict
-    pipeline_tag: str = "text-generation"
-    gated: bool = False
-    files: dict[str, int] = field(default_factory=dict)  # metadata-only: file name → size
-    built: bool = False  # True: files come from build_dir
-    tags: list[str] = field(default_factory=list)
-
-    @property
-    def vision(self) -> bool:
-        return self.pipeline_tag == "image-text-to-text"
 
 
 def _llama(hidden, layers, heads, kv, inter, vocab, ctx, arch="LlamaForCausalLM", model_type="llama", **extra) -> dict:
@@ -169,97 +161,18 @@ def _llama(hidden, layers, heads, kv, inter, vocab, ctx, arch="LlamaForCausalLM"
     }
 
 
-def _shards(n: int, total_bytes: int) -> dict[str, int]:
-    files = {f"model-{i:05d}-of-{n:05d}.safetensors": total_bytes // n for i in range(1, n + 1)}
-    return {
-        "config.json": 900,
-        "generation_config.json": 180,
-        "tokenizer.json": 9_085_657,
-        "tokenizer_config.json": 55_351,
-        "model.safetensors.index.json": 23_950,
-        **files,
-    }
-
-
-METADATA_MODELS = [
-    HubModel(
-        "meta-llama/Llama-3.1-8B-Instruct",
-        8_030_261_248,
-        "BF16",
-        _llama(4096, 32, 32, 8, 14336, 128256, 131072),
-        gated=True,
-        files=_shards(4, 16_060_522_496),
-    ),
-    HubModel(
-        "meta-llama/Llama-3.1-70B-Instruct",
-        70_553_706_496,
-        "BF16",
-        _llama(8192, 80, 64, 8, 28672, 128256, 131072),
-        gated=True,
-        files=_shards(30, 141_107_412_992),
-    ),
-    HubModel(
-        "meta-llama/Llama-3.2-1B-Instruct",
-        1_235_814_400,
-        "BF16",
-        _llama(2048, 16, 32, 8, 8192, 128256, 131072),
-        gated=True,
-        files=_shards(1, 2_471_645_608),
-    ),
-    HubModel(
-        "meta-llama/Llama-3.2-3B-Instruct",
-        3_212_749_824,
-        "BF16",
-        _llama(3072, 28, 24, 8, 8192, 128256, 131072),
-        gated=True,
-        files=_shards(2, 6_425_499_648),
-    ),
-    HubModel(
-        "Qwen/Qwen2.5-7B-Instruct",
-        7_615_616_512,
-        "BF16",
-        _llama(3584, 28, 28, 4, 18944, 152064, 32768, arch="Qwen2ForCausalLM", model_type="qwen2"),
-        files=_shards(4, 15_231_233_024),
-    ),
-    HubModel(
-        "Qwen/Qwen2.5-VL-7B-Instruct",
-        8_292_166_656,
-        "BF16",
-        _llama(
-            3584,
-            28,
-            28,
-            4,
-            18944,
-            152064,
-            128000,
-            arch="Qwen2_5_VLForConditionalGeneration",
-            model_type="qwen2_5_vl",
-            vision_config={"depth": 32, "hidden_size": 1280},
-        ),
-        pipeline_tag="image-text-to-text",
-        files=_shards(5, 16_584_333_312),
-    ),
-    HubModel(
-        "mistralai/Mistral-7B-Instruct-v0.3",
-        7_248_023_552,
-        "BF16",
-        _llama(4096, 32, 32, 8, 14336, 32768, 32768, arch="MistralForCausalLM", model_type="mistral"),
-        files=_shards(3, 14_496_047_104),
-    ),
-]
-
 TINY_TEXT_CONFIG = dict(hidden=128, layers=2, heads=2, kv=2, inter=256, vocab=512, ctx=2048)
 # The vision tower: SigLIP on 56x56 images in 14x14 patches, pixel-shuffled by 2: 4 image tokens per image.
 TINY_VISION_CONFIG = dict(hidden=64, layers=2, heads=1, inter=128, image=56, patch=14, scale=2)
 
 
 def built_models() -> list[HubModel]:
-    """Their parameter counts are read from the weights once built (see hf_hub)."""
+    """The models the simulator builds; the Hub lists their build folders' files."""
     text = ["simulator", "taught" if teaching_available() else "random-weights"]
     return [
-        HubModel(TINY_TEXT, 0, "BF16", {}, built=True, tags=text),
-        HubModel(TINY_VISION, 0, "BF16", {}, built=True, pipeline_tag="image-text-to-text", tags=["simulator", "taught"]),
+        HubModel(TINY_TEXT, built=True, tags=text),
+        HubModel(TINY_LONG, built=True, tags=[*text, "long-context"]),
+        HubModel(TINY_VISION, built=True, pipeline_tag="image-text-to-text", tags=["simulator", "taught"]),
     ]
 
 
@@ -739,9 +652,11 @@ BUILDERS = {TINY_TEXT: build_tiny_text, TINY_VISION: build_tiny_vision}
 def ensure_built(cache: Path, repo_id: str) -> Path:
     """The model's folder, building it once per builder version (builds go to a temporary folder
     first, so a failed build leaves nothing that serves). tiny-chat built without torch is kept
-    apart, so that it is built again, taught, once torch is installed."""
+    apart, so that it is built again, taught, once torch is installed. A DERIVED model is its
+    base's folder (hard links) with its config.json changed."""
+    base, overrides = DERIVED.get(repo_id, (repo_id, None))
     name = repo_id.replace("/", "--")
-    if repo_id == TINY_TEXT and not teaching_available():
+    if base == TINY_TEXT and not teaching_available():
         log.warning(
             "%s has random weights here, so its replies are random: torch and transformers teach it its "
             "replies (pip install 'gpu-session[sim-vision]')",
@@ -750,10 +665,11 @@ def ensure_built(cache: Path, repo_id: str) -> Path:
         name += "-untrained"
     out = cache / f"v{BUILDER_VERSION}" / name
     if not (out / ".done").exists():
+        build = BUILDERS.get(repo_id) or (lambda tmp: _derive(ensure_built(cache, base), tmp, repo_id, base, overrides))
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            BUILDERS[repo_id](tmp)
+            build(tmp)
         except TeachingFailed as e:
             log.error("%s (the build is not kept; a bug to report, with this machine's torch and CPU)", e)
             raise
@@ -761,6 +677,21 @@ def ensure_built(cache: Path, repo_id: str) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out
+
+
+def _derive(folder: Path, out: Path, repo_id: str, base: str, config: dict) -> None:
+    """base's files, linked (copied where links cannot be made), with `config` over its config.json."""
+    out.mkdir(parents=True)
+    for p in folder.iterdir():
+        if p.is_file() and p.name not in (".done", "config.json", "README.md"):
+            try:
+                os.link(p, out / p.name)
+            except OSError:
+                shutil.copy2(p, out / p.name)
+    (out / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **config}, indent=2))
+    (out / "README.md").write_text(
+        f"# {repo_id}\n\nBuilt by the gpu-session simulator, for tests: {base}'s files, with {config} in config.json.\n"
+    )
 
 
 def git_blob_sha1(data: bytes) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import struct
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import jinja2
 import pytest
 import requests
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -21,7 +22,15 @@ from huggingface_hub.errors import (
 )
 from tokenizers import Tokenizer
 
+from gpu_session.sim import hub_models
+from gpu_session.sim.hf_hub import NON_READER_TOKEN
+from gpu_session.sim.models import KNOWN_REPLIES, LONG_CONTEXT, TINY_LONG, TINY_TEXT
+
 TINY = "gpu-session/tiny-chat"
+BUILTIN = {m.repo_id: m for m in hub_models.builtin()}
+MISTRAL = "mistralai/Mistral-7B-Instruct-v0.3"
+GEMMA = "google/gemma-2-9b-it"  # gated, with a readers list
+READER = "hf_sim_reader"  # gemma's one reader
 
 
 # huggingface_hub reads HF_ENDPOINT once, at import; a process started after `eval "$(invoke sim)"`
@@ -160,3 +169,288 @@ def test_the_vision_model_loads_and_sees_an_image(hub, tmp_path):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+# --- the built-in real shapes -----------------------------------------------------------------
+
+
+def _siblings(hub, repo, token=False) -> dict[str, int]:
+    info = HfApi(endpoint=hub.endpoint, token=token).model_info(repo, files_metadata=True)
+    return {s.rfilename: s.size for s in info.siblings}
+
+
+def _json(hub, repo, name, tmp_path, token):
+    return json.loads(Path(hub.hf_hub_download(repo, name, cache_dir=tmp_path, token=token)).read_text())
+
+
+@pytest.mark.parametrize("repo", sorted(BUILTIN))
+def test_every_entry_lists_every_file_with_its_size(hub, repo):
+    """Sizes as declared; a file given by its content is as big as the content served."""
+    declared = BUILTIN[repo].files
+    expected = {name: v if isinstance(v, int) else len(hub_models.content(v)) for name, v in declared.items()}
+    assert _siblings(hub, repo) == expected
+
+
+@pytest.mark.parametrize("repo", sorted(BUILTIN))
+def test_small_files_download_as_declared(sim, hub, repo, tmp_path):
+    token = READER if BUILTIN[repo].readers else sim.hf_token
+    small = [n for n in ("config.json", "tokenizer_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+                         "chat_template.jinja") if n in BUILTIN[repo].files]  # fmt: skip
+    for name in small:
+        path = Path(hub.hf_hub_download(repo, name, cache_dir=tmp_path, token=token))
+        declared = BUILTIN[repo].files[name]
+        assert (json.loads(path.read_text()) if "json" in declared else path.read_text()) == next(iter(declared.values()))
+        assert path.stat().st_size == get_hf_file_metadata(hf_hub_url(repo, name, endpoint=hub.endpoint), token=token).size
+
+
+def test_mistral_as_the_real_repo(sim, hub, tmp_path):
+    """consolidated.safetensors beside the shards: only the index says which are the weights to load."""
+    sizes = _siblings(hub, MISTRAL)
+    shards = {
+        "model-00001-of-00003.safetensors": 4_949_453_792,
+        "model-00002-of-00003.safetensors": 4_999_819_336,
+        "model-00003-of-00003.safetensors": 4_546_807_800,
+    }
+    assert sizes["consolidated.safetensors"] == 14_496_078_512
+    assert {n: sizes[n] for n in shards} == shards
+    assert {"params.json", "tokenizer.model.v3", "tokenizer.json", "tokenizer_config.json"} <= set(sizes)
+    assert {n for n in sizes if n.endswith(".safetensors")} == {"consolidated.safetensors", *shards}
+    index = _json(hub, MISTRAL, "model.safetensors.index.json", tmp_path, sim.hf_token)
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == 2 * 7_248_023_552
+    info = hub.model_info(MISTRAL)
+    assert info.safetensors.total == 7_248_023_552 and info.gated == "auto"
+    assert "chat_template" in _json(hub, MISTRAL, "tokenizer_config.json", tmp_path, sim.hf_token)
+    config = _json(hub, MISTRAL, "config.json", tmp_path, sim.hf_token)
+    params = _json(hub, MISTRAL, "params.json", tmp_path, sim.hf_token)
+    assert (config["num_key_value_heads"], config["torch_dtype"], params["n_kv_heads"]) == (8, "bfloat16", 8)
+
+
+def test_llama_configs_are_the_real_ones(sim, hub, tmp_path):
+    config = _json(hub, "meta-llama/Llama-3.1-8B-Instruct", "config.json", tmp_path, sim.hf_token)
+    assert config["rope_scaling"]["rope_type"] == "llama3" and config["max_position_embeddings"] == 131072
+    assert (config["num_key_value_heads"], config["torch_dtype"]) == (8, "bfloat16")
+    assert _json(hub, "meta-llama/Llama-3.2-1B-Instruct", "config.json", tmp_path, sim.hf_token)["head_dim"] == 64
+    assert set(_siblings(hub, "meta-llama/Llama-3.2-1B-Instruct")) >= {"model.safetensors", "original/consolidated.00.pth"}
+
+
+def test_bin_and_safetensors_of_the_same_weights(sim, hub, tmp_path):
+    repo = "HuggingFaceH4/zephyr-7b-beta"
+    names = set(_siblings(hub, repo))
+    bins = {n for n in names if n.endswith(".bin") and n.startswith("pytorch_model-")}
+    safetensors = {n for n in names if n.endswith(".safetensors")}
+    assert len(bins) == 2 and len(safetensors) == 8
+    st_index = _json(hub, repo, "model.safetensors.index.json", tmp_path, sim.hf_token)
+    bin_index = _json(hub, repo, "pytorch_model.bin.index.json", tmp_path, sim.hf_token)
+    assert set(st_index["weight_map"].values()) == safetensors and set(bin_index["weight_map"].values()) == bins
+    assert st_index["weight_map"].keys() == bin_index["weight_map"].keys()
+
+
+def test_a_model_without_a_chat_template(sim, hub, tmp_path):
+    repo = "lmsys/vicuna-13b-v1.5"
+    names = set(_siblings(hub, repo))
+    assert "chat_template.jinja" not in names and not any(n.endswith(".safetensors") for n in names)
+    assert "chat_template" not in _json(hub, repo, "tokenizer_config.json", tmp_path, sim.hf_token)
+    assert set(_json(hub, repo, "pytorch_model.bin.index.json", tmp_path, sim.hf_token)["weight_map"].values()) == {
+        n for n in names if n.endswith(".bin")
+    }
+    info = hub.model_info(repo)
+    assert info.safetensors is None and "chat_template" not in info.config.get("tokenizer_config", {})
+
+
+def test_custom_code_vision_model(sim, hub, tmp_path):
+    repo = "OpenGVLab/InternVL2-8B"
+    info = hub.model_info(repo)
+    assert info.pipeline_tag == "image-text-to-text" and "custom_code" in info.tags and "auto_map" in info.config
+    config = _json(hub, repo, "config.json", tmp_path, sim.hf_token)
+    assert config["architectures"] == ["InternVLChatModel"] and "AutoModel" in config["auto_map"]
+    llm = config["llm_config"]
+    assert (llm["num_hidden_layers"], llm["num_key_value_heads"], llm["hidden_size"]) == (32, 8, 4096)
+
+
+def test_gguf_only(hub):
+    repo = "bartowski/Llama-3.2-3B-Instruct-GGUF"
+    sizes = _siblings(hub, repo)
+    ggufs = {n: s for n, s in sizes.items() if n.endswith(".gguf")}
+    assert len(ggufs) >= 5 and all(s > 1_000_000_000 for s in ggufs.values())
+    assert "config.json" not in sizes and not any(n.endswith((".safetensors", ".bin")) for n in sizes)
+    info = HfApi(endpoint=hub.endpoint, token=False).model_info(repo)
+    assert info.safetensors is None and "gguf" in info.tags
+
+
+def test_chat_template_in_a_file_of_its_own(sim, hub, tmp_path):
+    repo = "HuggingFaceTB/SmolLM3-3B"
+    template = Path(hub.hf_hub_download(repo, "chat_template.jinja", cache_dir=tmp_path)).read_text()
+    assert template == BUILTIN[repo].files["chat_template.jinja"]["text"] and "<|im_start|>" in template
+    assert "chat_template" not in _json(hub, repo, "tokenizer_config.json", tmp_path, False)
+
+
+# --- who may download what ------------------------------------------------------------------
+
+
+def _head(hub, repo, name, token):
+    return get_hf_file_metadata(hf_hub_url(repo, name, endpoint=hub.endpoint), token=token)
+
+
+def test_gated_readers(sim, hub):
+    """Metadata answers everyone; a gated file answers a reader, 403 GatedRepo to another valid
+    token, 401 GatedRepo to no token: what an access check before renting a GPU sees."""
+    weights = "model-00001-of-00004.safetensors"
+    for token in (READER, NON_READER_TOKEN, sim.hf_token, False):
+        assert HfApi(endpoint=hub.endpoint, token=token).model_info(GEMMA, files_metadata=True).gated == "manual"
+    meta = _head(hub, GEMMA, weights, READER)
+    assert meta.size == _siblings(hub, GEMMA)[weights] and meta.commit_hash == hub.model_info(GEMMA).sha and meta.etag
+    for token, status in ((NON_READER_TOKEN, 403), (sim.hf_token, 403), (False, 401)):
+        with pytest.raises(GatedRepoError) as e:
+            _head(hub, GEMMA, weights, token)
+        assert e.value.response.status_code == status
+    with pytest.raises(GatedRepoError):
+        hub.hf_hub_download(GEMMA, "config.json", token=NON_READER_TOKEN)
+    with pytest.raises(EntryNotFoundError):  # a reader may, but the simulator holds no weights to send
+        hub.hf_hub_download(GEMMA, weights, token=READER)
+    assert {READER, NON_READER_TOKEN} <= set(sim.world.hf_tokens)
+    assert HfApi(endpoint=hub.endpoint, token=READER).whoami()["name"] == "sim-user"
+
+
+def test_gated_without_readers_opens_to_any_token(sim, hub):
+    repo, weights = "meta-llama/Llama-3.1-8B-Instruct", "model-00004-of-00004.safetensors"
+    for token in (sim.hf_token, NON_READER_TOKEN, READER):
+        meta = _head(hub, repo, weights, token)
+        assert meta.size == 1_168_138_808 and len(meta.commit_hash) == 40
+    with pytest.raises(GatedRepoError) as e:
+        _head(hub, repo, weights, False)
+    assert e.value.response.status_code == 401
+
+
+# --- tiny-chat-long -------------------------------------------------------------------------
+
+
+def test_tiny_chat_long_is_tiny_chat_with_a_long_context(sim, hub, tmp_path):
+    long, short = (HfApi(endpoint=hub.endpoint).model_info(r, files_metadata=True) for r in (TINY_LONG, TINY_TEXT))
+    blobs = {
+        r: {s.rfilename: s.lfs.sha256 if s.lfs else s.blob_id for s in i.siblings}
+        for r, i in ((TINY_LONG, long), (TINY_TEXT, short))
+    }
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert blobs[TINY_LONG][name] == blobs[TINY_TEXT][name], name
+    assert blobs[TINY_LONG]["config.json"] != blobs[TINY_TEXT]["config.json"]
+    config = _json(hub, TINY_LONG, "config.json", tmp_path, False)
+    assert config["max_position_embeddings"] == LONG_CONTEXT == 8_388_608
+    base = _json(hub, TINY_TEXT, "config.json", tmp_path, False)
+    assert {k: v for k, v in config.items() if k != "max_position_embeddings"} == {
+        k: v for k, v in base.items() if k != "max_position_embeddings"
+    }
+    assert long.safetensors.total == short.safetensors.total
+    assert KNOWN_REPLIES[TINY_LONG] == KNOWN_REPLIES[TINY_TEXT]
+
+
+# --- --hub-extra --------------------------------------------------------------------------------
+
+EXTRA = """
+models:
+  - id: acme/rehearsal-8b
+    gated: manual
+    readers: [hf_acme_reader]
+    pipeline_tag: text-generation
+    tags: [rehearsal]
+    files:
+      config.json: {json: {architectures: [LlamaForCausalLM], num_hidden_layers: 32, max_position_embeddings: 8192}}
+      tokenizer_config.json: {json: {chat_template: "{{ messages }}"}}
+      model-00001-of-00002.safetensors: 4976698672
+      model-00002-of-00002.safetensors: 1000
+"""
+REPLACE_MISTRAL = """
+models:
+  - id: mistralai/Mistral-7B-Instruct-v0.3
+    files:
+      config.json: {json: {architectures: [MistralForCausalLM], max_position_embeddings: 1024}}
+      model.safetensors: 2000
+  - id: acme/second
+    gated: auto
+    files: {config.json: {json: {}}, chat_template.jinja: {text: "{{ messages }}"}}
+"""
+
+
+def _run_sim(*args: str, state: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpu_session.sim", "--state-dir", str(state), *args],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_hub_extra_at_start_and_into_a_running_simulator(tmp_path):
+    state = tmp_path / "sim"
+    (tmp_path / "extra.yaml").write_text(EXTRA)
+    (tmp_path / "replace.yaml").write_text(REPLACE_MISTRAL)
+    (tmp_path / "bad.yaml").write_text("models:\n  - id: acme/bad\n    gated: yes-please\n    files: {config.json: 1}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpu_session.sim", "--state-dir", str(state), "--loopback", "--hub-extra", str(tmp_path / "extra.yaml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        env = {}
+        while "HF_TOKEN" not in env:
+            line = proc.stdout.readline()
+            assert line.startswith("export "), line + proc.stderr.read()
+            k, _, v = line[len("export ") :].strip().partition("=")
+            env[k] = v
+        endpoint = json.loads((state / "sim.json").read_text())["env"]["HF_ENDPOINT"]
+        api = HfApi(endpoint=endpoint, token=False)
+        info = api.model_info("acme/rehearsal-8b", files_metadata=True)
+        assert (info.gated, info.tags[-1]) == ("manual", "rehearsal")
+        assert {s.rfilename: s.size for s in info.siblings}["model-00001-of-00002.safetensors"] == 4_976_698_672
+        url = hf_hub_url("acme/rehearsal-8b", "model-00002-of-00002.safetensors", endpoint=endpoint)
+        assert get_hf_file_metadata(url, token="hf_acme_reader").size == 1000  # readers become valid tokens
+        with pytest.raises(GatedRepoError):
+            get_hf_file_metadata(url, token=env["HF_TOKEN"])
+        assert api.model_info(MISTRAL).safetensors.total == 7_248_023_552  # the built-in, until replaced
+
+        bad = _run_sim("--hub-extra", str(tmp_path / "replace.yaml"), "--hub-extra", str(tmp_path / "bad.yaml"), state=state)
+        assert bad.returncode != 0 and "models[0] (acme/bad): gated must be false, auto or manual" in bad.stderr
+        assert api.model_info(MISTRAL).safetensors.total == 7_248_023_552  # nothing of either file was taken
+
+        added = _run_sim("--hub-extra", str(tmp_path / "replace.yaml"), state=state)
+        assert added.returncode == 0, added.stderr
+        assert {s.rfilename for s in api.model_info(MISTRAL).siblings} == {"config.json", "model.safetensors"}
+        assert api.model_info("acme/second").gated == "auto"
+        assert "acme/rehearsal-8b" in {m.id for m in api.list_models(search="acme")}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("models: [{id: a/b, files: {x: 1}", "not valid YAML at line"),
+        ("model: []", "expected a top-level `models:` list"),
+        ("models: [{gated: false, files: {x: 1}}]", "models[0]: missing id"),
+        ("models: [{id: no-owner, files: {x: 1}}]", "models[0]: id 'no-owner' is not a Hub id"),
+        ("models: [{id: a--b/c, files: {x: 1}}]", "is not a Hub id"),
+        (
+            "models: [{id: a/b, files: {x: 1}}, {id: a/c, gated: true, files: {x: 1}}]",
+            "models[1] (a/c): gated must be false, auto or manual, not True",
+        ),
+        (
+            "models: [{id: a/b, files: {config.json: {yaml: 1}}}]",
+            "models[0] (a/b): files: config.json: {'yaml': 1} is neither a size in bytes",
+        ),
+        ("models: [{id: a/b, files: {w.bin: -1}}]", "files: w.bin: -1 is neither a size in bytes"),
+        ("models: [{id: a/b, files: {w.bin: 12.5}}]", "files: w.bin: 12.5 is neither"),
+        ("models: [{id: a/b, readers: [hf_x], files: {x: 1}}]", "models[0] (a/b): readers apply to gated entries only"),
+        ("models: [{id: a/b, gated: manual, readers: hf_x, files: {x: 1}}]", "readers must be a list of tokens"),
+        ("models: [{id: a/b, reader: [hf_x], files: {x: 1}}]", "unknown field 'reader'"),
+        ("models: [{id: a/b}]", "files must map every file"),
+    ],
+)
+def test_bad_hub_extra_files_say_which_entry_and_field(text, error):
+    with pytest.raises(hub_models.BadHubEntry) as e:
+        hub_models.parse(text, "my.yaml")
+    assert str(e.value).startswith("my.yaml: ") and error in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_hub_extra_stops_the_cli_before_it_starts(tmp_path):
+    (tmp_path / "bad.yaml").write_text("models: [{id: a/b, files: {w.safetensors: big}}]")
+    out = _run_sim("--hub-extra", str(tmp_path / "bad.yaml"), state=tmp_path / "sim")
+    assert out.returncode != 0 and "bad --hub-extra:" in out.stderr and "w.safetensors" in out.stderr
+    assert not (tmp_path / "sim" / "sim.json").exists()
+    missing = _run_sim("--hub-extra", str(tmp_path / "nothing.yaml"), state=tmp_path / "sim")
+    assert missing.returncode != 0 and "cannot read" in missing.stderr
