@@ -141,8 +141,9 @@ def weights_in_memory(weights_bytes: int, quantized: bool = False) -> int:
 
 def need(weights_bytes: int, kv_per_token: int | None, context: int) -> int:
     """Bytes of room a model needs to serve `context` tokens: its weights (in memory) and that
-    context's KV cache (where the KV shape is unknown, a fifth of the weights, as before)."""
-    kv = kv_per_token * context if kv_per_token else weights_bytes // 5
+    context's KV cache, with CONTEXT_MARGIN's slack (so a machine with this room holds the context:
+    context_held ≥ context); where the KV shape is unknown, a fifth of the weights, as before."""
+    kv = math.ceil(kv_per_token * context / CONTEXT_MARGIN) if kv_per_token else weights_bytes // 5
     return weights_bytes + kv
 
 
@@ -150,17 +151,15 @@ def context_held(room_bytes: int, weights_bytes: int, kv_per_token: int | None, 
                  kv_space: int | None = None) -> int:  # fmt: skip
     """The longest context a machine serves: what its KV cache holds (the room left beside the
     weights, or `kv_space` bytes where the KV cache has a space of its own, as on vLLM's CPU build),
-    capped at the model's own, rounded down to a multiple of 256 tokens. 0 when nothing is left or
-    the KV shape is unknown (then the engine decides)."""
+    capped at the model's own. 0 when nothing is left or the KV shape is unknown (then the engine
+    decides)."""
     if not kv_per_token:
         return 0
     kv = room_bytes - weights_bytes if kv_space is None else min(kv_space, room_bytes - weights_bytes)
     if kv <= 0:
         return 0
     held = int(kv * CONTEXT_MARGIN) // kv_per_token
-    if model_max:
-        held = min(held, model_max)
-    return held if held < 256 else held // 256 * 256
+    return min(held, model_max) if model_max else held
 
 
 def disk_gib(weights_bytes: int) -> int:

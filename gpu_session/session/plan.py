@@ -58,6 +58,7 @@ class Plan:
     weights_gb: float = 0.0  # GiB the host downloads
     disk_gb: int = 0  # GiB
     backend: str = "vllm"
+    device: str = "cuda"  # where the model server runs: cuda, or cpu (the simulator's hosts)
 
     @property
     def estimate(self) -> float:
@@ -68,6 +69,8 @@ class Plan:
         ends = (datetime.now(UTC) + timedelta(hours=self.hours)).strftime("%H:%M UTC")
         room = sizing.gib(fit.room(o.memory_mib, o.gpu_count))
         context = f"{self.context:,} tokens of context" if self.context else "the engine's context"
+        if self.device == "cpu":
+            context += " on this host's CPU engine, whose KV cache space caps it"
         return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({room} usable for {self.need_gb} GiB needed; {context}) in "
                 f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}"
                 + (f"; the ${self.budget:g} budget ends it after {self.budget / o.price_per_hour:.2g} h"
@@ -136,7 +139,7 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     backend = info.backend(device) if opts.backend == "auto" else opts.backend
     found = [
         Plan(o, r, info.need_gb(context, opts.quantize), opts.hours, opts.budget, context=info.context_on(o, opts.quantize, device),
-             weights_gb=round(info.weights_bytes / sizing.GB, 1), disk_gb=disk, backend=backend)
+             weights_gb=round(info.weights_bytes / sizing.GB, 1), disk_gb=disk, backend=backend, device=device)
         for o in sizing.fitting(offers, need, **limits) for r in o.launch_regions()
     ]  # fmt: skip
     if not found:

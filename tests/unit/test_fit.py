@@ -85,7 +85,10 @@ def test_the_context_held_is_the_kv_room_capped_at_the_models_own():
     room = fit.room(23028, 1)  # an A10
     assert room == int(23028 * 1024**2 * 0.9 - 1.5 * GIB)
     held = fit.context_held(room, 15 * GIB, 131_072, 131_072)
-    assert held == int((room - 15 * GIB) * fit.CONTEXT_MARGIN) // 131_072 // 256 * 256
+    assert held == int((room - 15 * GIB) * fit.CONTEXT_MARGIN) // 131_072
+    # A machine with just the room a context needs holds that context (the margin is in the need).
+    for context in (8192, 10_000, 30_001):
+        assert fit.context_held(fit.need(15 * GIB, 131_072, context), 15 * GIB, 131_072, None) >= context
     assert fit.context_held(room, 1 * GIB, 1024, 2048) == 2048  # the model's own caps it
     assert fit.context_held(room, 1024, 1024, 8_388_608, kv_space=1 * GIB) < 1_048_576  # vLLM's CPU KV cache space
     assert fit.context_held(room, room + 1, 1024, 8192) == 0 and fit.context_held(room, 1, None, 8192) == 0

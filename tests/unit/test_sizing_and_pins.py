@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from gpu_session import fit
 from gpu_session.clouds import Offer
 from gpu_session.host.ssh import pin, pinned
@@ -29,16 +31,16 @@ def llama_8b(**changes) -> ModelInfo:
 def test_an_8b_model_needs_its_weights_and_the_kv_cache_of_its_context():
     info = llama_8b()
     assert info.kv_bytes_per_token == 128 * 1024 and info.default_context() == 8192
-    assert info.need_bytes() == 16_060_522_496 + 128 * 1024 * 8192
-    assert info.need_gb() == 16.0 and info.need_gb(131072) == 31.0
-    assert info.need_bytes(quantize=True) == int(16_060_522_496 * 0.3) + 128 * 1024 * 8192
+    assert info.need_bytes() == 16_060_522_496 + math.ceil(128 * 1024 * 8192 / fit.CONTEXT_MARGIN)
+    assert info.need_gb() == 16.0 and info.need_gb(131072) == 31.5
+    assert info.need_bytes(quantize=True) - info.need_bytes() == int(16_060_522_496 * 0.3) - 16_060_522_496
     assert info.backend() == "vllm" and info.disk_gb() == 40
 
 
 def test_an_a10_serves_the_8b_model_about_a_quarter_of_its_context():
     """The issue's example: a 24 GB card plans, and holds only part of 131,072 tokens."""
     context = llama_8b().context_on(A10)
-    assert 25_000 < context < 131072 // 4 + 2048 and context % 256 == 0
+    assert 25_000 < context < 131072 // 4 + 2048
     assert llama_8b().context_on(A10, device="cpu") <= context  # vLLM's CPU KV cache space caps it too
     assert llama_8b().context_on(H100X2) == 131072  # capped at the model's own
 

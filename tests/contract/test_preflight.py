@@ -1,0 +1,121 @@
+"""`invoke up --dry-run --json` on the shapes real repos have (the simulator's Hub): the plan that
+sizes the context, and each refusal that must come before anything is launched or billed.
+
+The session's GPU rule is rehearsed as a real cloud would run it (GPU_SESSION_DEVICE=cuda): the
+simulator's hosts serve on the CPU, whose KV cache space would cap every context."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+INVOKE = str(Path(sys.executable).parent / "invoke")
+GIB = 1024**3
+
+
+def dry_run(*args: str, device: str = "cuda", token: str | None = None, unset_token: bool = False) -> tuple[int, dict]:
+    env = {**os.environ, "GPU_SESSION_DEVICE": device}
+    if token:
+        env["HF_TOKEN"] = token
+    if unset_token:
+        env.pop("HF_TOKEN", None)
+    out = subprocess.run(
+        [INVOKE, "up", "--dry-run", "--json", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout + out.stderr[-2000:]  # one object on stdout, nothing else
+    return out.returncode, json.loads(lines[0])
+
+
+@pytest.fixture
+def no_launch(sim, sim_env):
+    """Whatever the dry runs do, the simulator launches nothing."""
+    before = len(sim.instances())
+    yield
+    assert len(sim.instances()) == before and not [e for e in sim.world.events if "launch" in e.get("op", "")]
+
+
+def test_the_plan_holds_the_context_and_says_what_the_offer_gives(no_launch):
+    """llama-8b: 128 KiB of KV cache per token. At the default 8,192 tokens a 24 GB A10 fits, and
+    it holds about a quarter of the model's 131,072; asked for all of it, a 48 GB card."""
+    rc, plan = dry_run("--model", "llama-8b", "--cloud", "lambda")
+    assert rc == 0 and plan["ok"] and plan["instance_type"] == "gpu_1x_a10", plan
+    assert 25_000 < plan["context"] < 34_000 and plan["weights_gb"] == 15.0 and plan["backend"] == "vllm"
+    assert set(plan) == {"ok", "model", "cloud", "instance_type", "gpu", "gpu_count", "region", "price_per_hour",
+                         "weights_gb", "need_gb", "context", "disk_gb", "backend"}  # fmt: skip
+    rc, whole = dry_run("--model", "llama-8b", "--cloud", "lambda", "--context", "131072")
+    assert rc == 0 and whole["instance_type"] == "gpu_1x_a6000" and whole["context"] == 131072 and whole["need_gb"] > 30
+    rc, refused = dry_run("--model", "llama-8b", "--context", "200000")
+    assert rc == 1 and refused == {"ok": False, "error": refused["error"]} and "trained for 131,072 tokens" in refused["error"]
+
+
+def test_weights_are_counted_once(no_launch):
+    """Mistral's consolidated.safetensors beside the shards; zephyr's .bin beside its .safetensors."""
+    rc, mistral = dry_run("--model", "mistral-7b", "--cloud", "lambda")
+    assert rc == 0 and mistral["weights_gb"] == round((4_949_453_792 + 4_999_819_336 + 4_546_807_800) / GIB, 1) == 13.5
+    rc, zephyr = dry_run("--model", "HuggingFaceH4/zephyr-7b-beta", "--cloud", "lambda")
+    assert rc == 0 and 13 < zephyr["weights_gb"] < 14, zephyr
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--model", "lmsys/vicuna-13b-v1.5"], "has no chat template"),
+        (["--model", "OpenGVLab/InternVL2-8B"], "pass --trust-remote-code"),
+        (["--model", "bartowski/Llama-3.2-3B-Instruct-GGUF"], "holds only GGUF files"),
+        (["--model", "llama-70b", "--disk", "100"], "needs 170 GiB of disk"),
+        (["--model", "llama-70b", "--gpus", "1"], "more than any 1-GPU offer gives"),
+    ],
+)
+def test_models_no_engine_can_serve_here_are_refused_before_launch(no_launch, args, says):
+    rc, refused = dry_run(*args)
+    assert rc == 1 and not refused["ok"] and says in refused["error"], refused
+
+
+def test_custom_code_runs_only_when_asked_and_vision_goes_to_vllm_on_a_gpu(no_launch):
+    rc, plan = dry_run("--model", "OpenGVLab/InternVL2-8B", "--trust-remote-code", "--cloud", "lambda")
+    assert rc == 0 and plan["backend"] == "vllm", plan
+    assert dry_run("--model", "qwen-vl-7b", "--cloud", "lambda")[1]["backend"] == "vllm"
+    assert dry_run("--model", "qwen-vl-7b", "--cloud", "lambda", device="cpu")[1]["backend"] == "transformers"
+
+
+def test_a_gated_repo_is_checked_by_a_file_not_its_metadata(sim, no_launch):
+    from gpu_session.sim.hf_hub import NON_READER_TOKEN
+
+    model = ("--model", "google/gemma-2-9b-it", "--cloud", "lambda")
+    rc, refused = dry_run(*model, token=NON_READER_TOKEN)  # the metadata answers this token; the files do not
+    assert rc == 1 and "this HF token's account may not download it" in refused["error"], refused
+    rc, refused = dry_run(*model, unset_token=True)
+    assert rc == 1 and "is gated: accept its license" in refused["error"] and "export HF_TOKEN" in refused["error"]
+    rc, plan = dry_run(*model, token="hf_sim_reader")
+    assert rc == 0 and plan["ok"], plan
+
+
+def test_arm_machines_are_left_out(no_launch):
+    """llama-70b quantized needs about 42 GiB: the GH200 ($1.49/h, aarch64) would hold it, but our
+    engines are x86_64 only, so the plan is the next card that does."""
+    rc, plan = dry_run("--model", "llama-70b", "--quantize", "--cloud", "lambda")
+    assert rc == 0 and plan["gpu"] != "GH200" and plan["instance_type"] == "gpu_1x_h100_pcie", plan
+
+
+def test_a_model_between_the_sold_and_the_reported_memory_is_planned_on_a_card_that_holds_it(sim, no_launch, tmp_path):
+    """19 GiB of weights and 1 GiB of context: the A10 is sold as 24 GB (the old weights × 1.2 rule
+    planned it) but gives vLLM 18.7 GiB of what nvidia-smi reports. The entry comes from --hub-extra."""
+    extra = tmp_path / "between.yaml"
+    config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "hidden_size": 4096, "max_position_embeddings": 8192, "torch_dtype": "bfloat16"}  # fmt: skip
+    extra.write_text(json.dumps({"models": [{"id": "someone/between-7b", "gated": False, "pipeline_tag": "text-generation",
+                                             "files": {"config.json": {"json": config},
+                                                       "tokenizer_config.json": {"json": {"chat_template": "{{ messages }}"}},
+                                                       "model.safetensors": 19 * GIB}}]}))  # fmt: skip
+    added = subprocess.run([sys.executable, "-m", "gpu_session.sim", "--state-dir", str(sim.state_dir), "--hub-extra", str(extra)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    rc, plan = dry_run("--model", "someone/between-7b", "--cloud", "lambda")
+    assert rc == 0 and plan["instance_type"] != "gpu_1x_a10" and plan["need_gb"] > 19, plan
