@@ -188,6 +188,39 @@ def transfers(stack: str, tmp_path: Path) -> None:
 CANARY = "Say hello to canary-5f1e"  # typed in the interactive chat; must reach no log
 
 
+def test_a_model_whose_full_context_does_not_fit_is_served_at_the_planned_context(sim, sim_env, wheelhouse):
+    """tiny-chat-long claims 8,388,608 tokens of context, whose KV cache (8 GiB) vLLM's CPU build
+    here (1 GiB) cannot hold: unplanned, vLLM refuses to start. The plan gives the context this
+    host holds, the role serves exactly that (--max-model-len), and the model answers."""
+    import httpx
+
+    from gpu_session.sim.models import LONG_CONTEXT, TINY_LONG
+
+    stack = "e2e-long"
+    planned = invoke("up", "--dry-run", "--json", "--model", "tiny-long", "--cloud", "runpod")
+    plan = json.loads(planned.stdout)
+    assert planned.returncode == 0 and plan["ok"] and plan["backend"] == "vllm", planned.stdout + planned.stderr[-2000:]
+    assert 0 < plan["context"] < LONG_CONTEXT
+    up = invoke("up", "--model", "tiny-long", "--cloud", "runpod", "--stack", stack, "--yes", "--json")
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    try:
+        said = [e["message"] for e in events(up.stdout) if e["event"] == "say"]
+        assert f"{plan['context']:,} tokens of context" in said[0], said[0]
+        session_dir = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "stacks" / stack
+        port = json.loads((session_dir / "tunnel.json").read_text())["port"]
+        api_key = (session_dir / "api_key").read_text().strip()
+        served = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        [model] = served.json()["data"]
+        assert model["id"] == TINY_LONG and model["max_model_len"] == plan["context"], model
+        chat = invoke("chat", "--stack", stack, "--prompt", "Say hello", "--max-tokens", "40")
+        assert chat.returncode == 0 and chat.stdout.strip() == KNOWN_REPLIES[TINY_LONG]["Say hello"], (
+            chat.stdout + chat.stderr[-2000:]
+        )
+    finally:
+        down = invoke("down", "--stack", stack)
+    assert down.returncode == 0 and not alive(sim, stack), down.stderr[-2000:]
+
+
 def interactive_chat(stack: str, backend: str, tmp_path: Path) -> None:
     """The interactive chat in a real terminal (tmux): a streamed reply, the commands, a long upload
     trimmed to the context with a notice, an answer stopped with Ctrl-C without leaving, Ctrl-D to leave."""
