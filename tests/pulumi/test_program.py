@@ -278,7 +278,11 @@ def test_a_second_create_adopts_the_instance_a_crashed_one_launched(stack, sim, 
         ({"model": "gpu-session/tiny-chat", "diskGb": "lots"}, "gpu-session:diskGb must be a whole number of at least 10"),
         ({"model": "tiny-chat; rm -rf /"}, "gpu-session:model must be a Hugging Face model id"),
         ({"model": "nobody/no-such-model"}, "nobody/no-such-model is not on the Hub"),
-        ({"model": "meta-llama/Llama-3.1-70B-Instruct"}, "needs 157.7 GB of GPU memory, more than any 1-GPU offer has"),
+        ({"model": "meta-llama/Llama-3.1-70B-Instruct"}, "needs 134.0 GiB of GPU memory, more than any 1-GPU offer gives"),
+        # The preflight runs in the program too: `pulumi up` alone launches nothing that cannot work.
+        ({"model": "lmsys/vicuna-13b-v1.5"}, "has no chat template"),
+        ({"model": "meta-llama/Llama-3.1-70B-Instruct", "gpuCount": "2", "diskGb": "100"}, "diskGb 100 is too small"),
+        ({"model": "gpu-session/tiny-chat", "context": "4096"}, "trained for 2,048 tokens of context"),
         ({"model": "meta-llama/Llama-3.1-70B-Instruct", "gpuCount": "8", "maxPricePerHour": "1"}, "above maxPricePerHour"),
     ],
 )
