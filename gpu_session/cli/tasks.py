@@ -339,7 +339,8 @@ def _dry_run(opts, as_json: bool, say) -> None:
         print(jsonlib.dumps(plan.summary(opts.model)))
         return
     say(f"plan: {plan.describe()}")
-    say(f"{opts.model}: {plan.weights_gb} GiB of weights, {plan.disk_gb} GiB of disk, served by {plan.backend}")
+    weights = f"{plan.weights_gb} GiB" if plan.weights_gb >= 1 else "under 1 GiB"
+    say(f"{opts.model}: {weights} of weights, {plan.disk_gb} GiB of disk, served by {plan.backend}")
     say("dry run: nothing launched (without --dry-run, up would ask to launch this)")
 
 
