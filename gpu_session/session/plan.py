@@ -58,7 +58,7 @@ class Plan:
     weights_gb: float = 0.0  # GiB the host downloads
     disk_gb: int = 0  # GiB
     backend: str = "vllm"
-    device: str = "cuda"  # where the model server runs: cuda, or cpu (the simulator's hosts)
+    cpu_capped: bool = False  # the host serves on the CPU (the simulator's), whose KV cache space holds less than the GPU would
 
     @property
     def estimate(self) -> float:
@@ -69,7 +69,7 @@ class Plan:
         ends = (datetime.now(UTC) + timedelta(hours=self.hours)).strftime("%H:%M UTC")
         room = sizing.gib(fit.room(o.memory_mib, o.gpu_count))
         context = f"{self.context:,} tokens of context" if self.context else "the engine's context"
-        if self.device == "cpu":
+        if self.cpu_capped:
             context += " on this host's CPU engine, whose KV cache space caps it"
         return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({room} usable for {self.need_gb} GiB needed; {context}) in "
                 f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}"
@@ -139,7 +139,8 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     backend = info.backend(device) if opts.backend == "auto" else opts.backend
     found = [
         Plan(o, r, info.need_gb(context, opts.quantize), opts.hours, opts.budget, context=info.context_on(o, opts.quantize, device),
-             weights_gb=round(info.weights_bytes / sizing.GB, 1), disk_gb=disk, backend=backend, device=device)
+             weights_gb=round(info.weights_bytes / sizing.GB, 1), disk_gb=disk, backend=backend,
+             cpu_capped=info.context_on(o, opts.quantize, device) < info.context_on(o, opts.quantize))
         for o in sizing.fitting(offers, need, **limits) for r in o.launch_regions()
     ]  # fmt: skip
     if not found:
