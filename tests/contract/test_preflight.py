@@ -36,9 +36,10 @@ def dry_run(*args: str, device: str = "cuda", token: str | None = None, unset_to
 @pytest.fixture
 def no_launch(sim, sim_env):
     """Whatever the dry runs do, the simulator launches nothing."""
-    before = len(sim.instances())
+    instances, events = len(sim.instances()), len(sim.world.events)
     yield
-    assert len(sim.instances()) == before and not [e for e in sim.world.events if "launch" in e.get("op", "")]
+    launched = [e for e in sim.world.events[events:] if e["event"] == "launch"]
+    assert len(sim.instances()) == instances and not launched, launched
 
 
 def test_the_plan_holds_the_context_and_says_what_the_offer_gives(no_launch):
