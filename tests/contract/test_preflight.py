@@ -103,6 +103,7 @@ def test_arm_machines_are_left_out(no_launch):
     engines are x86_64 only, so the plan is the next card that does."""
     rc, plan = dry_run("--model", "llama-70b", "--quantize", "--cloud", "lambda")
     assert rc == 0 and plan["gpu"] != "GH200" and plan["instance_type"] == "gpu_1x_h100_pcie", plan
+    assert plan["disk_gb"] == 170 and plan["weights_gb"] == 131.4  # sized from the weights: 70B is 141 GB, past the old 100
 
 
 def test_a_model_between_the_sold_and_the_reported_memory_is_planned_on_a_card_that_holds_it(sim, no_launch, tmp_path):
@@ -120,3 +121,40 @@ def test_a_model_between_the_sold_and_the_reported_memory_is_planned_on_a_card_t
     assert added.returncode == 0, added.stderr
     rc, plan = dry_run("--model", "someone/between-7b", "--cloud", "lambda")
     assert rc == 0 and plan["instance_type"] != "gpu_1x_a10" and plan["need_gb"] > 19, plan
+
+
+CHECK = ROOT / "roles/model_server/files/gpu-session-model.py"
+
+
+def host_check(*args: str, data_root: Path) -> subprocess.CompletedProcess:
+    """The model_server role's check as the host runs it (the download tool's huggingface_hub; here ours)."""
+    return subprocess.run([sys.executable, str(CHECK), "check", "--data-root", str(data_root), *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_the_host_applies_the_plans_rule_to_what_nvidia_smi_reports(sim_env, no_launch, tmp_path):
+    """One rule on both sides: the context the plan gives an A10 is the context the role serves on a
+    host whose nvidia-smi says 23,028 MiB, and the host downloads Mistral's shards, not its
+    consolidated checkpoint."""
+    rc, plan = dry_run("--model", "llama-8b", "--cloud", "lambda")
+    checked = host_check("--model", "meta-llama/Llama-3.1-8B-Instruct", "--gpu-memory-mib", "23028", data_root=tmp_path)
+    assert rc == 0 and checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["max_model_len"] == plan["context"]
+    mistral = json.loads(host_check("--model", "mistralai/Mistral-7B-Instruct-v0.3", data_root=tmp_path).stdout)
+    assert "consolidated.safetensors" not in mistral["files"] and "model-00003-of-00003.safetensors" in mistral["files"]
+    assert mistral["weights_bytes"] == 4_949_453_792 + 4_999_819_336 + 4_546_807_800
+    too_big = host_check("--model", "meta-llama/Llama-3.1-8B-Instruct", "--gpu-memory-mib", "16384", data_root=tmp_path)
+    assert (
+        too_big.returncode == 2 and "this host's 1 GPU(s) give" in too_big.stderr and "choose a larger GPU type" in too_big.stderr
+    )
+
+
+def test_the_host_refuses_a_disk_too_small_before_downloading(sim, sim_env, no_launch, tmp_path):
+    extra = tmp_path / "huge.yaml"
+    extra.write_text(json.dumps({"models": [{"id": "someone/huge", "gated": False, "files": {
+        "config.json": {"json": {"architectures": ["LlamaForCausalLM"]}}, "model.safetensors": 1 << 50}}]}))  # fmt: skip
+    added = subprocess.run([sys.executable, "-m", "gpu_session.sim", "--state-dir", str(sim.state_dir), "--hub-extra", str(extra)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    refused = host_check("--model", "someone/huge", data_root=tmp_path)
+    assert refused.returncode == 2 and "GiB of disk free" in refused.stderr and "(--disk)" in refused.stderr, refused.stderr

@@ -18,7 +18,7 @@ import pytest
 
 from gpu_session.local import daemon
 from gpu_session.local.ledger import Ledger
-from gpu_session.sim.models import COLOUR_QUESTION, COLOUR_REPLIES, KNOWN_REPLIES
+from gpu_session.sim.models import COLOUR_QUESTION, COLOUR_REPLIES, KNOWN_REPLIES, STORY, STORY_PROMPTS
 from gpu_session.stack.names import is_ssh_key_of
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
@@ -216,6 +216,27 @@ def test_a_model_whose_full_context_does_not_fit_is_served_at_the_planned_contex
         assert chat.returncode == 0 and chat.stdout.strip() == KNOWN_REPLIES[TINY_LONG]["Say hello"], (
             chat.stdout + chat.stderr[-2000:]
         )
+
+        # The link drops mid-answer (the tunnel's ssh killed after five pieces, as it happened to a
+        # user): what streamed is kept and marked cut, and the next message is answered once the
+        # tunnel has reconnected.
+        from gpu_session.chat.client import ChatClient
+
+        client = ChatClient.for_stack(stack)
+        ssh_pid = json.loads((session_dir / "tunnel.json").read_text())["ssh_pid"]
+        pieces = []
+
+        def on_token(piece: str) -> None:
+            pieces.append(piece)
+            if len(pieces) == 5:
+                os.kill(ssh_pid, signal.SIGKILL)
+
+        story = client.stream([{"role": "user", "content": STORY_PROMPTS[2]}], on_token, max_tokens=3000)
+        assert story.cut and not story.stopped and len(pieces) >= 5 and story.text == "".join(pieces), story
+        assert STORY.startswith(story.text[:20]), story.text[:200]
+        after = client.stream([{"role": "user", "content": "Say hello"}], lambda _: None, max_tokens=40)
+        assert not after.cut and after.text == KNOWN_REPLIES[TINY_LONG]["Say hello"]
+        assert json.loads((session_dir / "tunnel.json").read_text())["ssh_pid"] != ssh_pid
     finally:
         down = invoke("down", "--stack", stack)
     assert down.returncode == 0 and not alive(sim, stack), down.stderr[-2000:]
