@@ -96,20 +96,37 @@ def text_config(config: dict) -> dict:
     return config
 
 
-def model_context(config: dict) -> int | None:
-    """The longest context the model was trained for (config.json), or None where it does not say."""
+# The keys vLLM takes the model's longest context from, the smallest of those present
+# (vllm/transformers_utils/model_arch_config_convertor.py), and the length it assumes when there is
+# none; it also caps at tokenizer_config.json's model_max_length (vllm/config/model.py).
+MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")  # fmt: skip
+ENGINE_DEFAULT_CONTEXT = 2048
+
+
+def model_context(config: dict, tokenizer: dict | None = None) -> int:
+    """The longest context vLLM serves the model at (tokens): the smallest of config.json's length
+    keys and the tokenizer's model_max_length, or ENGINE_DEFAULT_CONTEXT where none says. A longer
+    --max-model-len is refused at start."""
     text = text_config(config)
-    for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
-        if isinstance(text.get(key), int) and text[key] > 0:
-            return text[key]
-    return None
+    found = [text[k] for k in MAX_LEN_KEYS if isinstance(text.get(k), int) and not isinstance(text[k], bool) and text[k] > 0]
+    if not found:
+        return ENGINE_DEFAULT_CONTEXT
+    limit = (tokenizer or {}).get("model_max_length")
+    return min(found + ([int(limit)] if isinstance(limit, int | float) and 0 < limit < 2**62 else []))
+
+
+def default_context(config: dict, tokenizer: dict | None = None, asked: int | None = None) -> int:
+    """The context a session must hold: `asked`, else the model's own or DEFAULT_CONTEXT, the smaller."""
+    return asked or min(model_context(config, tokenizer), DEFAULT_CONTEXT)
 
 
 def kv_bytes_per_token(config: dict) -> int | None:
     """Bytes of KV cache one token takes across all layers (config.json's shapes, in its dtype):
     2 (K and V) × layers × KV heads × head size × dtype bytes; for multi-head latent attention
     (DeepSeek V2/V3: kv_lora_rank) one latent of kv_lora_rank + qk_rope_head_dim per layer. None
-    when the config lacks a shape. Llama-3.1-8B: 2 × 32 × 8 × 128 × 2 = 131,072 (128 KiB)."""
+    when the config lacks a shape. Llama-3.1-8B: 2 × 32 × 8 × 128 × 2 = 131,072 (128 KiB).
+    Sliding-window layers (Gemma 2 and 3) are counted as full attention: more than they take, never less."""
     text = text_config(config)
     layers, heads = text.get("num_hidden_layers"), text.get("num_attention_heads")
     dtype = str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "bfloat16")
@@ -120,11 +137,17 @@ def kv_bytes_per_token(config: dict) -> int | None:
         return layers * (text["kv_lora_rank"] + int(text.get("qk_rope_head_dim") or 0)) * size
     if not isinstance(heads, int) or heads <= 0:
         return None
-    kv_heads = text.get("num_key_value_heads") or heads
+    # Falcon says num_kv_heads, or multi_query for one; without either, every head has its own.
+    kv_heads = text.get("num_key_value_heads") or text.get("num_kv_heads") or (1 if text.get("multi_query") else heads)
     head_dim = text.get("head_dim") or (text.get("hidden_size") or 0) // heads
     if not head_dim:
         return None
     return 2 * layers * int(kv_heads) * int(head_dim) * size
+
+
+def kv_space(device: str, cpu_kvcache_gib: float = CPU_KVCACHE_GIB) -> int | None:
+    """Bytes of a KV cache space of its own (vLLM's CPU build), or None on a GPU (the room beside the weights)."""
+    return int(cpu_kvcache_gib * GIB) if device == "cpu" else None
 
 
 def room(memory_mib: float, gpus: int, *, share: float = GPU_MEMORY_UTILIZATION) -> int:
@@ -134,9 +157,21 @@ def room(memory_mib: float, gpus: int, *, share: float = GPU_MEMORY_UTILIZATION)
     return max(0, int(memory_mib * 1024**2 * share - ALLOWANCE_GIB * GIB * gpus))
 
 
-def weights_in_memory(weights_bytes: int, quantized: bool = False) -> int:
-    """Bytes the weights take in GPU memory (a quarter-ish of that when quantized to 4 bits)."""
-    return int(weights_bytes * (QUANTIZED_SHARE if quantized else 1.0))
+def weights_in_memory(weights_bytes: int, quantized: bool = False, config: dict | None = None) -> int:
+    """Bytes the weights take in GPU memory. Quantized to 4 bits (bitsandbytes), QUANTIZED_SHARE of
+    them, but the embeddings and the LM head (vocabulary × hidden size each, one when tied), which
+    stay 16-bit."""
+    if not quantized:
+        return weights_bytes
+    text = text_config(config or {})
+    vocab, hidden = text.get("vocab_size"), text.get("hidden_size")
+    full = (
+        (1 if text.get("tie_word_embeddings") else 2) * vocab * hidden * 2
+        if isinstance(vocab, int) and isinstance(hidden, int)
+        else 0
+    )
+    full = min(full, weights_bytes)
+    return int((weights_bytes - full) * QUANTIZED_SHARE) + full
 
 
 def need(weights_bytes: int, kv_per_token: int | None, context: int) -> int:
@@ -147,21 +182,21 @@ def need(weights_bytes: int, kv_per_token: int | None, context: int) -> int:
     return weights_bytes + kv
 
 
-def context_held(room_bytes: int, weights_bytes: int, kv_per_token: int | None, model_max: int | None,
+def context_held(room_bytes: int, weights_bytes: int, kv_per_token: int | None, model_max: int,
                  kv_space: int | None = None) -> int:  # fmt: skip
     """The longest context a machine serves: what its KV cache holds (the room left beside the
     weights, or `kv_space` bytes where the KV cache has a space of its own, as on vLLM's CPU build),
-    capped at the model's own. 0 when nothing is left or the KV shape is unknown (then the engine
-    decides)."""
-    if not kv_per_token:
-        return 0
+    capped at the model's own (model_context). Where the KV shape is unknown, the model's own or
+    DEFAULT_CONTEXT, the smaller (need() kept a fifth of the weights for it). 0 when nothing is left."""
     kv = room_bytes - weights_bytes if kv_space is None else min(kv_space, room_bytes - weights_bytes)
     if kv <= 0:
         return 0
-    held = int(kv * CONTEXT_MARGIN) // kv_per_token
-    return min(held, model_max) if model_max else held
+    if not kv_per_token:
+        return min(model_max, DEFAULT_CONTEXT)
+    return min(int(kv * CONTEXT_MARGIN) // kv_per_token, model_max)
 
 
-def disk_gib(weights_bytes: int) -> int:
-    """The disk a session needs (GiB): the weights, the engine, and a tenth more, up to a multiple of 10."""
-    return int(math.ceil((weights_bytes / GIB * 1.1 + ENGINE_DISK_GIB) / 10) * 10)
+def disk_gib(download_bytes: int) -> int:
+    """The disk a session needs (GiB): what the host downloads (downloads()), the engine, and a
+    tenth more, up to a multiple of 10."""
+    return int(math.ceil((download_bytes / GIB * 1.1 + ENGINE_DISK_GIB) / 10) * 10)

@@ -23,7 +23,7 @@ from gpu_session.errors import GpuSessionError
 
 from .clouds import Offer
 
-GB = fit.GIB  # sizes are GiB (1024³ bytes) throughout
+GIB = fit.GIB  # sizes are GiB (1024³ bytes) throughout
 # The engines' locks are x86_64 wheels (gpu_session.host.engines); Arm machines cannot run them.
 ENGINE_ARCHES = ("x86_64",)
 
@@ -67,6 +67,7 @@ class ModelInfo:
     config: dict = field(default_factory=dict)  # config.json; {} when the repo has none
     index: dict | None = None  # the weights' index (model.safetensors.index.json), where there is one
     chat_template: bool = True  # a chat template in tokenizer_config.json or a file of its own
+    tokenizer: dict = field(default_factory=dict)  # tokenizer_config.json; {} when the repo has none
 
     @property
     def weights(self) -> dict[str, int]:
@@ -82,9 +83,9 @@ class ModelInfo:
         return fit.kv_bytes_per_token(self.config)
 
     @property
-    def max_context(self) -> int | None:
-        """The model's own context (tokens), or None where config.json does not say."""
-        return fit.model_context(self.config)
+    def max_context(self) -> int:
+        """The longest context the engine serves the model at (tokens; gpu_session.fit.model_context)."""
+        return fit.model_context(self.config, self.tokenizer)
 
     @property
     def architectures(self) -> list[str]:
@@ -95,26 +96,27 @@ class ModelInfo:
         """Its config points at code in the repo (auto_map): no engine loads it without trust_remote_code."""
         return bool(self.config.get("auto_map"))
 
-    def default_context(self) -> int:
-        """The context a session plans for unless told: the model's own or fit.DEFAULT_CONTEXT, the smaller."""
-        return min(self.max_context or fit.DEFAULT_CONTEXT, fit.DEFAULT_CONTEXT)
+    def default_context(self, asked: int | None = None) -> int:
+        """The context a session plans for: `asked`, else the model's own or fit.DEFAULT_CONTEXT, the smaller."""
+        return fit.default_context(self.config, self.tokenizer, asked)
+
+    def weights_in_memory(self, quantize: bool = False) -> int:
+        return fit.weights_in_memory(self.weights_bytes, quantize, self.config)
 
     def need_bytes(self, context: int | None = None, quantize: bool = False) -> int:
         """Room (bytes) it needs to serve `context` tokens (default_context() when None)."""
-        weights = fit.weights_in_memory(self.weights_bytes, quantize)
-        return fit.need(weights, self.kv_bytes_per_token, context or self.default_context())
+        return fit.need(self.weights_in_memory(quantize), self.kv_bytes_per_token, self.default_context(context))
 
     def need_gb(self, context: int | None = None, quantize: bool = False) -> float:
         """need_bytes in GiB, up to 0.1."""
-        return -(-self.need_bytes(context, quantize) * 10 // GB) / 10
+        return -(-self.need_bytes(context, quantize) * 10 // GIB) / 10
 
     def context_on(self, offer: Offer, quantize: bool = False, device: str = "cuda") -> int:
         """The longest context `offer` serves (tokens; 0 when unknown: the engine decides): what its
         KV cache holds beside the weights, capped at the model's own. On a host without a GPU (the
         simulator's) vLLM's CPU KV cache space caps it too."""
-        kv_space = fit.CPU_KVCACHE_GIB * GB if device == "cpu" else None
-        return fit.context_held(fit.room(offer.memory_mib, offer.gpu_count), fit.weights_in_memory(self.weights_bytes, quantize),
-                                self.kv_bytes_per_token, self.max_context, kv_space)  # fmt: skip
+        return fit.context_held(fit.room(offer.memory_mib, offer.gpu_count), self.weights_in_memory(quantize),
+                                self.kv_bytes_per_token, self.max_context, fit.kv_space(device))  # fmt: skip
 
     def backend(self, device: str = "cuda") -> str:
         """vLLM where it serves the architecture on `device` (its multimodal models on a GPU only),
@@ -125,8 +127,19 @@ class ModelInfo:
         return "transformers"
 
     def disk_gb(self) -> int:
-        """The disk (GiB) a session of it needs (gpu_session.fit.disk_gib)."""
-        return fit.disk_gib(self.weights_bytes)
+        """The disk (GiB) a session of it needs: what the host downloads and the engine (gpu_session.fit.disk_gib)."""
+        return fit.disk_gib(sum(self.files[f] for f in fit.downloads(self.files, self.weights)))
+
+    def check_disk(self, disk_gb: int | None, *, option: str = "--disk") -> int:
+        """The disk (GiB) to give the session: disk_gb() unless `disk_gb` is larger; SizingError
+        when `disk_gb` is smaller (the default can only be raised)."""
+        need = self.disk_gb()
+        if disk_gb is not None and disk_gb < need:
+            raise SizingError(
+                f"{self.id} needs {need} GiB of disk ({gib(self.weights_bytes)} of weights, the other files and the engine): "
+                f"{option} {disk_gb} is too small; leave it out (it is sized from the weights) or give {need} or more"
+            )
+        return max(need, disk_gb or 0)
 
 
 def hub():
@@ -179,7 +192,7 @@ def model_info(model: str, token: str | None = None) -> ModelInfo:
     except RepositoryNotFoundError:
         raise SizingError(f"{model} is not on the Hub, or is private and the HF token cannot see it{suggest(model)}") from None
     except HfHubHTTPError as e:
-        raise SizingError(f"the Hub could not describe {model}: {e}") from None
+        raise SizingError(f"the Hub could not describe {model}: {one_line(e)}") from None
     except Exception as e:  # noqa: BLE001 (connection refused, DNS, timeouts, in whatever class the HTTP library of the day raises)
         raise SizingError(f"the Hub at {os.environ.get('HF_ENDPOINT') or 'huggingface.co'} is unreachable: {e}") from None
     files = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
@@ -197,7 +210,13 @@ def model_info(model: str, token: str | None = None) -> ModelInfo:
         model, files, bool(info.gated), vision, info.sha or "", config=config,
         index=read(index_name) if index_name else None,
         chat_template=bool(tokenizer.get("chat_template")) or any(f in files for f in CHAT_TEMPLATE_FILES),
+        tokenizer=tokenizer,
     )  # fmt: skip
+
+
+def one_line(error: Exception) -> str:
+    """An HTTP library's error, which runs to several lines (a URL, a link to the status's docs), as its first."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def repo_json(model: str, name: str, revision: str, token: str | None) -> dict | None:
@@ -265,9 +284,10 @@ def preflight(info: ModelInfo, *, context: int | None = None, trust_remote_code:
             f"{name} runs code from its repo (config.json's auto_map), which no engine loads unless told to: read that code, "
             "then pass --trust-remote-code (stack config trustRemoteCode: true)"
         )
-    if context is not None and info.max_context and context > info.max_context:
+    if context is not None and context > info.max_context:
         raise SizingError(
-            f"{name} was trained for {info.max_context:,} tokens of context: ask for --context {info.max_context} or less"
+            f"{name} is served with at most {info.max_context:,} tokens of context (its config's length, its tokenizer's "
+            f"model_max_length): ask for --context {info.max_context} or less"
         )
 
 
@@ -289,7 +309,7 @@ def check_download(info: ModelInfo, token: str | None) -> None:
             "account (or wait for the grant), or export HF_TOKEN of an account that has it"
         ) from None
     except HfHubHTTPError as e:
-        raise SizingError(f"the Hub refused {info.id}'s files to this HF token: {e}") from None
+        raise SizingError(f"the Hub refused {info.id}'s files to this HF token: {one_line(e)}") from None
 
 
 def usable(offer: Offer) -> bool:
@@ -317,7 +337,7 @@ def fitting(offers: list[Offer], need_bytes: int, *, gpu_count: int | None = Non
 
 
 def gib(n: int | float) -> str:
-    return f"{n / GB:.1f} GiB"
+    return f"{n / GIB:.1f} GiB"
 
 
 def explain_no_fit(offers: list[Offer], need_bytes: int, *, gpu_count: int | None, max_price: float | None,
@@ -331,9 +351,17 @@ def explain_no_fit(offers: list[Offer], need_bytes: int, *, gpu_count: int | Non
         if gpu_count and more_gpus:
             o = more_gpus[0]
             return (f"needs {need} of GPU memory, more than any {gpu_count}-GPU offer gives; the cheapest that fits is "
-                    f"{o.gpu_name} ×{o.gpu_count} at ${o.price_per_hour:.2f}/h: set gpuCount {o.gpu_count}, or quantize, or a shorter --context")  # fmt: skip
-        arm = [o for o in offers if o.arch not in ENGINE_ARCHES and fit.room(o.memory_mib, o.gpu_count) >= need_bytes]
-        largest = max((fit.room(o.memory_mib, o.gpu_count) for o in offers if usable(o)), default=0)
+                    f"{o.gpu_name} ×{o.gpu_count} at ${o.price_per_hour:.2f}/h: --gpus {o.gpu_count} (gpuCount), or quantize, or a shorter --context")  # fmt: skip
+        allowed = [
+            o
+            for o in offers
+            if (gpu_count is None or o.gpu_count == gpu_count) and (gpu_type is None or gpu_type in (o.instance_type, o.gpu_name))
+        ]
+        arm = [o for o in allowed if o.arch not in ENGINE_ARCHES and fit.room(o.memory_mib, o.gpu_count) >= need_bytes]
+        if allowed and not any(usable(o) for o in allowed):
+            return (f"can run on none of the offers asked for: {', '.join(sorted({o.gpu_name for o in allowed}))} machines are "
+                    "Arm (aarch64) or spot, which our engines do not install on (or a reclaim ends): choose another --gpu")  # fmt: skip
+        largest = max((fit.room(o.memory_mib, o.gpu_count) for o in allowed if usable(o)), default=0)
         return (f"needs {need} of GPU memory; the largest offer here gives {gib(largest)}: try --quantize, a shorter --context, "
                 "or a smaller model" + (f" ({', '.join(sorted({o.gpu_name for o in arm}))} would hold it, but its machines are "
                                         "Arm (aarch64), which our engines do not install on yet)" if arm else ""))  # fmt: skip

@@ -26,17 +26,14 @@ try:
     model = sizing.model_info(cfg.model, cfg.hfToken)
     # Everything knowable before launch is checked before launch, for `pulumi up` alone too.
     sizing.preflight(model, context=cfg.context, trust_remote_code=cfg.trustRemoteCode, token=cfg.hfToken)
-    if cfg.diskGb is not None and cfg.diskGb < model.disk_gb():
-        raise sizing.SizingError(
-            f"gpu-session:diskGb {cfg.diskGb} is too small for {cfg.model}: it needs {model.disk_gb()} (or leave it unset)"
-        )
+    disk_gb = model.check_disk(cfg.diskGb, option="gpu-session:diskGb")
 except (stack_config.ConfigError, sizing.SizingError) as e:
     raise pulumi.RunError(str(e)) from None
 
 stack = pulumi.get_stack()
 keys = ssh.session_keys(stack)
 backend = model.backend(cfg.device) if cfg.backend == "auto" else cfg.backend
-context = cfg.context or model.default_context()
+context = model.default_context(cfg.context)
 cloud = cloud_class(cfg.cloud)
 
 if cloud.registers_ssh_keys:  # `down` and `sweep` find what this stack made by its names
@@ -53,7 +50,7 @@ instance = GpuInstance(
     gpu_type=cfg.gpu,
     gpu_count=cfg.gpuCount,
     region=None if cfg.region == "auto" else cfg.region,
-    disk_gb=cfg.diskGb or model.disk_gb(),
+    disk_gb=disk_gb,
     min_vram_gb=model.need_gb(context, cfg.quantize),  # GiB of room (gpu_session.fit.room) for the weights and the context
     max_price_per_hour=cfg.maxPricePerHour,
     image=cfg.image if cloud.runs_container_image else None,

@@ -90,6 +90,7 @@ def test(c, args="", fast=False):
         "hub_extra": "more Hub entries from a YAML file, at start or into a running simulator (repeatable; README)",
     },
     iterable=["fault", "capacity", "hub_extra"],
+    auto_shortflags=False,  # long options only: `-h` must stay help, not --hub-extra
 )
 def sim(
     c,
@@ -205,6 +206,10 @@ def _user_config() -> dict:
     return data
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _simulate(say) -> None:
     """`--sim`: the real engine against the simulator (started in the background when none runs)."""
     from gpu_session.stack.automation import pulumi_binary
@@ -283,7 +288,7 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     opts = UpOptions(model, **{k: v for k, v in given.items() if v is not None}, quantize=quantize,
                      trust_remote_code=trust_remote_code, stack=stack, configure=configure)  # fmt: skip
     if sim:  # after the options are checked: a typo starts nothing
-        _simulate(plain_say if dry_run else say)
+        _simulate(_stderr if dry_run and json else plain_say if dry_run else say)
     if dry_run:
         return _dry_run(opts, json, plain_say)
 
@@ -325,11 +330,11 @@ def _dry_run(opts, as_json: bool, say) -> None:
     """`up --dry-run`: the plan and every check before launch, nothing launched."""
     import json as jsonlib
 
-    from gpu_session.session.plan import SessionError, prepare
+    from gpu_session.session.plan import prepare
 
     try:
         opts, plans = prepare(opts)
-    except SessionError as e:
+    except GpuSessionError as e:  # the plan's refusals, and a cloud or the Hub that fails to answer
         if not as_json:
             raise
         print(jsonlib.dumps({"ok": False, "error": str(e)}))

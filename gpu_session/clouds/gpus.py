@@ -31,8 +31,8 @@ REPORTED_MIB = {
     ("L4", 24): 23034,
     ("4090", 24): 24564,
     ("3090", 24): 24576,
-    ("V100", 16): 16384,
-    ("V100", 32): 32768,
+    ("V100", 16): 16160,
+    ("V100", 32): 32510,
 }
 FAMILIES = list(dict.fromkeys(family for family, _ in REPORTED_MIB))
 # Where a card is not in the table: the share of the sold size the least generous card above reports (A10's).

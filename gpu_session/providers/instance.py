@@ -29,7 +29,7 @@ from pulumi.dynamic import (
 from gpu_session import progress
 from gpu_session.clouds import CLOUDS, CapacityError, CloudError, LaunchSpec, NotFound, cloud_class
 from gpu_session.clouds.base import validate_name
-from gpu_session.sizing import GB, SizingError, explain_no_fit, fitting
+from gpu_session.sizing import GIB, SizingError, explain_no_fit, fitting
 
 from .credentials import CloudAccess
 
@@ -94,7 +94,9 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
         changed = [k for k in news if k != "__provider" and k not in OUTPUTS and differs(k)]
         replaces = [k for k in REPLACE_ON if k in changed]
         # A model that needs more memory than the machine has: another machine. Less: keep this one.
-        if "min_vram_gb" in changed and float(news.get("min_vram_gb") or 0) > float(olds.get("vram_gb") or 0):
+        # Unknown memory (a type named outright: `invoke up` always names one) never replaces: the
+        # host's own check says whether the model fits, and a new estimate must not end a session.
+        if "min_vram_gb" in changed and olds.get("vram_gb") and float(news.get("min_vram_gb") or 0) > float(olds["vram_gb"]):
             replaces.append("min_vram_gb")
         return DiffResult(changes=bool(changed), replaces=replaces, delete_before_replace=True)
 
@@ -132,7 +134,7 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
         if props["gpu_type"] != AUTO and not props.get("max_price_per_hour"):
             return cloud.launch(spec), None
         offers = cloud.offers()
-        need = int(float(props.get("min_vram_gb") or 0) * GB)  # GiB of room (gpu_session.fit.room) → bytes
+        need = int(float(props.get("min_vram_gb") or 0) * GIB)  # GiB of room (gpu_session.fit.room) → bytes
         limits = dict(
             gpu_count=spec.gpu_count,
             max_price=props.get("max_price_per_hour") or None,

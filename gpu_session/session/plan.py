@@ -115,20 +115,15 @@ def prepare(opts: UpOptions) -> tuple[UpOptions, list[Plan]]:
         opts = replace(opts, model=sizing.resolve(opts.model))
         info = sizing.model_info(opts.model)
         sizing.preflight(info, context=opts.context, trust_remote_code=opts.trust_remote_code)
+        disk = info.check_disk(opts.disk)
     except sizing.SizingError as e:
         raise SessionError(str(e)) from None
-    disk = info.disk_gb()
-    if opts.disk is not None and opts.disk < disk:
-        raise SessionError(
-            f"{opts.model} needs {disk} GiB of disk ({sizing.gib(info.weights_bytes)} of weights and the engine): "
-            f"--disk {opts.disk} is too small; leave it out (it is sized from the weights) or give {disk} or more"
-        )
-    return opts, plans(opts, info, disk=max(disk, opts.disk or 0))
+    return opts, plans(opts, info, disk=disk)
 
 
 def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Plan]:
     """Every (offer, region) that holds the model at the asked context, cheapest first, across the allowed clouds."""
-    context = opts.context or info.default_context()
+    context = info.default_context(opts.context)
     need = info.need_bytes(context, opts.quantize)
     offers = [o for c in clouds_for(opts.cloud) for o in cloud_client(c).offers()]
     gpu = None if opts.gpu == "auto" else opts.gpu
@@ -139,7 +134,7 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     backend = info.backend(device) if opts.backend == "auto" else opts.backend
     found = [
         Plan(o, r, info.need_gb(context, opts.quantize), opts.hours, opts.budget, context=info.context_on(o, opts.quantize, device),
-             weights_gb=round(info.weights_bytes / sizing.GB, 1), disk_gb=disk, backend=backend,
+             weights_gb=round(info.weights_bytes / sizing.GIB, 1), disk_gb=disk, backend=backend,
              cpu_capped=info.context_on(o, opts.quantize, device) < info.context_on(o, opts.quantize))
         for o in sizing.fitting(offers, need, **limits) for r in o.launch_regions()
     ]  # fmt: skip

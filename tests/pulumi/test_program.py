@@ -281,8 +281,8 @@ def test_a_second_create_adopts_the_instance_a_crashed_one_launched(stack, sim, 
         ({"model": "meta-llama/Llama-3.1-70B-Instruct"}, "needs 134.0 GiB of GPU memory, more than any 1-GPU offer gives"),
         # The preflight runs in the program too: `pulumi up` alone launches nothing that cannot work.
         ({"model": "lmsys/vicuna-13b-v1.5"}, "has no chat template"),
-        ({"model": "meta-llama/Llama-3.1-70B-Instruct", "gpuCount": "2", "diskGb": "100"}, "diskGb 100 is too small"),
-        ({"model": "gpu-session/tiny-chat", "context": "4096"}, "trained for 2,048 tokens of context"),
+        ({"model": "meta-llama/Llama-3.1-70B-Instruct", "gpuCount": "2", "diskGb": "100"}, "gpu-session:diskGb 100 is too small"),
+        ({"model": "gpu-session/tiny-chat", "context": "4096"}, "served with at most 2,048 tokens of context"),
         ({"model": "meta-llama/Llama-3.1-70B-Instruct", "gpuCount": "8", "maxPricePerHour": "1"}, "above maxPricePerHour"),
     ],
 )

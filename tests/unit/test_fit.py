@@ -78,7 +78,37 @@ def test_kv_cache_per_token_for_the_kinds_of_config():
     assert fit.kv_bytes_per_token(internvl) == 131_072 and fit.model_context(internvl) == 32768
     deepseek = {"num_hidden_layers": 61, "num_attention_heads": 128, "kv_lora_rank": 512, "qk_rope_head_dim": 64}
     assert fit.kv_bytes_per_token(deepseek) == 61 * (512 + 64) * 2  # one latent per layer (MLA)
-    assert fit.kv_bytes_per_token({}) is None and fit.model_context({}) is None
+    assert fit.kv_bytes_per_token(
+        {"num_hidden_layers": 60, "num_attention_heads": 64, "hidden_size": 8192, "num_kv_heads": 8}
+    ) == (2 * 60 * 8 * 128 * 2)  # Falcon's name for the KV heads
+    assert fit.kv_bytes_per_token(
+        {"num_hidden_layers": 32, "num_attention_heads": 71, "hidden_size": 4544, "multi_query": True}
+    ) == (2 * 32 * 1 * 64 * 2)
+    assert fit.kv_bytes_per_token({}) is None
+
+
+def test_the_models_own_context_is_the_smallest_length_vllm_reads():
+    """vLLM serves at most the smallest of config.json's length keys and the tokenizer's
+    model_max_length, and 2,048 where none says: a longer --max-model-len is refused at start."""
+    assert fit.model_context({"max_position_embeddings": 131072}) == 131072
+    assert fit.model_context({"max_position_embeddings": 131072}, {"model_max_length": 16384}) == 16384  # DeepSeek-R1-Distill
+    assert (
+        fit.model_context({"max_position_embeddings": 131072}, {"model_max_length": 1e30}) == 131072
+    )  # transformers' "no limit"
+    assert fit.model_context({"max_position_embeddings": 32768, "seq_length": 8192}) == 8192
+    assert fit.model_context({"text_config": {"hidden_size": 3840}}) == 2048  # a Gemma-3 config leaning on class defaults
+    assert fit.default_context({"max_position_embeddings": 131072}) == 8192 and fit.default_context({"n_positions": 1024}) == 1024
+    assert fit.default_context({}, None, 4096) == 4096
+
+
+def test_quantized_weights_keep_the_embeddings_and_the_head_at_16_bits():
+    llama_8b = {"vocab_size": 128256, "hidden_size": 4096}
+    full = 2 * 128256 * 4096 * 2
+    assert fit.weights_in_memory(16_060_522_496, True, llama_8b) == int((16_060_522_496 - full) * fit.QUANTIZED_SHARE) + full
+    assert fit.weights_in_memory(16_060_522_496, True, {**llama_8b, "tie_word_embeddings": True}) < fit.weights_in_memory(
+        16_060_522_496, True, llama_8b
+    )
+    assert fit.weights_in_memory(16_060_522_496, False, llama_8b) == 16_060_522_496
 
 
 def test_the_context_held_is_the_kv_room_capped_at_the_models_own():
@@ -88,10 +118,11 @@ def test_the_context_held_is_the_kv_room_capped_at_the_models_own():
     assert held == int((room - 15 * GIB) * fit.CONTEXT_MARGIN) // 131_072
     # A machine with just the room a context needs holds that context (the margin is in the need).
     for context in (8192, 10_000, 30_001):
-        assert fit.context_held(fit.need(15 * GIB, 131_072, context), 15 * GIB, 131_072, None) >= context
+        assert fit.context_held(fit.need(15 * GIB, 131_072, context), 15 * GIB, 131_072, 131_072) >= context
     assert fit.context_held(room, 1 * GIB, 1024, 2048) == 2048  # the model's own caps it
     assert fit.context_held(room, 1024, 1024, 8_388_608, kv_space=1 * GIB) < 1_048_576  # vLLM's CPU KV cache space
-    assert fit.context_held(room, room + 1, 1024, 8192) == 0 and fit.context_held(room, 1, None, 8192) == 0
+    assert fit.context_held(room, room + 1, 1024, 8192) == 0
+    assert fit.context_held(room, 1, None, 131072) == fit.DEFAULT_CONTEXT  # unknown KV shape: what need() allowed for
 
 
 def test_the_disk_holds_the_weights_and_the_engine():

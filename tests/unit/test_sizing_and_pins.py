@@ -64,10 +64,12 @@ def test_arm_machines_are_left_out_until_the_engines_install_there():
     assert GH200 not in fitting(OFFERS, 60 * GIB)
     why = explain_no_fit([GH200, A10], 60 * GIB, gpu_count=None, max_price=None, gpu_type=None)
     assert "GH200 would hold it, but its machines are Arm (aarch64)" in why
+    only_arm = explain_no_fit(OFFERS, 10 * GIB, gpu_count=None, max_price=None, gpu_type="GH200")
+    assert "GH200 machines are Arm (aarch64)" in only_arm and "choose another --gpu" in only_arm
 
 
 def test_why_nothing_fits_names_the_way_out():
-    assert "more than any 1-GPU offer gives; the cheapest that fits is H100 ×2 at $6.38/h: set gpuCount 2" in explain_no_fit(
+    assert "more than any 1-GPU offer gives; the cheapest that fits is H100 ×2 at $6.38/h: --gpus 2 (gpuCount)" in explain_no_fit(
         OFFERS, 100 * GIB, gpu_count=1, max_price=None, gpu_type=None
     )
     assert "the largest offer here gives 140.4 GiB" in explain_no_fit(

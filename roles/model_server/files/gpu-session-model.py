@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,10 +58,11 @@ def check(args) -> dict:
     if not weights:
         fail(f"{args.model} has no weights an engine loads (.safetensors or .bin): choose a repo that has them.")
     config = small_json(args, "config.json", info.sha, token) if "config.json" in files else {}
+    tokenizer = small_json(args, "tokenizer_config.json", info.sha, token) if "tokenizer_config.json" in files else {}
     weights_bytes = sum(weights.values())
     kv = fit.kv_bytes_per_token(config)
-    in_memory = fit.weights_in_memory(weights_bytes, args.quantized)
-    context = args.context or min(fit.model_context(config) or fit.DEFAULT_CONTEXT, fit.DEFAULT_CONTEXT)
+    in_memory = fit.weights_in_memory(weights_bytes, args.quantized, config)
+    context = fit.default_context(config, tokenizer, args.context)
     need = fit.need(in_memory, kv, context)
     max_model_len = 0
     if args.gpu_memory_mib > 0:
@@ -70,15 +71,13 @@ def check(args) -> dict:
             fail(f"{args.model} needs {need / fit.GIB:.1f} GiB of GPU memory for {context:,} tokens of context (weights and KV cache); "
                  f"this host's {args.gpus} GPU(s) give {room / fit.GIB:.1f} GiB: choose a larger GPU type or more GPUs, quantize, "
                  "or ask for a shorter context.")  # fmt: skip
-        kv_space = int(args.cpu_kvcache_gb * fit.GIB) if args.device == "cpu" else None
-        max_model_len = fit.context_held(room, in_memory, kv, fit.model_context(config), kv_space)
-        # Cannot happen where the room holds `need` (fit.need keeps the margin), except on vLLM's CPU
-        # build, whose KV cache has a space of its own: there the context is what that space holds.
-        if kv and max_model_len < context and args.device == "cuda":
-            fail(f"{args.model}: this host's KV cache holds {max_model_len:,} tokens of context, fewer than the {context:,} asked for: "
-                 "choose a larger GPU type, or ask for a shorter context.")  # fmt: skip
+        # On vLLM's CPU build the KV cache has a space of its own: the context is what that space holds.
+        max_model_len = fit.context_held(room, in_memory, kv, fit.model_context(config, tokenizer),
+                                         fit.kv_space(args.device, args.cpu_kvcache_gb))  # fmt: skip
     download = fit.downloads(files, weights)
-    needed = sum(files[f] for f in download) + (fit.ENGINE_DISK_GIB * fit.GIB if args.engine_missing else 0)
+    # What an earlier converge downloaded of this commit is on the disk already: only the rest counts.
+    missing = [f for f in download if not isinstance(try_to_load_from_cache(args.model, f, revision=info.sha), str)]
+    needed = sum(files[f] for f in missing) + (fit.ENGINE_DISK_GIB * fit.GIB if args.engine_missing else 0)
     free = shutil.disk_usage(args.data_root).free
     if needed > free:
         fail(f"{args.model}: this host has {free / fit.GIB:.1f} GiB of disk free in {args.data_root} and needs {needed / fit.GIB:.1f} GiB "
