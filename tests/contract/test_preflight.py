@@ -53,7 +53,11 @@ def test_the_plan_holds_the_context_and_says_what_the_offer_gives(no_launch):
     rc, whole = dry_run("--model", "llama-8b", "--cloud", "lambda", "--context", "131072")
     assert rc == 0 and whole["instance_type"] == "gpu_1x_a6000" and whole["context"] == 131072 and whole["need_gb"] > 30
     rc, refused = dry_run("--model", "llama-8b", "--context", "200000")
-    assert rc == 1 and refused == {"ok": False, "error": refused["error"]} and "served with at most 131,072 tokens" in refused["error"]
+    assert (
+        rc == 1
+        and refused == {"ok": False, "error": refused["error"]}
+        and "served with at most 131,072 tokens" in refused["error"]
+    )
 
 
 def test_weights_are_counted_once(no_launch):
