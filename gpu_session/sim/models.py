@@ -36,7 +36,9 @@ from .hub_models import HubModel
 
 log = logging.getLogger("gpu_session.sim.models")
 
-BUILDER_VERSION = "3"  # bump when a built model changes, so cached builds are redone
+BUILDER_VERSION = (
+    "4"  # bump when a built model changes, so cached builds are redone (4: tiny-chat-long's tokenizer says its length)
+)
 
 # Message content may be a string or a list of parts; image parts become the model's image token.
 LLAMA3_TEMPLATE = (
@@ -682,13 +684,18 @@ def ensure_built(cache: Path, repo_id: str) -> Path:
 def _derive(folder: Path, out: Path, repo_id: str, base: str, config: dict) -> None:
     """base's files, linked (copied where links cannot be made), with `config` over its config.json."""
     out.mkdir(parents=True)
+    # A longer context is the tokenizer's too (vLLM caps the context at its model_max_length, as real
+    # long-context repos have it), so tokenizer_config.json follows config.json's length.
+    tokenizer = {"model_max_length": config["max_position_embeddings"]} if "max_position_embeddings" in config else {}
+    written = {"config.json": config, **({"tokenizer_config.json": tokenizer} if tokenizer else {})}
     for p in folder.iterdir():
-        if p.is_file() and p.name not in (".done", "config.json", "README.md"):
+        if p.is_file() and p.name not in (".done", "README.md", *written):
             try:
                 os.link(p, out / p.name)
             except OSError:
                 shutil.copy2(p, out / p.name)
-    (out / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **config}, indent=2))
+    for name, changes in written.items():
+        (out / name).write_text(json.dumps({**json.loads((folder / name).read_text()), **changes}, indent=2))
     (out / "README.md").write_text(
         f"# {repo_id}\n\nBuilt by the gpu-session simulator, for tests: {base}'s files, with {config} in config.json.\n"
     )

@@ -331,9 +331,12 @@ def test_tiny_chat_long_is_tiny_chat_with_a_long_context(sim, hub, tmp_path):
         r: {s.rfilename: s.lfs.sha256 if s.lfs else s.blob_id for s in i.siblings}
         for r, i in ((TINY_LONG, long), (TINY_TEXT, short))
     }
-    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json"):
         assert blobs[TINY_LONG][name] == blobs[TINY_TEXT][name], name
     assert blobs[TINY_LONG]["config.json"] != blobs[TINY_TEXT]["config.json"]
+    # The tokenizer says the same length (vLLM caps the context at its model_max_length), and nothing else changes.
+    tokenizer, base_tokenizer = (_json(hub, r, "tokenizer_config.json", tmp_path, False) for r in (TINY_LONG, TINY_TEXT))
+    assert tokenizer == {**base_tokenizer, "model_max_length": LONG_CONTEXT} and base_tokenizer["model_max_length"] == 2048
     config = _json(hub, TINY_LONG, "config.json", tmp_path, False)
     assert config["max_position_embeddings"] == LONG_CONTEXT == 8_388_608
     base = _json(hub, TINY_TEXT, "config.json", tmp_path, False)

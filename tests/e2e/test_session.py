@@ -492,7 +492,7 @@ def test_a_capacity_error_fails_over_to_the_next_offer(sim, sim_env):
             ["--model", "gpu-session/tiny-chatt"],
             "is not on the Hub, or is private and the HF token cannot see it; did you mean gpu-session/tiny-chat",
         ),
-        (["--model", "meta-llama/Llama-3.1-70B-Instruct"], "more than any 1-GPU offer has; the cheapest that fits is"),
+        (["--model", "meta-llama/Llama-3.1-70B-Instruct"], "more than any 1-GPU offer gives; the cheapest that fits is"),
         (["--model", "gpu-session/tiny-chat", "--gpu", "TPU v9"], "no GPU type 'TPU v9' here; `invoke available` lists them"),
         (["--model", "gpu-session/tiny-chat", "--max-price", "0.01"], "above maxPricePerHour $0.01"),
     ],

@@ -222,7 +222,8 @@ def test_each_try_of_the_download_wait_says_its_bytes_and_converge_shows_them(si
     total, which converge turns into the download's progress line."""
     target, _, converge = site
     on(target, keypair, "sudo rm -rf /opt/gpu-session/run/model.json /opt/gpu-session/hf/hub/models--gpu-session--tiny-chat")
-    sim.inject("hf:resolve", "slow", times=4, delay=7)  # the check's reads of config.json take the first ones
+    # The check's reads of config.json and tokenizer_config.json (a HEAD and a GET each) take the first four.
+    sim.inject("hf:resolve", "slow", times=8, delay=7)
     events = []
     result = converge(events, model_server_backend="transformers", gpu_session_full_converge=True)
     tries = [e.message for e in events if e.kind == "retry" and e.task == host_converge.DOWNLOAD_WAIT]
