@@ -55,7 +55,7 @@ class Plan:
     hours: float
     budget: float | None = None  # USD: the watch ends the session when it is spent
     context: int = 0  # tokens this offer serves (the most its KV cache holds, capped at the model's own); 0: the engine's
-    weights_gb: float = 0.0  # GiB the host downloads
+    weights_gb: float = 0.0  # GiB of weights the engine loads (the host downloads these and the small files)
     disk_gb: int = 0  # GiB
     backend: str = "vllm"
     cpu_capped: bool = False  # the host serves on the CPU (the simulator's), whose KV cache space holds less than the GPU would
