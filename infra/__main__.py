@@ -1,5 +1,8 @@
 """The gpu-session stack: config → memory the model needs → SSH key → GPU instance → Configure.
 
+With gpu-session:cacheVolume the instance attaches that cache volume (a stack of the
+gpu-session-cache project: infra/cache/) and the roles keep the engine and the weights on it.
+
 `pulumi up` gives a host serving the model on its 127.0.0.1:8000; `pulumi destroy` scrubs the host
 (Configure's delete runs first, while the host is alive) and then terminates it. Everything secret
 (the session's private key, the model server's key) stays in the stack's folder under the state
@@ -53,6 +56,7 @@ instance = GpuInstance(
     disk_gb=disk_gb,
     min_vram_gb=model.need_gb(context, cfg.quantize),  # GiB of room (gpu_session.fit.room) for the weights and the context
     max_price_per_hour=cfg.maxPricePerHour,
+    volume_id=cfg.cacheVolume,
     image=cfg.image if cloud.runs_container_image else None,
     ssh_key_name=ssh_key.name if cloud.registers_ssh_keys else None,
     user_data=pulumi.Output.secret(cloud_init) if cloud.takes_host_key else None,
@@ -84,6 +88,10 @@ if cfg.configure:
         trust_remote_code=str(cfg.trustRemoteCode).lower(),
         lease_expires_at=lease_expires_at,
         roles_digest=roles_digest,
+        cache_root=instance.cache_path.apply(lambda p: p or ""),
+        cache_size_gb=instance.cache_size_gb.apply(lambda n: str(int(n or 0))),
+        # A gated model's weights stay off a volume that outlives the session unless the user said so.
+        cache_weights=str(not model.gated or cfg.cacheGated).lower(),
         hf_token=pulumi.Output.secret(cfg.hfToken) if cfg.hfToken else None,
         opts=pulumi.ResourceOptions(depends_on=[instance]),
     )
@@ -102,3 +110,5 @@ pulumi.export("served_model_name", cfg.model)  # both backends answer to the mod
 pulumi.export("launched_at", instance.launched_at)  # when the machine began to bill
 pulumi.export("lease_expires_at", lease_expires_at)
 pulumi.export("session_dir", str(keys.dir))
+pulumi.export("cache_volume_id", cfg.cacheVolume or "")  # `cache rm` refuses a volume a live session uses
+pulumi.export("cache_path", instance.cache_path.apply(lambda p: p or ""))

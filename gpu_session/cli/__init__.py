@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from invoke import Program
 
 from gpu_session import __version__
@@ -10,5 +12,13 @@ from gpu_session.cli import tasks
 program = Program(namespace=tasks.ns, version=__version__, name="gpu-session", binary="gpu-session")
 
 
+def dotted(argv: list[str]) -> list[str]:
+    """`gpu-session cache rm …` as `gpu-session cache.rm …`: a collection's task may be named with a
+    space, as the messages write it (Invoke itself takes only the dotted name)."""
+    if len(argv) >= 3 and argv[1] in tasks.ns.collections and argv[2] in tasks.ns.collections[argv[1]].tasks:
+        return [argv[0], f"{argv[1]}.{argv[2]}", *argv[3:]]
+    return argv
+
+
 def main() -> None:
-    program.run()
+    program.run(dotted(sys.argv))

@@ -7,6 +7,8 @@ noisy, so the report leans on ratios measured in the same run).
   request made on the host (median of several);
 - a no-change configure; down (scrub, destroy, verify);
 - the Pulumi engine's own share: a no-change `up`, a `preview`, and `destroy` of an empty stack;
+- with --cache (run_cache): the same model up twice on one cache volume, the second's phases
+  beside the first's;
 - the chat's rendering: a long markdown answer fed at 200 tokens/s to the chat's view; and as
   fast as it goes, to the chat's view drawing on every token and to the usual view that parses and
   draws the whole answer on every token.
@@ -195,6 +197,56 @@ def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict
         "no_change_up_share_of_up": round(engine_s["engine_no_change_up_s"] / up_s, 2),
         "down_s": round(down_s, 1),
         **render_report(),
+    }
+
+
+# Where the cache bench keeps its volume on RunPod, which places pods itself: one of RunPod's data
+# centers (the simulator has the same ones).
+RUNPOD_DATA_CENTER = "EU-RO-1"
+
+
+def _cached_session(backend: str, cloud: str, say) -> dict:
+    """One session on the cache (up, then down): its up → ready and the converge's phases and
+    cache facts (configured.json)."""
+    start = time.monotonic()
+    up.up(UpOptions(MODEL, cloud=cloud, backend=backend, hours=1, stack=STACK), confirm=lambda plan: True, say=say,
+          on_event=lambda _: None)  # fmt: skip
+    up_s = time.monotonic() - start
+    configured = json.loads((stack_dir(STACK) / "configured.json").read_text())
+    down.down(STACK, say=say, on_event=lambda _: None)
+    return {"up_to_ready_s": round(up_s, 1), **configured["phases"], "cache": configured.get("cache") or {}}
+
+
+def run_cache(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict:
+    """The same model up twice on one cache volume (created here, deleted after): the second up's
+    phases beside the first's, and the second's up → ready minus the model server's own start
+    (target: under 10 s on the simulator). SessionError when a step fails."""
+    from gpu_session.session import cache
+    from gpu_session.session.plan import prepare
+
+    if cloud == "runpod":
+        region = RUNPOD_DATA_CENTER
+    else:
+        _, plans = prepare(UpOptions(MODEL, cloud=cloud, backend=backend, cache=False))
+        region = plans[0].region
+    cache.create(cloud, region, 50, say=say, on_event=lambda _: None)
+    try:
+        first = _cached_session(backend, cloud, say)
+        second = _cached_session(backend, cloud, say)
+    finally:
+        cache.rm(cloud, region, say=say, on_event=lambda _: None)
+    rows = {}
+    for key in ("up_to_ready_s", "install", "download_wait", "server_start"):
+        rows[f"first_{key}"], rows[f"second_{key}"] = first.get(key), second.get(key)
+    return {
+        "backend": backend,
+        "cloud": cloud,
+        "model": MODEL,
+        **rows,
+        "first_cache": "engine {engine}, weights {weights}".format(**{"engine": "?", "weights": "?", **first["cache"]}),
+        "second_cache": "engine {engine}, weights {weights}".format(**{"engine": "?", "weights": "?", **second["cache"]}),
+        "second_up_outside_server_start_s": round(second["up_to_ready_s"] - second["server_start"], 1),
+        "second_over_first_up": round(second["up_to_ready_s"] / first["up_to_ready_s"], 2),
     }
 
 

@@ -70,7 +70,10 @@ def private_files_problems(*roots: Path) -> list[str]:
 
 
 def _permissions() -> Check:
-    roots = [config_dir(), *(state_dir() / name for name in ("stacks", "pulumi", "workspaces", "logs", "ledger.db"))]
+    roots = [
+        config_dir(),
+        *(state_dir() / name for name in ("stacks", "pulumi", "workspaces", "cache-workspaces", "logs", "ledger.db")),
+    ]
     problems = private_files_problems(*roots)
     return Check("permissions", not problems, "; ".join(problems[:5]) or "config and state files are private (0600/0700)")
 

@@ -260,11 +260,13 @@ def _offer_teardown(stack: str, say, on_event) -> None:
         "configure": "configure the host as a model server (default); --no-configure gives just the machine",
         "sim": "rehearse against the cloud simulator (started in the background if none runs): no account, no GPU, no bill",
         "verbose": "show Ansible's task lines too (they are always in the session's log)",
+        "cache": "use a cache volume (`gpu-session cache create`) where one is in a region with the GPU (default); --no-cache goes without",
+        "cache_gated": "a gated model's weights may go on the cache volume too (by default they stay off it)",
     }
 )
 def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, budget=None, disk=None, context=None,
        trust_remote_code=False, quantize=False, backend="", stack="dev", yes=False, json=False, configure=True, sim=False,
-       verbose=False, dry_run=False):  # fmt: skip
+       verbose=False, dry_run=False, cache=True, cache_gated=False):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
     import signal
 
@@ -286,7 +288,8 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
         "context": _number(context, "context", int), "backend": backend or None,
     }  # fmt: skip
     opts = UpOptions(model, **{k: v for k, v in given.items() if v is not None}, quantize=quantize,
-                     trust_remote_code=trust_remote_code, stack=stack, configure=configure)  # fmt: skip
+                     trust_remote_code=trust_remote_code, stack=stack, configure=configure, cache=cache,
+                     cache_gated=cache_gated)  # fmt: skip
     if sim:  # after the options are checked: a typo starts nothing
         _simulate(_stderr if dry_run and json else plain_say if dry_run else say)
     if dry_run:
@@ -520,14 +523,35 @@ def _down_summary(s: dict) -> list[str]:
         lines.append(f"ended what was left at the cloud: {', '.join(s['terminated_orphans'])}")
     if not s["clouds_asked"]:
         return [*lines, f"stack {s['stack']}: nothing is up here; no cloud key is set, so no cloud was asked "
-                        "(export LAMBDA_API_KEY or RUNPOD_API_KEY, or pass --sim, to ask them)"]  # fmt: skip
+                        "(export LAMBDA_API_KEY or RUNPOD_API_KEY, or pass --sim, to ask them)",
+                *_caches_kept(s.get("caches") or [])]  # fmt: skip
     lines.append(f"asked {' and '.join(s['clouds_asked'])}: no instance or SSH key of stack {s['stack']} is left")
     for e in s["sessions"]:
         lines.append(
             f"cost: ${e['cost']:.4f} for {e['model']} on {e['cloud']} {e['gpu']} ({e['hours']:.2f} h at ${e['price_per_hour']:.2f}/h)"
         )
     lines.append(f"stack {s['stack']}: nothing left at the cloud")
+    return [*lines, *_caches_kept(s.get("caches") or [])]
+
+
+def _caches_kept(caches: list[dict]) -> list[str]:
+    """The cache volumes that remain after `down`, and what each bills a month."""
+    lines = []
+    for c in caches:
+        what = "gone at the cloud" if not c["exists"] else _cache_size(c)
+        lines.append(
+            f"cache {c['cloud']} {c['region']} kept: {what}, ${c['monthly_usd']:.2f}/month — "
+            f"`gpu-session cache rm --cloud {c['cloud']} --region {c['region']}` deletes it"
+        )
     return lines
+
+
+def _cache_size(c: dict) -> str:
+    """A cache's size for a person: RunPod's is its size; a Lambda filesystem's is what it holds."""
+    if c["cloud"] == "runpod":
+        return f"{c['size_gb']} GB"
+    used = f"{(c['bytes_used'] or 0) / 1e9:.1f} GB"
+    return used + (f" (soft cap {c['size_gb']} GB)" if c.get("size_gb") else "")
 
 
 # --- tunnel: the session's tunnel to its model server ------------------------------------------
@@ -713,9 +737,10 @@ def setup(c, from_env=False, model="", cloud="", gpu="", hours=None, budget=None
         "backend": "transformers (default: quick) or vllm",
         "cloud": "lambda (default) or runpod",
         "json": "also write the report to this file",
+        "cache": "instead: the same model up twice on one cache volume (made and deleted here), the second's phases beside the first's",
     }
 )
-def bench(c, backend="transformers", cloud="lambda", json=""):
+def bench(c, backend="transformers", cloud="lambda", json="", cache=False):
     """Time one whole session against the simulator: up (provision, configure, server start), the tunnel's first-token overhead, a no-change configure, down."""
     from pathlib import Path
 
@@ -723,18 +748,19 @@ def bench(c, backend="transformers", cloud="lambda", json=""):
 
     _, say = _printer(False)
     _simulate(say)
-    report = benchmark.run(backend, cloud, say=say)
+    report = (benchmark.run_cache if cache else benchmark.run)(backend, cloud, say=say)
     print(benchmark.table(report))
     if json:
         benchmark.save(report, Path(json))
 
 
-@command(help={"yes": "terminate every orphan without asking", "json": "progress and the result as JSON lines"})
+@command(help={"yes": "terminate (and delete) every orphan without asking", "json": "progress and the result as JSON lines"})
 def sweep(c, yes=False, json=False):
-    """Find instances named like ours that no stack owns, and offer to terminate them."""
+    """Find instances named like ours that no stack owns, and cache volumes no cache stack owns; offer to end them."""
     import json as jsonlib
 
     from gpu_session.session.down import sweep as sweep_orphans
+    from gpu_session.session.down import sweep_volumes
 
     _user_config()
     _, say = _printer(json)
@@ -746,10 +772,120 @@ def sweep(c, yes=False, json=False):
         return yes or _ask("Terminate it?", default=True)
 
     ended = sweep_orphans(confirm=confirm, say=say)
+
+    def confirm_volume(cloud, volume) -> bool:
+        used = f"{(volume.bytes_used or 0) / 1e9:.1f} GB used" if volume.size_gb is None else f"{volume.size_gb} GB"
+        say(f"orphan volume: {cloud} {volume.id} {volume.name} in {volume.region} ({used}), no cache stack here owns it")
+        return yes or _ask("Delete it and what it holds?", default=False)
+
+    deleted = sweep_volumes(confirm=confirm_volume, say=say)
     if json:
-        print(jsonlib.dumps({"event": "summary", "terminated": ended}), flush=True)
+        print(jsonlib.dumps({"event": "summary", "terminated": ended, "deleted_volumes": deleted}), flush=True)
     else:
-        say(f"{len(ended)} orphan(s) terminated" if ended else "no orphans")
+        if ended:
+            say(f"{len(ended)} orphan(s) terminated")
+        if deleted:
+            say(f"{len(deleted)} orphan volume(s) deleted")
+        if not ended and not deleted:
+            say("no orphans")
+
+
+# --- cache: volumes that outlive sessions (engine venvs, Hub weights) -----------------------------
+
+CACHE_HELP = {
+    "cloud": "lambda or runpod",
+    "region": "a Lambda region (us-east-1) or a RunPod data center (EU-RO-1)",
+    "json": "progress as JSON lines, and the result as the last (a summary event)",
+    "sim": "against the cloud simulator (started in the background if none runs)",
+}
+
+
+def _cache_start(json: bool, sim: bool):
+    on_event, say = _printer(json)
+    _user_config()
+    if sim:
+        _simulate(say)
+    return on_event, say
+
+
+@command(
+    name="create",
+    help={
+        **CACHE_HELP,
+        "size": "GB: a RunPod volume's size (10-4000, default 50); on Lambda, whose filesystems grow, a soft cap",
+    },
+)
+def cache_create(c, cloud="", region="", size=None, json=False, sim=False):
+    """Make a cache volume in a region (or adopt ours already there): sessions there keep the engine and the weights on it."""
+    import json as jsonlib
+
+    from gpu_session.session import cache
+
+    if not cloud or not region:
+        raise UsageError("which cache? --cloud lambda|runpod --region REGION")
+    cache.check(cloud, region, size)  # bad input: before the simulator starts or anything is asked
+    on_event, say = _cache_start(json, sim)
+    info = cache.create(cloud, region, size, say=say, on_event=on_event)
+    if json:
+        print(jsonlib.dumps({"event": "summary", "cache": info.as_json()}), flush=True)
+    else:
+        say(f"it bills ${info.monthly_usd:.2f}/month now ({info.price_per_gb_month:.2f} USD per GB-month, "
+            f"{'on its size' if info.cloud_sized else 'on what it holds'}) until `{info.rm_command}`")  # fmt: skip
+
+
+@command(name="list", help={"json": "as JSON", "sim": CACHE_HELP["sim"]})
+def cache_list(c, json=False, sim=False):
+    """The cache volumes of this machine: cloud, region, size, used, monthly USD, in use by."""
+    import json as jsonlib
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from gpu_session.session.cache import GB, caches
+
+    _cache_start(False, sim)
+    found = caches()
+    if json:
+        print(jsonlib.dumps([c.as_json() for c in found], indent=2))
+        return
+    if not found:
+        print("no cache volume: `gpu-session cache create --cloud C --region R` makes one")
+        return
+    table = Table("cloud", "region", "size", "used", "USD/month", "in use by", "volume")
+    for i in found:
+        size = f"{i.size_gb} GB" if i.cloud_sized else (f"cap {i.size_gb} GB" if i.size_gb else "grows")
+        used = f"{i.bytes_used / GB:.1f} GB" if i.bytes_used is not None else "?"
+        users = ", ".join(i.in_use_by) or ("an instance" if i.in_use else "")
+        table.add_row(
+            i.cloud, i.region, size, used, f"{i.monthly_usd:.2f}", users, i.volume_id + (f" ({i.note})" if i.note else "")
+        )
+    Console().print(table)
+    print(f"in all: {sum(i.monthly_usd for i in found):.2f} USD/month, whether a session runs or not")
+
+
+@command(name="rm", help={**CACHE_HELP, "yes": "do not ask"})
+def cache_rm(c, cloud="", region="", yes=False, json=False, sim=False):
+    """Delete a cache volume and what it holds (refused while a session uses it); says the monthly cost it stops."""
+    import json as jsonlib
+
+    from gpu_session.session import cache
+
+    if not cloud or not region:
+        raise UsageError("which cache? --cloud lambda|runpod --region REGION (`gpu-session cache list` shows them)")
+    cache.check(cloud, region, creating=False)
+    on_event, say = _cache_start(json, sim)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("no terminal to ask whether to delete the cache: pass --yes")
+        info = cache.find(cloud, region)
+        if info is None:
+            raise cache.CacheError(f"no cache {cloud} {region} here: `gpu-session cache list` shows them")
+        if not _ask(f"Delete cache {info.describe()} and everything on it?", default=False):
+            say("kept")
+            return
+    info = cache.rm(cloud, region, say=say, on_event=on_event)
+    if json:
+        print(jsonlib.dumps({"event": "summary", "deleted": info.as_json(), "monthly_usd_stopped": info.monthly_usd}), flush=True)
 
 
 @command(help={"cloud": "lambda, runpod or auto (every cloud you have a key for)", "json": "as JSON"})
@@ -780,18 +916,29 @@ def available(c, cloud="auto", json=False):
 
 @command(help={"json": "as JSON"})
 def cost(c, json=False):
-    """What the sessions cost: each one, per month, and in all."""
+    """What the sessions cost: each one, per month, and in all; and what the cache volumes bill a month."""
     import json as jsonlib
 
     from rich.console import Console
     from rich.table import Table
 
     from gpu_session.local.ledger import Ledger
+    from gpu_session.session.cache import caches as cache_volumes
 
+    _user_config()
     ledger = Ledger()
+    try:
+        kept = [c.as_json() for c in cache_volumes()]
+    except GpuSessionError as e:
+        kept, unknown = [], str(e)
+    else:
+        unknown = ""
+    monthly = round(sum(c["monthly_usd"] for c in kept), 2)
     if json:
         sessions = [vars(s) | {"hours": s.hours, "cost": s.cost} for s in ledger.sessions()]
-        print(jsonlib.dumps({"sessions": sessions, "by_month": ledger.by_month(), "total": ledger.total()}, indent=2))
+        print(jsonlib.dumps({"sessions": sessions, "by_month": ledger.by_month(), "total": ledger.total(),
+                             "caches": kept, "caches_monthly_usd": monthly,
+                             **({"caches_error": unknown} if unknown else {})}, indent=2))  # fmt: skip
         return
     table = Table("stack", "cloud", "GPU", "model", "hours", "USD", "state")
     for s in ledger.sessions():
@@ -802,8 +949,17 @@ def cost(c, json=False):
     for month, spent in ledger.by_month().items():
         print(f"{month}: {spent:.4f} USD")
     print(f"total: {ledger.total():.4f} USD")
+    for c in kept:
+        so_far = f", ≈ ${c['so_far_usd']:.2f} so far since {c['created_at'][:10]}" if c.get("so_far_usd") is not None else ""
+        print(f"cache {c['cloud']} {c['region']}: {_cache_size(c) if c['exists'] else 'gone at the cloud'}, "
+              f"${c['monthly_usd']:.2f}/month{so_far}")  # fmt: skip
+    if kept:
+        print(f"caches: {monthly:.2f} USD/month, whether a session runs or not")
+    if unknown:
+        print(f"caches: unknown ({unknown})")
 
 
 ns = Collection(test, sim, engines, up, chat, down, ssh, status, extend, doctor, configure, setup, bench, sweep, available, cost)
 ns.add_collection(Collection("history", history_list, history_show, history_export, history_purge))
 ns.add_collection(Collection("tunnel", tunnel_start, tunnel_stop, tunnel_status))
+ns.add_collection(Collection("cache", cache_create, cache_list, cache_rm))

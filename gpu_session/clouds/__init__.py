@@ -24,6 +24,8 @@ from .base import (
     SshEndpoint,
     SshKeyInfo,
     Status,
+    Volume,
+    VolumeInUse,
 )
 
 CLOUDS = ("lambda", "runpod")
@@ -32,10 +34,14 @@ API_KEY_ENV = {"lambda": "LAMBDA_API_KEY", "runpod": "RUNPOD_API_KEY"}
 API_KEY_CONFIG = {"lambda": "lambdaApiKey", "runpod": "runpodApiKey"}
 # Where each client sends its calls when not to the cloud's own API (the simulator's address).
 API_BASE_ENV = {"lambda": "LAMBDA_API_BASE", "runpod": "RUNPOD_API_BASE_URL"}
+# Every address setting of each client: API_BASE_ENV's, and RunPod's REST API (its network volumes),
+# which lives at another address than its GraphQL API (runpod.REST_BASE_ENV).
+API_BASE_ENVS = {"lambda": ("LAMBDA_API_BASE",), "runpod": ("RUNPOD_API_BASE_URL", "RUNPOD_REST_API_BASE_URL")}
 
 __all__ = [
     "ANY_REGION",
     "API_BASE_ENV",
+    "API_BASE_ENVS",
     "API_KEY_CONFIG",
     "API_KEY_ENV",
     "CLOUDS",
@@ -54,6 +60,8 @@ __all__ = [
     "SshEndpoint",
     "SshKeyInfo",
     "Status",
+    "Volume",
+    "VolumeInUse",
     "cloud_class",
     "get_cloud",
 ]

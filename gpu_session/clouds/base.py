@@ -76,6 +76,10 @@ class NotReady(CloudError):
     """The instance did not become reachable over SSH before the deadline, or stopped being alive."""
 
 
+class VolumeInUse(CloudError):
+    """A volume's deletion was refused: it is attached to an instance (terminate that first)."""
+
+
 # --- data -------------------------------------------------------------------------------------
 
 
@@ -146,6 +150,20 @@ class Instance:
         return self.status in Status.ALIVE
 
 
+@dataclass(frozen=True)
+class Volume:
+    """A cache volume that outlives instances: a Lambda persistent filesystem or a RunPod network volume."""
+
+    id: str
+    name: str
+    cloud: str
+    region: str  # Lambda region name; RunPod data center id (e.g. "EU-RO-1")
+    size_gb: int | None  # RunPod: its size; Lambda: None (a Lambda filesystem grows with use)
+    bytes_used: int | None  # as the cloud reports it; None when it does not
+    in_use: bool  # attached to a live instance
+    mount_point: str  # where a host sees it: Lambda's mount_point field; RunPod: runpod.VOLUME_MOUNT_PATH
+
+
 @dataclass
 class LaunchSpec:
     name: str  # deterministic: the launch is looked up by it before any retry
@@ -160,6 +178,7 @@ class LaunchSpec:
     env: dict[str, str] = field(default_factory=dict)  # RunPod: container environment (not for secrets)
     spot: bool = False
     bid_per_gpu: float | None = None  # RunPod spot
+    volume: Volume | None = None  # attached at launch (the instance lands in the volume's region)
 
 
 @dataclass(frozen=True)
@@ -243,6 +262,8 @@ class Cloud(ABC):
     # Whether the host is a container of an image we name (a RunPod pod) or the cloud's own OS (Lambda).
     runs_container_image: bool
     launch_interval: float = 0.0  # the cloud's documented minimum between launches: a rate-limited launch waits this long
+    # What a cache volume costs, USD per GB-month (each cloud's class cites its price list).
+    volume_price_per_gb_month: float
 
     def __init__(self, retry: RetryPolicy | None = None, poll_interval: float = 2.0):
         self.retry = retry or RetryPolicy()
@@ -281,6 +302,82 @@ class Cloud(ABC):
 
     def delete_ssh_key(self, key_id: str) -> None:
         raise NotFound(f"{self.name} has no account SSH keys")
+
+    # --- volumes (a cache that outlives instances, attached at launch: LaunchSpec.volume) ---
+
+    @abstractmethod
+    def volumes(self) -> list[Volume]:
+        """Every volume of the account, with whether an instance uses it."""
+
+    @abstractmethod
+    def _check_volume(self, name: str, region: str, size_gb: int | None) -> None:
+        """Refuse a name, region or size the API would reject (InvalidRequest), before any call."""
+
+    @abstractmethod
+    def _create_volume_once(self, name: str, region: str, size_gb: int | None) -> Volume:
+        """One creation request, no retries: the volume, or an error."""
+
+    @abstractmethod
+    def _delete_volume_once(self, volume_id: str) -> None:
+        """One deletion request, no retries: None, or an error (NotFound, VolumeInUse, ...)."""
+
+    def _volume_named(self, name: str, region: str) -> Volume | None:
+        """The volume of this name in this region, if any; InvalidRequest when the name is taken elsewhere."""
+        named = [v for v in self.volumes() if v.name == name]
+        here = next((v for v in named if v.region == region), None)
+        if here is None and named:
+            raise InvalidRequest(
+                f"a {self.name} volume named {name!r} already exists in {named[0].region}, not {region}: "
+                "choose another name, or use that region"
+            )
+        return here
+
+    def create_volume(self, name: str, region: str, size_gb: int | None) -> Volume:
+        """Create idempotently: a volume of this name in this region is adopted (whatever its size);
+        the same name in another region is an InvalidRequest. After a failure that is not a refusal
+        (5xx, timeout, dropped connection, an error we cannot read) the name is looked up before
+        any retry, as launch() does, so an ambiguous failure never makes a second volume."""
+        self._check_volume(name, region, size_gb)
+        existing = self._volume_named(name, region)
+        if existing is not None:
+            log.info("%s: adopting volume %s (%s), already created in %s", self.name, existing.id, name, region)
+            return existing
+        delays = self.retry.delays()
+        while True:
+            try:
+                return self._create_volume_once(name, region, size_gb)
+            except (AuthError, InvalidRequest, VolumeInUse):
+                raise  # refused before anything was made
+            except CloudError as e:
+                delay = next(delays, None) if e.retryable else None
+                log.info("%s: creating volume %s failed (%s); checking whether it happened", self.name, name, e)
+                time.sleep(delay if delay is not None else 0)
+                found = self._volume_named(name, region)
+                if found is not None:
+                    log.info("%s: the volume was created after all: %s", self.name, found.id)
+                    return found
+                if delay is None:
+                    raise
+
+    def delete_volume(self, volume_id: str) -> None:
+        """Delete; NotFound when it is already gone, VolumeInUse while an instance has it attached.
+        After a failure that may have come once the deletion took effect (5xx, dropped connection),
+        the volume is looked for before any retry, as terminate() does."""
+        delays = self.retry.delays()
+        while True:
+            try:
+                return self._delete_volume_once(volume_id)
+            except (NotFound, VolumeInUse, AuthError, InvalidRequest):
+                raise
+            except CloudError as e:
+                if not any(v.id == volume_id for v in self.volumes()):
+                    log.info("%s: volume %s is gone after all (%s)", self.name, volume_id, e)
+                    return None
+                delay = next(delays, None) if e.retryable else None
+                if delay is None:
+                    raise
+                log.info("%s: deleting volume %s failed (%s); retrying in %.1fs", self.name, volume_id, e, delay)
+                time.sleep(delay)
 
     # --- policy ---
 

@@ -28,6 +28,8 @@ from .base import (
     SshEndpoint,
     SshKeyInfo,
     Status,
+    Volume,
+    VolumeInUse,
     validate_name,
     with_retries,
 )
@@ -42,6 +44,9 @@ STATUS = {
     "preempted": Status.TERMINATED,
 }
 VRAM_RE = re.compile(r"\((\d+) GB")
+# Lambda's rule for filesystem names (its OpenAPI spec v1.10.0, FilesystemCreateRequest.name).
+FILESYSTEM_NAME_RE = re.compile(r"^[a-zA-Z]+[0-9a-zA-Z-]*$")
+FILESYSTEM_NAME_MAX = 60
 
 
 class LambdaCloud(Cloud):
@@ -51,6 +56,10 @@ class LambdaCloud(Cloud):
     takes_host_key = True
     runs_container_image = False
     host_ends_itself = False
+    # Persistent storage: $0.20 per GB-month, on what the filesystem holds (lambda.ai/pricing, "Persistent
+    # storage"; not found in our stored docs, so taken from that page as quoted to us), billed in 1-hour
+    # increments (research/cloud-apis.md §1.5, from Lambda's billing docs).
+    volume_price_per_gb_month = 0.20
 
     def __init__(
         self,
@@ -102,6 +111,8 @@ class LambdaCloud(Cloud):
             raise AuthError(text + ". Check LAMBDA_API_KEY.")
         if code == "instance-operations/launch/insufficient-capacity":
             raise CapacityError(text)
+        if code == "filesystems/filesystem-in-use":
+            raise VolumeInUse(text)
         if resp.status_code == 404 or code in ("global/object-does-not-exist", "global/not-found"):
             raise NotFound(text)
         if resp.status_code == 400:
@@ -172,6 +183,16 @@ class LambdaCloud(Cloud):
             raise InvalidRequest("Lambda Cloud has no spot instances: leave spot off")
         if spec.user_data is not None and len(spec.user_data.encode()) > 1_000_000:
             raise InvalidRequest("user_data is larger than Lambda's 1 MB limit")
+        volume = spec.volume
+        if volume is not None:
+            if volume.cloud != self.name:
+                raise InvalidRequest(f"volume {volume.name!r} is a {volume.cloud} volume, not a Lambda filesystem")
+            if spec.region and spec.region != volume.region:
+                raise InvalidRequest(
+                    f"filesystem {volume.name!r} is in {volume.region}: an instance can only attach it there, "
+                    f"not in {spec.region}"
+                )
+            spec = dataclasses.replace(spec, region=volume.region)  # where the volume is, capacity or not
         offers = {o.instance_type: o for o in self.offers()}
         offer = offers.get(spec.instance_type)
         if offer is None:
@@ -186,6 +207,8 @@ class LambdaCloud(Cloud):
             if offer.regions:
                 elsewhere.insert(0, f"{offer.instance_type} in {', '.join(offer.regions)}")
             where = f" in {spec.region}" if spec.region else ""
+            if volume is not None:
+                where += f" (where filesystem {volume.name!r} is)"
             raise CapacityError(f"Lambda has no {spec.instance_type} capacity{where}.", elsewhere)
         region = spec.region or offer.regions[0]
         return dataclasses.replace(spec, region=region)
@@ -201,6 +224,8 @@ class LambdaCloud(Cloud):
             body["user_data"] = spec.user_data
         if spec.image:
             body["image"] = {"family": spec.image}
+        if spec.volume is not None:
+            body["file_system_names"] = [spec.volume.name]
         ids = self._once("POST", "/instance-operations/launch", body)["instance_ids"]
         return ids[0]
 
@@ -234,3 +259,43 @@ class LambdaCloud(Cloud):
 
     def delete_ssh_key(self, key_id: str) -> None:
         self._call("DELETE", f"/ssh-keys/{key_id}")
+
+    # --- filesystems (volumes) --------------------------------------------------------------
+
+    def _volume(self, d: dict) -> Volume:
+        name = d["name"]
+        used = d.get("bytes_used")
+        return Volume(
+            id=d["id"],
+            name=name,
+            cloud=self.name,
+            region=(d.get("region") or {}).get("name", ""),
+            size_gb=None,  # a Lambda filesystem has no size: it grows with use
+            bytes_used=int(used) if used is not None else None,
+            in_use=bool(d.get("is_in_use")),
+            mount_point=d.get("mount_point") or f"/lambda/nfs/{name}",
+        )
+
+    def volumes(self) -> list[Volume]:
+        return [self._volume(d) for d in self._call("GET", "/file-systems")]  # the list's legacy spelling
+
+    def _check_volume(self, name: str, region: str, size_gb: int | None) -> None:
+        """size_gb is not sent (a Lambda filesystem has no size); any positive one is accepted, so a
+        caller can ask both clouds the same."""
+        if not (isinstance(name, str) and 1 <= len(name) <= FILESYSTEM_NAME_MAX and FILESYSTEM_NAME_RE.match(name)):
+            raise InvalidRequest(
+                f"invalid Lambda filesystem name {name!r}: 1-{FILESYSTEM_NAME_MAX} characters, letters first, "
+                "then letters, digits or '-'"
+            )
+        if not isinstance(region, str) or not region or not re.match(r"^[a-z0-9-]+$", region):
+            raise InvalidRequest(f"invalid Lambda region {region!r}")
+        if size_gb is not None and (not isinstance(size_gb, int) or isinstance(size_gb, bool) or size_gb < 1):
+            raise InvalidRequest(f"invalid volume size {size_gb!r}: a positive whole number of GB, or None")
+
+    def _create_volume_once(self, name: str, region: str, size_gb: int | None) -> Volume:
+        return self._volume(self._once("POST", "/filesystems", {"name": name, "region": region}))
+
+    def _delete_volume_once(self, volume_id: str) -> None:
+        if not re.match(r"^[0-9A-Za-z-]+$", volume_id or ""):
+            raise InvalidRequest(f"invalid Lambda filesystem id {volume_id!r}")
+        self._once("DELETE", f"/filesystems/{volume_id}")

@@ -33,10 +33,21 @@ from .base import (
     RetryPolicy,
     SshEndpoint,
     Status,
+    Volume,
+    VolumeInUse,
     validate_name,
     with_retries,
 )
 
+# Network volumes live in RunPod's REST API (v1; the SDK 1.12 has no call for them), at another
+# address than GraphQL: REST_BASE_ENV points it elsewhere (the simulator), as RUNPOD_API_BASE_URL does GraphQL.
+REST_BASE_ENV = "RUNPOD_REST_API_BASE_URL"
+DEFAULT_REST_BASE = "https://rest.runpod.io/v1"
+# Where a pod sees its network volume: RunPod's convention (its templates and docs mount it there).
+VOLUME_MOUNT_PATH = "/workspace"
+# Network volume sizes, whole GB. Our assumption, not a documented limit: the console starts at 10 GB
+# and offers up to 4 TB (4000 GB); RunPod may accept more (ask support) or refuse less.
+VOLUME_MIN_GB, VOLUME_MAX_GB = 10, 4000
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
 # The host CUDA versions a pod may land on (allowedCudaVersions in every deploy): our engines' locks
 # (roles/model_server/files/engines/*-cuda.txt) take torch's CUDA 13 wheels, which need an NVIDIA
@@ -98,6 +109,10 @@ class RunpodCloud(Cloud):
     takes_host_key = False
     runs_container_image = True
     host_ends_itself = True
+    # Network volumes: $0.07 per GB-month under 1 TB ($0.05 above), billed on the size
+    # (runpod.io/pricing, "Network volume"; runpod/docs pods/storage/create-network-volumes.mdx:
+    # "$0.07/GB/month rather than $0.10/GB/month" for pod disk).
+    volume_price_per_gb_month = 0.07
 
     def __init__(
         self,
@@ -106,6 +121,8 @@ class RunpodCloud(Cloud):
         cloud_type: str = "SECURE",
         retry: RetryPolicy | None = None,
         poll_interval: float = 2.0,
+        rest_base_url: str | None = None,
+        timeout: float = 30.0,
     ):
         super().__init__(retry, poll_interval)
         self._key = api_key or os.environ.get("RUNPOD_API_KEY")
@@ -119,6 +136,10 @@ class RunpodCloud(Cloud):
         if cloud_type not in ("SECURE", "COMMUNITY", "ALL"):
             raise InvalidRequest(f"cloud_type must be SECURE, COMMUNITY or ALL, not {cloud_type!r}")
         self.cloud_type = cloud_type
+        # Read when a REST call is made, as the SDK reads RUNPOD_API_BASE_URL per call.
+        self._rest_base = rest_base_url.rstrip("/") if rest_base_url else None
+        self.timeout = timeout
+        self._http = requests.Session()
 
     # --- transport -------------------------------------------------------------------------
 
@@ -232,12 +253,27 @@ class RunpodCloud(Cloud):
             raise InvalidRequest(f"unknown RunPod GPU type {spec.instance_type!r}; valid: {', '.join(valid)}")
         if spec.spot and spec.bid_per_gpu is None:
             raise InvalidRequest("a spot pod needs bid_per_gpu")
+        volume = spec.volume
+        if volume is not None:
+            if volume.cloud != self.name:
+                raise InvalidRequest(f"volume {volume.name!r} is a {volume.cloud} volume, not a RunPod network volume")
+            _check_text(volume.id, "network volume id")
+            _check_text(volume.region, "network volume data center")
+            if spec.region not in (None, "", ANY_REGION, volume.region):
+                raise InvalidRequest(
+                    f"network volume {volume.name!r} is in data center {volume.region}: a pod can only attach it "
+                    f"there, not in {spec.region}"
+                )
         return spec
 
     def _launch_once(self, spec: LaunchSpec) -> str:
         env = {**spec.env, "PUBLIC_KEY": spec.ssh_public_key.strip()}
         region = spec.region if spec.region not in (None, "", ANY_REGION) else None
+        volume = spec.volume
+        if volume is not None:
+            region = volume.region  # the pod lands where its volume is
         if not spec.spot:
+            attach = {"network_volume_id": volume.id, "volume_mount_path": VOLUME_MOUNT_PATH} if volume else {}
             pod = self._once(
                 runpod.create_pod,
                 name=spec.name,
@@ -252,18 +288,20 @@ class RunpodCloud(Cloud):
                 support_public_ip=True,
                 start_ssh=True,
                 allowed_cuda_versions=list(CUDA_VERSIONS),
+                **attach,
             )
             return pod["id"]
         # The SDK (1.12) has no spot call: the same input through its GraphQL transport.
         env_items = ", ".join(f'{{ key: "{k}", value: "{v}" }}' for k, v in env.items())
         dc = f'"{region}"' if region else "null"
         cuda = ", ".join(f'"{v}"' for v in CUDA_VERSIONS)
+        attach = f'networkVolumeId: "{volume.id}", volumeMountPath: "{VOLUME_MOUNT_PATH}", ' if volume else ""
         doc = (
             f'mutation {{ podRentInterruptable(input: {{ bidPerGpu: {float(spec.bid_per_gpu)}, name: "{spec.name}", '
             f'imageName: "{spec.image or DEFAULT_IMAGE}", cloudType: {self.cloud_type}, startSsh: true, '
             f'gpuTypeId: "{spec.instance_type}", supportPublicIp: true, gpuCount: {int(spec.gpu_count)}, '
             f'containerDiskInGb: {int(spec.disk_gb or 50)}, ports: "22/tcp", dataCenterId: {dc}, '
-            f"allowedCudaVersions: [{cuda}], env: [{env_items}] }}) "
+            f"{attach}allowedCudaVersions: [{cuda}], env: [{env_items}] }}) "
             "{ id } }"
         )
         return self._once(run_graphql_query, doc)["data"]["podRentInterruptable"]["id"]
@@ -271,3 +309,99 @@ class RunpodCloud(Cloud):
     def _terminate_once(self, instance_id: str) -> None:
         _check_text(instance_id, "pod id")
         self._once(runpod.terminate_pod, instance_id)
+
+    # --- network volumes (volumes) ----------------------------------------------------------
+
+    @property
+    def rest_base(self) -> str:
+        return (self._rest_base or os.environ.get(REST_BASE_ENV) or DEFAULT_REST_BASE).rstrip("/")
+
+    def _rest_once(self, method: str, path: str, body: dict | None = None):
+        """One REST v1 call (Bearer auth, as SkyPilot's sky/provision/runpod/volume.py calls it): the
+        decoded body, None for an empty one, or an error. Its error bodies are {"error": ...} in
+        recordings and {"message": ...} in the docs (research/cloud-apis.md §2b): both are read."""
+        url = self.rest_base + path
+        try:
+            resp = self._http.request(
+                method, url, json=body, timeout=self.timeout, headers={"Authorization": f"Bearer {self._key}"}
+            )
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise CloudError(f"RunPod REST API {method} {path}: {type(e).__name__}", retryable=True) from None
+        try:
+            payload = resp.json() if resp.content else None
+        except ValueError:
+            payload = None
+        if resp.ok:
+            if resp.content and payload is None:
+                raise CloudError(f"RunPod REST API {method} {path} answered something that is not JSON", retryable=True)
+            return payload
+        message = ""
+        if isinstance(payload, dict):
+            message = str(payload.get("error") or payload.get("message") or "")
+        text = f"RunPod REST API {method} {path}: {resp.status_code}: {message or resp.reason}"
+        if resp.status_code in (401, 403):
+            raise AuthError(text + ". Check RUNPOD_API_KEY.")
+        if resp.status_code == 429:
+            raise RateLimited(text)
+        if resp.status_code >= 500:
+            raise CloudError(text, retryable=True)
+        if resp.status_code == 404:
+            raise NotFound(text)
+        if resp.status_code == 400 and ("in use" in message.lower() or "attached" in message.lower()):
+            raise VolumeInUse(text)
+        if resp.status_code in (400, 422):
+            raise InvalidRequest(text)
+        raise CloudError(text)
+
+    def _rest(self, method: str, path: str, body: dict | None = None):
+        return with_retries(lambda: self._rest_once(method, path, body), self.retry, f"RunPod {method} {path}")
+
+    def _volume(self, d: dict, attached: set[str]) -> Volume:
+        return Volume(
+            id=d["id"],
+            name=d.get("name") or "",
+            cloud=self.name,
+            region=d.get("dataCenterId") or "",
+            size_gb=int(d["size"]) if d.get("size") is not None else None,
+            bytes_used=None,  # RunPod does not report it
+            in_use=d["id"] in attached,
+            mount_point=VOLUME_MOUNT_PATH,
+        )
+
+    def _attached(self) -> set[str]:
+        """The network volumes that a pod of the account has (as SkyPilot reads it: myself.pods)."""
+        pods = self._query("query myPods { myself { pods { id networkVolumeId } } }")["myself"]["pods"] or []
+        return {p["networkVolumeId"] for p in pods if p.get("networkVolumeId")}
+
+    def volumes(self) -> list[Volume]:
+        listed = self._rest("GET", "/networkvolumes") or []
+        attached = self._attached() if listed else set()
+        return [self._volume(d, attached) for d in listed]
+
+    def _check_volume(self, name: str, region: str, size_gb: int | None) -> None:
+        validate_name(name, "network volume name")  # NAME_RE: no quotes, nothing the GraphQL inlining breaks on
+        if not isinstance(region, str) or not re.match(r"^[A-Z0-9][A-Z0-9-]*$", region):
+            raise InvalidRequest(f"invalid RunPod data center {region!r}: an id such as EU-RO-1")
+        if not isinstance(size_gb, int) or isinstance(size_gb, bool) or not VOLUME_MIN_GB <= size_gb <= VOLUME_MAX_GB:
+            raise InvalidRequest(
+                f"invalid network volume size {size_gb!r}: a whole number of GB from {VOLUME_MIN_GB} to {VOLUME_MAX_GB}"
+            )
+
+    def _create_volume_once(self, name: str, region: str, size_gb: int | None) -> Volume:
+        d = self._rest_once("POST", "/networkvolumes", {"name": name, "size": size_gb, "dataCenterId": region})
+        if not isinstance(d, dict) or not d.get("id"):
+            raise CloudError("RunPod answered a network volume creation without the volume", retryable=True)
+        return self._volume(d, set())
+
+    def _delete_volume_once(self, volume_id: str) -> None:
+        """Refuses a volume a pod has before asking: what RunPod answers to deleting an attached
+        volume is not documented, so the client does not depend on it."""
+        if not re.match(r"^[0-9A-Za-z_-]+$", volume_id or ""):
+            raise InvalidRequest(f"invalid RunPod network volume id {volume_id!r}")
+        listed = {v.id: v for v in self.volumes()}
+        volume = listed.get(volume_id)
+        if volume is None:
+            raise NotFound(f"RunPod network volume {volume_id} does not exist")
+        if volume.in_use:
+            raise VolumeInUse(f"RunPod network volume {volume.name} ({volume_id}) is attached to a pod: terminate it first")
+        self._rest_once("DELETE", f"/networkvolumes/{volume_id}")

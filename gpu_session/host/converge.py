@@ -77,6 +77,9 @@ class HostSettings:
     context: int = 0  # tokens the host must hold at least (0: the model's own, at most fit.DEFAULT_CONTEXT)
     trust_remote_code: bool = False
     lease_expires_at: str = ""
+    cache_root: str = ""  # the cache volume's mount point on the host ("" for none)
+    cache_size_gb: int = 0  # its size when the cloud caps it (0: none known)
+    cache_weights: bool = True  # whether the weights may go on it (false: a gated model not allowed there)
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> HostSettings:
@@ -100,6 +103,9 @@ class HostSettings:
             context=int(env.get("GPU_SESSION_CONTEXT") or 0),
             trust_remote_code=env.get("GPU_SESSION_TRUST_REMOTE_CODE", "false") == "true",
             lease_expires_at=env.get("GPU_SESSION_LEASE_EXPIRES_AT", ""),
+            cache_root=env.get("GPU_SESSION_CACHE_ROOT", ""),
+            cache_size_gb=int(env.get("GPU_SESSION_CACHE_SIZE_GB") or 0),
+            cache_weights=env.get("GPU_SESSION_CACHE_WEIGHTS", "true") != "false",
         )
 
 
@@ -200,6 +206,9 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
         "lease_expires_at": settings.lease_expires_at,
         "lease_instance_id": settings.instance_id,
         "gpu_session_canaries": canaries(keys, settings.instance_id),
+        "gpu_session_cache_root": settings.cache_root,
+        "gpu_session_cache_size_gb": settings.cache_size_gb,
+        "model_server_cache_weights": settings.cache_weights,
     }
     say(f"configuring {settings.cloud} instance {settings.instance_id} ({settings.host}:{settings.port})")
     start = time.monotonic()
@@ -225,9 +234,10 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
     seconds = time.monotonic() - start
     say(f"configured in {seconds:.0f}s: {settings.model} is served on the host's 127.0.0.1:8000")
     phases = {name: round(sum(per_task.get(t, 0.0) for t in tasks), 1) for name, tasks in PHASES.items()}
-    write_private(keys.dir / "configured.json", json.dumps(
-        {"instance_id": settings.instance_id, "changed": result.changed, "seconds": round(seconds, 1), "phases": phases}
-    ))  # fmt: skip
+    configured = {"instance_id": settings.instance_id, "changed": result.changed, "seconds": round(seconds, 1), "phases": phases}
+    if result.facts.get("model_server_cache"):
+        configured["cache"] = result.facts["model_server_cache"]
+    write_private(keys.dir / "configured.json", json.dumps(configured))
 
 
 def scrub(settings: HostSettings, env: dict[str, str]) -> None:
@@ -243,8 +253,11 @@ def scrub(settings: HostSettings, env: dict[str, str]) -> None:
     keys = session_keys(settings.stack)
     say(f"scrubbing {settings.cloud} instance {settings.instance_id}")
     found = saved_canaries(keys, settings.instance_id)  # none for a stack from before canaries
-    extravars = {"scrub_canaries": found} if found else None
-    result = run(target(settings, keys), playbook="scrub.yml", extravars=extravars, on_event=show)
+    # The cache volume's root too (scrub keeps what is cached there and searches it for canaries).
+    extravars = ({"scrub_canaries": found} if found else {}) | (
+        {"gpu_session_cache_root": settings.cache_root} if settings.cache_root else {}
+    )
+    result = run(target(settings, keys), playbook="scrub.yml", extravars=extravars or None, on_event=show)
     receipt = {"instance_id": settings.instance_id, "scrubbed_at": time.time(), **(result.facts.get("scrub_receipt") or {})}
     write_private(keys.dir / RECEIPT, json.dumps(receipt, indent=2))
     say(f"scrubbed: receipt in {keys.dir / RECEIPT}")

@@ -22,6 +22,7 @@ FILE = "session.json"
 # Hub's), and what the hosts of a cloud without internet install from. No key is among them.
 ENVIRONMENT = (
     *API_BASE_ENV.values(),
+    "RUNPOD_REST_API_BASE_URL",  # RunPod's REST API, for its network volumes (clouds.runpod)
     "HF_ENDPOINT",
     "GPU_SESSION_HOST_WHEELHOUSE",
     "GPU_SESSION_HOST_VENVS",

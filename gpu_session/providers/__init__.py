@@ -10,5 +10,15 @@ sizing, paths and errors only.
 from .configure import Configure, ConfigureProvider
 from .instance import GpuInstance, GpuInstanceProvider
 from .ssh_key import LambdaSshKey, LambdaSshKeyProvider
+from .volume import CacheVolume, CacheVolumeProvider
 
-__all__ = ["Configure", "ConfigureProvider", "GpuInstance", "GpuInstanceProvider", "LambdaSshKey", "LambdaSshKeyProvider"]
+__all__ = [
+    "CacheVolume",
+    "CacheVolumeProvider",
+    "Configure",
+    "ConfigureProvider",
+    "GpuInstance",
+    "GpuInstanceProvider",
+    "LambdaSshKey",
+    "LambdaSshKeyProvider",
+]

@@ -5,7 +5,9 @@ adopted). With gpu_type "auto" it takes the cheapest offer whose room (gpu_sessi
 max_price_per_hour, and on a capacity error moves on to the next region or type; the choice is made
 at launch, so a later `up` with the same inputs keeps the machine it has. It then waits until SSH answers under its own deadline (Pulumi's custom timeouts do not reach
 dynamic providers), and terminates what it launched if anything after the launch fails, so a
-failed create leaves nothing billing. read notices an instance ended outside Pulumi; delete treats
+failed create leaves nothing billing. With volume_id it attaches that cache volume (a Lambda
+filesystem, a RunPod network volume) and launches only in its region; the host sees it at the
+output cache_path. read notices an instance ended outside Pulumi; delete treats
 "already gone" as success and waits until the API says terminated.
 """
 
@@ -27,7 +29,7 @@ from pulumi.dynamic import (
 )
 
 from gpu_session import progress
-from gpu_session.clouds import CLOUDS, CapacityError, CloudError, LaunchSpec, NotFound, cloud_class
+from gpu_session.clouds import CLOUDS, CapacityError, CloudError, LaunchSpec, NotFound, Volume, cloud_class
 from gpu_session.clouds.base import validate_name
 from gpu_session.sizing import GIB, SizingError, explain_no_fit, fitting
 
@@ -45,6 +47,7 @@ REPLACE_ON = (
     "ssh_public_key",
     "ssh_key_name",
     "user_data",
+    "volume_id",
 )
 OUTPUTS = (
     "instance_id",
@@ -57,6 +60,8 @@ OUTPUTS = (
     "vram_gb",
     "price_per_hour",
     "launched_at",
+    "cache_path",
+    "cache_size_gb",
 )
 AUTO = "auto"
 DEFAULT_READY_TIMEOUT_S = 900
@@ -103,30 +108,48 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
     def create(self, props):
         cloud = self.cloud(props["cloud"])
         deadline = time.monotonic() + int(props.get("ready_timeout_s") or DEFAULT_READY_TIMEOUT_S)
-        instance_id, vram_gb = self._launch(cloud, props)
+        volume = self._volume(cloud, props)
+        instance_id, vram_gb = self._launch(cloud, props, volume)
         print(f"launched {props['cloud']} instance {instance_id}; waiting for SSH", flush=True)
         print(progress.line("boot", "start", instance_id=instance_id), flush=True)
         try:
             endpoint = cloud.wait_ready(instance_id, deadline)
-            outs = {**self._outputs(cloud.get(instance_id), endpoint), "vram_gb": vram_gb}
+            outs = {**self._outputs(cloud.get(instance_id), endpoint), "vram_gb": vram_gb,
+                    "cache_path": volume.mount_point if volume else None,
+                    "cache_size_gb": (volume.size_gb or 0) if volume else None}  # fmt: skip
         except BaseException:
             # Nothing after the launch may leave a billing machine Pulumi does not know about.
             cloud.terminate_and_wait(instance_id, time.monotonic() + 120)
             raise
         return CreateResult(instance_id, {**props, **outs, "launched_at": datetime.now(UTC).isoformat(timespec="seconds")})
 
-    def _launch(self, cloud, props) -> tuple[str, float | None]:
-        """Launch (or adopt) under the name; the instance id and its total GPU memory when known."""
+    @staticmethod
+    def _volume(cloud, props) -> Volume | None:
+        """The cache volume to attach (volume_id), as the cloud knows it now; None without one."""
+        if not props.get("volume_id"):
+            return None
+        found = next((v for v in cloud.volumes() if v.id == props["volume_id"]), None)
+        if found is None:
+            raise CloudError(
+                f"the cache volume {props['volume_id']} is gone from {cloud.name}: `gpu-session cache list` shows the "
+                "caches there are; `gpu-session up --no-cache` goes without one"
+            )
+        return found
+
+    def _launch(self, cloud, props, volume: Volume | None = None) -> tuple[str, float | None]:
+        """Launch (or adopt) under the name; the instance id and its total GPU memory when known.
+        With a volume, only in the volume's region (a volume is bound to one)."""
         spec = LaunchSpec(
             name=props["name"],
             instance_type=props["gpu_type"],
-            region=props.get("region") or None,
+            region=volume.region if volume else props.get("region") or None,
             gpu_count=int(props.get("gpu_count") or 1),
             ssh_public_key=props.get("ssh_public_key") or "",
             ssh_key_name=props.get("ssh_key_name") or None,
             image=props.get("image") or None,
             disk_gb=int(props["disk_gb"]) if props.get("disk_gb") else None,
             user_data=props.get("user_data") or None,
+            volume=volume,
         )
         existing = cloud.find_by_name(spec.name)
         if existing is not None:  # an earlier create that was interrupted: adopt, never launch twice
@@ -143,8 +166,9 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
         tried = []
         for offer in fitting(offers, need, **limits):
             for region in offer.launch_regions():
-                if spec.region and region != spec.region:
+                if spec.region and region is not None and region != spec.region:
                     continue
+                region = region or spec.region  # a cloud that places the machine itself: where it was asked for
                 try:
                     instance_id = cloud.launch(
                         LaunchSpec(**{**vars(spec), "instance_type": offer.instance_type, "region": region})
@@ -166,7 +190,8 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
         if not inst.alive:
             return ReadResult("", {})  # ended outside Pulumi (the console, the lease): drop it
         outs = self._outputs(inst, inst.endpoint)
-        return ReadResult(id_, {**props, **outs, "vram_gb": props.get("vram_gb"), "launched_at": props.get("launched_at")})
+        kept = {k: props.get(k) for k in ("vram_gb", "launched_at", "cache_path", "cache_size_gb")}
+        return ReadResult(id_, {**props, **outs, **kept})
 
     def update(self, id_, olds, news):  # what does not replace: the deadline, the price limit, a smaller need
         return UpdateResult({**olds, **news, **{k: olds.get(k) for k in OUTPUTS}})
@@ -203,14 +228,17 @@ class GpuInstance(Resource, module="gpu_session", name="GpuInstance"):
     gpu_name: pulumi.Output[str]
     price_per_hour: pulumi.Output[float]
     launched_at: pulumi.Output[str]
+    cache_path: pulumi.Output[str]  # where the host sees the cache volume; None without one
+    cache_size_gb: pulumi.Output[int]  # the volume's size (RunPod); 0 where it grows with use (Lambda)
 
     def __init__(self, resource_name: str, *, cloud, name, gpu_type, gpu_count=1, region=None, image=None, disk_gb=None,
                  ssh_public_key=None, ssh_key_name=None, user_data=None, min_vram_gb=None, max_price_per_hour=None,
-                 ready_timeout_s=DEFAULT_READY_TIMEOUT_S, opts: pulumi.ResourceOptions | None = None):  # fmt: skip
+                 volume_id=None, ready_timeout_s=DEFAULT_READY_TIMEOUT_S, opts: pulumi.ResourceOptions | None = None):  # fmt: skip
         inputs = {
             "cloud": cloud, "name": name, "gpu_type": gpu_type, "gpu_count": gpu_count, "region": region, "image": image,
             "disk_gb": disk_gb, "ssh_public_key": ssh_public_key, "ssh_key_name": ssh_key_name, "user_data": user_data,
-            "min_vram_gb": min_vram_gb, "max_price_per_hour": max_price_per_hour, "ready_timeout_s": ready_timeout_s,
+            "min_vram_gb": min_vram_gb, "max_price_per_hour": max_price_per_hour, "volume_id": volume_id,
+            "ready_timeout_s": ready_timeout_s,
             **dict.fromkeys(OUTPUTS),
         }  # fmt: skip
         super().__init__(GpuInstanceProvider(), resource_name, inputs, opts)

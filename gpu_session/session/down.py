@@ -2,8 +2,10 @@
 is ours at a cloud but no stack owns).
 
 Money first: `down` does not trust the stack's word that the machine is gone but asks the cloud,
-and ends anything of the stack's that is still there; `sweep` finds instances of ours that no stack
-owns."""
+and ends anything of the stack's that is still there, and says which cache volumes remain and what
+they bill a month (a session's destroy never touches them: they are stacks of their own project);
+`sweep` finds instances of ours that no stack owns, and volumes named like our caches that no cache
+stack owns."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import shutil
 import time
 from collections.abc import Callable
 
-from gpu_session.clouds import API_KEY_ENV, Cloud, Instance, NotFound
+from gpu_session.clouds import API_KEY_ENV, Cloud, CloudError, Instance, NotFound, Volume
+from gpu_session.errors import GpuSessionError
 from gpu_session.host import converge
 from gpu_session.host.ansible import ConfigureError, remove_orphaned_runs
 from gpu_session.local import tunnel
@@ -22,7 +25,7 @@ from gpu_session.paths import private_dir, stack_dir, state_dir, write_private
 from gpu_session.stack import names
 from gpu_session.stack.automation import OnEvent, StackError, StackNotFound, engine
 
-from . import watch
+from . import cache, watch
 from .plan import Say, SessionError, cloud_client, clouds_for, use_session
 
 
@@ -76,7 +79,18 @@ def down(stack_name: str, *, say: Say, on_event: OnEvent) -> dict:
         "clouds_asked": asked,  # each said: no instance or key of the stack's is left (after ending what was)
         "terminated_orphans": left,
         "sessions": [vars(s) | {"cost": s.cost, "hours": s.hours} for s in closed if s],
+        "caches": remaining_caches(say),  # what still bills a month after this session: the cache volumes kept
     }
+
+
+def remaining_caches(say: Say) -> list[dict]:
+    """The cache volumes of this machine that remain, as cache.CacheInfo.as_json gives them. Never
+    fails `down`: a cloud that does not answer is noted on its cache, and any other failure is said."""
+    try:
+        return [c.as_json() for c in cache.caches()]
+    except (GpuSessionError, OSError) as e:
+        say(f"could not list the cache volumes that remain: {e} (`gpu-session cache list`)")
+        return []
 
 
 def scrub_half_configured(stack, recorded: list[dict], say: Say) -> None:
@@ -148,3 +162,28 @@ def sweep(*, confirm: Callable[[str, Instance], bool], say: Say) -> list[str]:
             ended.append(inst.id)
             say(f"terminated {name} instance {inst.id} ({inst.name})")
     return ended
+
+
+def sweep_volumes(*, confirm: Callable[[str, Volume], bool], say: Say) -> list[str]:
+    """Volumes named like our caches (names.volume_is_ours) that no cache stack here owns: each
+    deleted on `confirm`; one an instance has attached is refused (said, and left)."""
+    try:
+        clouds = clouds_for("auto")
+    except SessionError:
+        return []
+    deleted = []
+    for name, volume in cache.orphan_volumes(clouds):
+        if volume.in_use:
+            say(f"{name} volume {volume.name} ({volume.id}) is named like a cache of ours but attached to a running "
+                "instance: not deleted (end that instance first)")  # fmt: skip
+            continue
+        if not confirm(name, volume):
+            continue
+        try:
+            cache.delete_orphan(name, volume)
+        except (cache.CacheError, CloudError) as e:
+            say(str(e))
+            continue
+        deleted.append(volume.id)
+        say(f"deleted {name} volume {volume.name} ({volume.id})")
+    return deleted

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from gpu_session import fit, sizing
 from gpu_session.clouds import API_KEY_CONFIG, CLOUDS, Cloud, Offer, get_cloud
@@ -18,6 +19,9 @@ from gpu_session.errors import GpuSessionError
 from gpu_session.local import record
 from gpu_session.stack.automation import StackNotFound, engine
 from gpu_session.stack.config import StackConfig, default_device
+
+if TYPE_CHECKING:
+    from .cache import CacheInfo
 
 Say = Callable[[str], None]  # progress, one line at a time
 
@@ -45,6 +49,8 @@ class UpOptions:
     backend: str = StackConfig.backend  # auto, vllm or transformers
     stack: str = "dev"
     configure: bool = StackConfig.configure  # False: just the machine, no model server
+    cache: bool = True  # use a cache volume (`gpu-session cache create`) in a region that has the chosen GPU
+    cache_gated: bool = StackConfig.cacheGated  # a gated model's weights may go on the cache too
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,16 @@ class Plan:
     disk_gb: int = 0  # GiB
     backend: str = "vllm"
     cpu_capped: bool = False  # the host serves on the CPU (the simulator's), whose KV cache space holds less than the GPU would
+    cache: CacheInfo | None = None  # the cache volume the session attaches (gpu_session.session.cache)
+    cache_note: str = ""  # why a cache there is goes unused, when one does
+
+    def cache_line(self) -> str:
+        """What the plan does about caches, in a line ("" when there are none)."""
+        if self.cache is None:
+            return self.cache_note
+        c = self.cache
+        return (f"cache {c.cloud} {c.region}: the engine and the {self.weights_gb} GiB of weights are kept on it, and taken "
+                f"from it where an earlier session left them (it costs ${c.monthly_usd:.2f}/month whether used or not)")  # fmt: skip
 
     @property
     def estimate(self) -> float:
@@ -74,7 +90,8 @@ class Plan:
         return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({room} usable for {self.need_gb} GiB needed; {context}) in "
                 f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}"
                 + (f"; the ${self.budget:g} budget ends it after {self.budget / o.price_per_hour:.2g} h"
-                   if self.budget is not None and self.budget < self.estimate else ""))  # fmt: skip
+                   if self.budget is not None and self.budget < self.estimate else "")
+                + (f"; {self.cache_line()}" if self.cache_line() else ""))  # fmt: skip
 
     def summary(self, model: str) -> dict:
         """The plan as `up --dry-run --json` prints it (sizes in GiB, price in USD/h)."""
@@ -82,7 +99,9 @@ class Plan:
         return {"ok": True, "model": model, "cloud": o.cloud, "instance_type": o.instance_type, "gpu": o.gpu_name,
                 "gpu_count": o.gpu_count, "region": self.region, "price_per_hour": o.price_per_hour,
                 "weights_gb": self.weights_gb, "need_gb": self.need_gb, "context": self.context, "disk_gb": self.disk_gb,
-                "backend": self.backend}  # fmt: skip
+                "backend": self.backend,
+                "cache": {"cloud": self.cache.cloud, "region": self.cache.region, "volume_id": self.cache.volume.id}
+                if self.cache else None, "cache_note": self.cache_note or None}  # fmt: skip
 
 
 def cloud_client(name: str) -> Cloud:
@@ -141,7 +160,31 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     if not found:
         why = sizing.explain_no_fit(offers, need, **limits)
         raise SessionError(f"{opts.model} {why} (for {context:,} tokens of context)")
-    return found
+    return with_caches(found, clouds_for(opts.cloud)) if opts.cache else found
+
+
+def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
+    """The plans with the caches of `clouds` attached where one is in the plan's region: for each
+    offer (cheapest first, as found), its plans with a cache before those without. A RunPod plan
+    (any data center) gets a variant in each cache's data center, and keeps its own after them, for
+    when that data center has no capacity. The first plan says so when a cache goes unused."""
+    from .cache import caches  # the cache stacks: above plan in the session layer
+
+    ready = [c for c in caches() if c.cloud in clouds and c.volume is not None]
+    if not ready:
+        return found
+    order = {id(p.offer): n for n, p in enumerate(found)}
+    out = []
+    for plan in found:
+        here = [c for c in ready if c.cloud == plan.offer.cloud and plan.region in (None, c.region)]
+        out += [replace(plan, region=c.region, cache=c) for c in here]
+        if plan.region is None or not here:
+            out.append(plan)
+    out.sort(key=lambda p: (order[id(p.offer)], p.cache is None))
+    if out[0].cache is None:
+        where = ", ".join(f"{c.cloud} {c.region}" for c in ready)
+        out[0] = replace(out[0], cache_note=f"no cache: the one(s) in {where} are not where {out[0].offer.gpu_name} is offered")
+    return out
 
 
 def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:
@@ -158,6 +201,9 @@ def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:
         config["maxPricePerHour"] = str(opts.max_price)
     if opts.context is not None:
         config["context"] = str(opts.context)
+    if plan.cache is not None:
+        config["cacheVolume"] = plan.cache.volume.id
+        config["cacheGated"] = str(opts.cache_gated).lower()
     for cloud, key in API_KEY_CONFIG.items():
         if os.environ.get(KEY_ENV[cloud]):
             config[key] = os.environ[KEY_ENV[cloud]]

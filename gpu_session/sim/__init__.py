@@ -77,6 +77,7 @@ class Simulator:
         return {
             "LAMBDA_API_BASE": f"{self.url}/api/v1",
             "RUNPOD_API_BASE_URL": self.url,
+            "RUNPOD_REST_API_BASE_URL": f"{self.url}/v1",  # RunPod's REST API (network volumes)
             "HF_ENDPOINT": self.host_url,
             "LAMBDA_API_KEY": self.lambda_key,
             "RUNPOD_API_KEY": self.runpod_key,
@@ -134,6 +135,14 @@ class Simulator:
 
     def ssh_keys(self) -> list[dict]:
         return self.world.snapshot()["ssh_keys"]
+
+    def volumes(self, cloud: str | None = None) -> list[dict]:
+        """Every volume: id, cloud, name, region, size_gb, dir (its folder here), used_by (instance ids)."""
+        return [v for v in self.world.snapshot()["volumes"] if cloud in (None, v["cloud"])]
+
+    def volume_dir(self, volume_id: str) -> Path:
+        """The folder that holds a volume's files (what hosts that attach it see at its mount point)."""
+        return self.world.volumes_root / volume_id
 
     def host_pids(self, instance_id: str) -> list[int]:
         return self.world.hosts.pids(instance_id)

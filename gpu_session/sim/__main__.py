@@ -126,6 +126,9 @@ def print_state(state: dict, as_json: bool) -> None:
     console = Console()
     console.print(table)
     console.print(f"SSH keys (Lambda): {', '.join(k['name'] for k in state['ssh_keys']) or 'none'}")
+    for v in state.get("volumes", []):
+        used = f"used by {', '.join(v['used_by'])}" if v["used_by"] else "unused"
+        console.print(f"volume: {v['cloud']} {v['name']} ({v['id']}) in {v['region']}, {used}: {v['dir']}")
     for t in state.get("terminations", []):
         console.print(f"terminated: {t['cloud']} {t['name']} ({t['id']}) with the {t['by']}")
     if state["faults"]:

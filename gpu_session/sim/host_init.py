@@ -41,11 +41,19 @@ def main() -> None:
     # The host's folder may lie under a path about to be covered (/tmp, /root): stage it on /mnt
     # first, bind from there, then drop the stage so the host does not see its own plumbing.
     mount(["--bind", cfg["dir"], STAGE])
+    # Volumes (folders of the controller's, anywhere, perhaps under a path covered below) are staged
+    # too, then bound at their paths once the private layers are in place.
+    volumes = cfg.get("volumes") or []
+    for i, (src, _path) in enumerate(volumes):
+        mount(["--bind", src, f"{STAGE}/volumes/{i}"])
     for layer in cfg["overlays"]:
         mount(["-t", "overlay", "overlay", "-o",
                f"lowerdir=/{layer},upperdir={STAGE}/{layer}/upper,workdir={STAGE}/{layer}/work", f"/{layer}"])  # fmt: skip
     for src, dst in cfg["binds"]:
         mount(["--bind", f"{STAGE}/{src}", dst])
+    for i, (_src, path) in enumerate(volumes):
+        os.makedirs(path, mode=0o755, exist_ok=True)  # in the host's private layers (hosts.MOUNT_ROOTS)
+        mount(["--bind", f"{STAGE}/volumes/{i}", path])
     for dst, mode in cfg["tmpfs"]:
         mount(["-t", "tmpfs", "-o", f"mode={mode}", "tmpfs", dst])
     subprocess.run(["umount", "--lazy", STAGE], check=True)

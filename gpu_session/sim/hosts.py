@@ -35,6 +35,15 @@ SSHD = "/usr/sbin/sshd"
 OVERLAYS = ("etc", "usr", "var")
 # Where a host may write through cloud-init: its private mounts (/bin, /sbin, /lib lead into /usr).
 PRIVATE_ROOTS = ("/etc", "/usr", "/var", "/bin", "/sbin", "/lib", "/opt", "/home", "/root", "/tmp", "/run", "/dev/shm")
+# Where clouds mount volumes, absent from a usual root: Lambda's /lambda/nfs/<name>, RunPod's /workspace
+# (our pods' volumeMountPath) and /runpod-volume (the SDK's default). A mount needs an existing
+# directory, and the host's root is the controller's own (only the layers above are private), so
+# the simulator creates these top-level directories on the controller, empty (the only trace it
+# leaves there), and gives each isolated host a private, empty folder over each: hosts never share
+# them, whether or not a volume is mounted inside.
+MOUNT_TOPS = ("/lambda", "/workspace", "/runpod-volume")
+# Where a volume may be mounted in a host: inside those, or inside the host's private /opt, /home, /root.
+MOUNT_ROOTS = (*MOUNT_TOPS, "/opt", "/home", "/root")
 
 
 class HostError(RuntimeError):
@@ -52,6 +61,8 @@ class HostSpec:
     files: list[dict] = field(default_factory=list)  # cloud-init write_files, content decoded
     hostname: str | None = None
     driver: tuple[str, str] = ("", "")  # (driver version, CUDA version) the simulated nvidia-smi reports
+    # Volumes: (folder on the controller, path in the host), bind-mounted read-write (isolated hosts only).
+    mounts: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -156,6 +167,8 @@ class Hosts:
         if self.isolated:
             self._net_index = self._claim_network()
             self._uid = self._free_id()
+            for top in MOUNT_TOPS:
+                Path(top).mkdir(mode=0o755, exist_ok=True)
         else:
             log.warning(
                 "simulator is not running as root: hosts are sshd processes on loopback ports, "
@@ -210,9 +223,36 @@ class Hosts:
         used |= {int(line.split(":")[2]) for line in Path("/etc/group").read_text().splitlines() if line.count(":") >= 3}
         return next(i for i in range(1001, 60000) if i not in used)
 
+    # --- volumes ---------------------------------------------------------------------------
+
+    def volume_owner(self, user: str) -> tuple[int, int]:
+        """Who owns a volume's root folder so that `user` in a host can write to it, as on the clouds
+        (a Lambda filesystem is the image user's, ubuntu; a RunPod volume is root's): uid and gid."""
+        if not self.isolated:
+            return os.getuid(), os.getgid()
+        return (0, 0) if user == "root" else (self._uid, self._uid)
+
+    @staticmethod
+    def mount_refusal(path: str, isolated: bool) -> str | None:
+        """Why a volume cannot be mounted at `path` in a host, or None when it can."""
+        if not isolated:
+            return (
+                "the simulator attaches volumes only to isolated hosts (run it as root): its unprivileged "
+                "hosts share this machine's filesystem and cannot mount one"
+            )
+        norm = os.path.normpath(path or "/")
+        inside = norm in MOUNT_TOPS or norm.startswith(tuple(r + "/" for r in MOUNT_ROOTS))
+        if not path.startswith("/") or norm != path.rstrip("/") or not inside:
+            return f"the simulator mounts volumes only under {', '.join(MOUNT_ROOTS)}, not at {path!r}"
+        return None
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self, spec: HostSpec) -> Host:
+        for _src, path in spec.mounts:
+            refusal = self.mount_refusal(path, self.isolated)
+            if refusal:
+                raise HostError(refusal)
         with self._lock:
             self._next += 1
             n = self._next
@@ -268,8 +308,10 @@ class Hosts:
         for layer in OVERLAYS:
             (hd / layer / "upper").mkdir(parents=True, mode=0o755)
             (hd / layer / "work").mkdir(mode=0o755)
-        for d in ("opt", "home", "root"):
+        for d in ("opt", "home", "root", *(t.lstrip("/") for t in MOUNT_TOPS)):
             (hd / d).mkdir(mode=0o755)
+        for i in range(len(spec.mounts)):  # where volumes are staged before they reach their paths (host_init)
+            (hd / "volumes" / str(i)).mkdir(parents=True, mode=0o700)
         (hd / "root").chmod(0o700)
         etc, usr = hd / "etc" / "upper", hd / "usr" / "upper"
         passwd = Path("/etc/passwd").read_text()
@@ -348,7 +390,8 @@ class Hosts:
             "log": str(hd / "host.log"),
             "dir": str(hd),
             "overlays": list(OVERLAYS),
-            "binds": [["opt", "/opt"], ["home", "/home"], ["root", "/root"]],
+            "binds": [["opt", "/opt"], ["home", "/home"], ["root", "/root"], *([t.lstrip("/"), t] for t in MOUNT_TOPS)],
+            "volumes": [[src, path] for src, path in spec.mounts],
             "tmpfs": [["/tmp", "1777"], ["/run", "0755"], ["/dev/shm", "1777"]],
             "files": files,
             "sshd": [SSHD, "-D", "-e", "-f", "/etc/ssh/sshd_config"],

@@ -7,15 +7,20 @@ import re
 import secrets
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from . import catalog
 from .faults import with_faults
+from .hosts import Hosts
 from .http import Handler, Request, Response, Router, json_response
-from .world import SimInstance, SshKey, World
+from .world import SimInstance, SimVolume, SshKey, World
 
 PREFIX = "/api/v1"
 HOSTNAME_RE = re.compile(r"^[a-z0-9][0-9a-z-]{0,62}$")
+FILESYSTEM_NAME_RE = re.compile(r"^[a-zA-Z]+[0-9a-zA-Z-]*$")  # 1..60 (spec v1.10.0)
+# Who created the simulator's filesystems (Filesystem.created_by): one user per simulated account.
+ACCOUNT_USER = {"id": "5c4ea5e2b2d04d3e9f3b1a7e2c0d9f11", "email": "sim@example.com", "status": "active"}
 PUBKEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com) [A-Za-z0-9+/=]+( .*)?$")
 
 MESSAGES = {
@@ -74,7 +79,7 @@ def type_json(t: catalog.LambdaType) -> dict:
     }
 
 
-def instance_json(inst: SimInstance, loopback: bool) -> dict:
+def instance_json(inst: SimInstance, loopback: bool, world: World) -> dict:
     t = catalog.lambda_type(inst.type_name)
     available = inst.status == "active"
     reason = {"booting": "vm-has-not-launched", "terminating": "vm-is-terminating"}.get(inst.status, "vm-action-in-progress")
@@ -83,11 +88,12 @@ def instance_json(inst: SimInstance, loopback: bool) -> dict:
         if available
         else {"available": False, "reason_code": reason, "reason_description": f"Instance is {inst.status}."}
     )
+    filesystems = [fs for fs in map(world.volumes.get, inst.volume_ids) if fs is not None]
     out = {
         "id": inst.id,
         "status": inst.status,
         "ssh_key_names": inst.ssh_key_names,
-        "file_system_names": [],
+        "file_system_names": [fs.name for fs in filesystems],
         "region": region_json(inst.region),
         "instance_type": type_json(t),
         "actions": {k: action for k in ("migrate", "rebuild", "restart", "cold_reboot")}
@@ -95,6 +101,8 @@ def instance_json(inst: SimInstance, loopback: bool) -> dict:
         "is_reserved": False,
         "tags": inst.tags,
     }
+    if filesystems:  # omitted when none (spec v1.10.0)
+        out["file_system_mounts"] = [{"mount_point": mount_point(fs.name), "file_system_id": fs.id} for fs in filesystems]
     if inst.name:
         out["name"] = inst.name
     if inst.status == "active" and inst.address:
@@ -109,6 +117,23 @@ def instance_json(inst: SimInstance, loopback: bool) -> dict:
         if loopback:  # simulator-only: unprivileged hosts listen elsewhere than 22, as the current user
             out |= {"ssh_port": inst.ssh_port, "ssh_user": inst.ssh_user}
     return out
+
+
+def mount_point(fs_name: str) -> str:
+    return f"/lambda/nfs/{fs_name}"
+
+
+def filesystem_json(world: World, fs: SimVolume) -> dict:
+    return {
+        "id": fs.id,
+        "name": fs.name,
+        "mount_point": mount_point(fs.name),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(fs.created_at)),
+        "created_by": ACCOUNT_USER,
+        "is_in_use": bool(world.volume_users(fs)),
+        "region": region_json(fs.region),
+        "bytes_used": world.volume_bytes(fs),  # what its folder really holds
+    }
 
 
 def key_json(k: SshKey) -> dict:
@@ -174,14 +199,16 @@ class Api:
 
     def list_instances(self, req: Request) -> Response:
         """GET /instances"""
-        return data([instance_json(i, self.loopback) for i in self.world.listing("lambda") if i.status != "terminated"])
+        return data(
+            [instance_json(i, self.loopback, self.world) for i in self.world.listing("lambda") if i.status != "terminated"]
+        )
 
     def get_instance(self, req: Request) -> Response:
         """GET /instances/{id}"""
         inst = self.world.find("lambda", req.params["id"])
         if inst is None:
             return error(404, "global/object-does-not-exist", "Specified instance does not exist.")
-        return data(instance_json(inst, self.loopback))
+        return data(instance_json(inst, self.loopback, self.world))
 
     def rename_instance(self, req: Request) -> Response:
         """POST /instances/{id}"""
@@ -193,7 +220,7 @@ class Api:
         if not isinstance(name, str) or len(name) > 64:
             return error(400, "global/invalid-parameters", "name: must be a string of at most 64 characters")
         inst.name = name
-        return data(instance_json(inst, self.loopback))
+        return data(instance_json(inst, self.loopback, self.world))
 
     def launch(self, req: Request) -> Response:
         """POST /instance-operations/launch"""
@@ -243,6 +270,29 @@ class Api:
                 f"Specified SSH key {keys[0]!r} does not exist.",
                 "Add the key with POST /ssh-keys first.",
             )
+        fs_names = body.get("file_system_names") or []
+        if not isinstance(fs_names, list) or not all(isinstance(n, str) for n in fs_names):
+            return error(400, "global/invalid-parameters", "file_system_names: must be a list of filesystem names.")
+        filesystems = []
+        for fs_name in fs_names:
+            fs = next((v for v in world.volume_listing("lambda") if v.name == fs_name), None)
+            if fs is None:
+                return error(
+                    404,
+                    "global/object-does-not-exist",
+                    f"Specified file system {fs_name!r} does not exist.",
+                    "Create it with POST /filesystems first.",
+                )
+            if fs.region != region:
+                return error(
+                    400,
+                    "instance-operations/launch/file-system-in-wrong-region",
+                    f"File system {fs_name!r} is in {fs.region}, not {region}.",
+                    "Launch in the file system's region.",
+                )
+            filesystems.append(fs)
+        if filesystems and (refusal := Hosts.mount_refusal(mount_point(filesystems[0].name), not self.loopback)):
+            return error(400, "global/invalid-parameters", f"Simulator: {refusal}.")
         with world.lock:
             if world.free_slots("lambda", t.name, region) < quantity:
                 return capacity_error()
@@ -264,6 +314,7 @@ class Api:
                 image=str(body.get("image") or ""),
                 hostname=hostname,
                 tags=body.get("tags") or [],
+                volume_ids=[fs.id for fs in filesystems],
             )
             ids.append(inst.id)
         return data({"instance_ids": ids})
@@ -279,7 +330,7 @@ class Api:
             return error(500, "global/unknown")
         for inst in insts:
             self.world.terminate(inst)
-        return data({"terminated_instances": [instance_json(i, self.loopback) for i in insts]})
+        return data({"terminated_instances": [instance_json(i, self.loopback, self.world) for i in insts]})
 
     def restart(self, req: Request) -> Response:
         """POST /instance-operations/restart"""
@@ -291,7 +342,7 @@ class Api:
             return error(409, "global/conflict", f"Instance(s) not active: {', '.join(busy)}.")
         for inst in insts:
             self.world.restart(inst)
-        return data({"restarted_instances": [instance_json(i, self.loopback) for i in insts]})
+        return data({"restarted_instances": [instance_json(i, self.loopback, self.world) for i in insts]})
 
     def instance_types(self, req: Request) -> Response:
         """GET /instance-types"""
@@ -362,9 +413,46 @@ class Api:
             ]
         )
 
+    # --- filesystems -----------------------------------------------------------------------
+
     def file_systems(self, req: Request) -> Response:
         """GET /file-systems"""
-        return data([])
+        return data([filesystem_json(self.world, fs) for fs in self.world.volume_listing("lambda")])
+
+    def create_file_system(self, req: Request) -> Response:
+        """POST /filesystems"""
+        world = self.world
+        body = req.json()
+        if not isinstance(body, dict):
+            return error(400, "global/invalid-parameters", "Request body must be a JSON object.")
+        name, region = body.get("name"), body.get("region")
+        if not isinstance(name, str) or not 1 <= len(name) <= 60 or not FILESYSTEM_NAME_RE.match(name):
+            return error(400, "global/invalid-parameters", f"name: must match {FILESYSTEM_NAME_RE.pattern} (1 to 60 characters).")
+        if not isinstance(region, str) or region not in catalog.LAMBDA_REGIONS:
+            return error(400, "global/invalid-parameters", f"region: {region!r} is not a valid region.")
+        with world.lock:
+            if any(fs.name == name for fs in world.volume_listing("lambda")):
+                return error(400, "global/duplicate", f"A file system named {name!r} already exists.")
+            fs = world.new_volume("lambda", name, region)
+        return data(filesystem_json(world, fs))
+
+    def delete_file_system(self, req: Request) -> Response:
+        """DELETE /filesystems/{id}"""
+        world = self.world
+        with world.lock:
+            fs = world.find_volume("lambda", req.params["id"])
+            if fs is None:
+                return error(404, "global/object-does-not-exist", "Specified file system does not exist.")
+            users = world.volume_users(fs)
+            if users:
+                return error(
+                    400,
+                    "filesystems/filesystem-in-use",
+                    f"File system {fs.name!r} is in use by instance(s) {', '.join(i.id for i in users)}.",
+                    "Terminate the instances that use it first.",
+                )
+            world.delete_volume(fs)
+        return data({"deleted_ids": [fs.id]})
 
     def routes(self) -> list[tuple[str, str, Handler, str]]:
         """(method, path under PREFIX, handler, rate-limit class)."""
@@ -382,6 +470,8 @@ class Api:
             ("GET", "/regions", self.regions, "general"),
             ("GET", "/images", self.images, "general"),
             ("GET", "/file-systems", self.file_systems, "general"),
+            ("POST", "/filesystems", self.create_file_system, "general"),
+            ("DELETE", "/filesystems/{id}", self.delete_file_system, "general"),
         ]
 
 

@@ -1,4 +1,5 @@
-"""RunPod GraphQL (research/cloud-apis.md §2a), parsed and executed by graphql-core.
+"""RunPod GraphQL (research/cloud-apis.md §2a), parsed and executed by graphql-core, and the
+part of its REST API v1 that the SDK lacks: network volumes (/v1/networkvolumes, §2b).
 
 Business errors come back as HTTP 200 with `errors[]` carrying `path`; a bad key is HTTP 401;
 a document that does not parse or validate is HTTP 400. Pods are RUNNING with `runtime: null`
@@ -15,8 +16,9 @@ from graphql.error import GraphQLSyntaxError
 
 from . import catalog
 from .faults import with_faults
+from .hosts import Hosts
 from .http import Request, Response, Router, json_response
-from .world import SimInstance, World
+from .world import SimInstance, SimVolume, World
 
 SDL = """
 scalar Void
@@ -89,6 +91,7 @@ type Pod {
   volumeMountPath: String
   runtime: PodRuntime
   machine: PodMachineInfo
+  networkVolumeId: String
 }
 type NetworkVolume { id: String name: String size: Int dataCenterId: String }
 type User { id: String pubKey: String pods: [Pod] networkVolumes: [NetworkVolume] }
@@ -196,6 +199,11 @@ def capacity_error() -> Response:
     return _errors(NO_CAPACITY, "BAD_USER_INPUT")
 
 
+def volume_json(vol: SimVolume) -> dict:
+    """A network volume as both APIs show it (REST v1 NetworkVolume; GraphQL myself.networkVolumes)."""
+    return {"id": vol.id, "name": vol.name, "size": vol.size_gb, "dataCenterId": vol.region}
+
+
 def stock_status(free: int) -> str | None:
     return None if free <= 0 else "Low" if free == 1 else "Medium" if free == 2 else "High"
 
@@ -285,7 +293,8 @@ class Api:
             "uptimeSeconds": runtime["uptimeInSeconds"] if runtime else 0,
             "vcpuCount": 2 * inst.gpu_count,
             "volumeInGb": 0,
-            "volumeMountPath": "/runpod-volume",
+            "volumeMountPath": inst.volume_mount_path,
+            "networkVolumeId": inst.volume_ids[0] if inst.volume_ids else None,
             "runtime": runtime,
             "machine": {
                 "gpuDisplayName": g.display_name,
@@ -329,7 +338,7 @@ class Api:
             "id": "sim-user",
             "pubKey": "\n".join(self.world.runpod_pub_keys),
             "pods": [self.pod_json(i) for i in self.world.listing("runpod")],
-            "networkVolumes": [],
+            "networkVolumes": [volume_json(v) for v in self.world.volume_listing("runpod")],
         }
 
     def deploy(self, info, input=None, spot: bool = False):
@@ -368,6 +377,21 @@ class Api:
             raise GraphQLError(NO_CAPACITY, extensions={"code": "BAD_USER_INPUT"})
         dcs = [input["dataCenterId"]] if input.get("dataCenterId") else catalog.RUNPOD_DATA_CENTERS
         world = self.world
+        volume = None
+        mount_path = input.get("volumeMountPath") or "/workspace"
+        if input.get("networkVolumeId"):
+            volume = world.find_volume("runpod", input["networkVolumeId"])
+            if volume is None:  # our wording: RunPod's own for this case is unknown
+                raise GraphQLError(f"Network volume {input['networkVolumeId']} not found.", extensions={"code": "BAD_USER_INPUT"})
+            if input.get("dataCenterId") and input["dataCenterId"] != volume.region:
+                raise GraphQLError(
+                    f"Invalid dataCenterId {input['dataCenterId']}: network volume {volume.id} is in {volume.region}.",
+                    extensions={"code": "BAD_USER_INPUT"},
+                )
+            refusal = Hosts.mount_refusal(mount_path, world.hosts.isolated)
+            if refusal:
+                raise GraphQLError(f"Invalid volumeMountPath (simulator: {refusal}).", extensions={"code": "BAD_USER_INPUT"})
+            dcs = [volume.region]  # a pod lands where its network volume is
         with world.lock:
             dc = next((d for d in dcs if d in catalog.RUNPOD_DATA_CENTERS and world.take_slot("runpod", g.id, d)), None)
         if dc is None:
@@ -389,6 +413,8 @@ class Api:
             spot=spot,
             disk_gb=input.get("containerDiskInGb") or 10,
             driver=driver,
+            volume_ids=[volume.id] if volume else [],
+            volume_mount_path=mount_path,
         )
         return self.pod_json(inst)
 
@@ -429,9 +455,82 @@ class Api:
         }
 
 
+class RestApi:
+    """REST v1's network volumes (rest.runpod.io/v1), as SkyPilot's sky/provision/runpod/volume.py
+    calls them: Bearer auth with the account's key; a bare JSON body; errors as {"error": "..."} (a
+    live recording's shape; the docs say {"message": ...}: research/cloud-apis.md §2b)."""
+
+    def __init__(self, world: World):
+        self.world = world
+
+    @staticmethod
+    def error(message: str, status: int) -> Response:
+        return json_response({"error": message}, status)
+
+    def status_error(self, status: int) -> Response:
+        return self.error("Something went wrong.", status) if status != 429 else self.error("Too many requests.", 429)
+
+    def list(self, req: Request) -> Response:
+        """GET /v1/networkvolumes"""
+        return json_response([volume_json(v) for v in self.world.volume_listing("runpod")])
+
+    def get(self, req: Request) -> Response:
+        """GET /v1/networkvolumes/{id}"""
+        vol = self.world.find_volume("runpod", req.params["id"])
+        return json_response(volume_json(vol)) if vol else self.error("network volume not found", 404)
+
+    def create(self, req: Request) -> Response:
+        """POST /v1/networkvolumes {name, size, dataCenterId} -> 200 and the volume. RunPod does not
+        require unique names (ids tell volumes apart), and neither does the simulator."""
+        body = req.json()
+        if not isinstance(body, dict):
+            return self.error("request body must be a JSON object", 400)
+        name, size, dc = body.get("name"), body.get("size"), body.get("dataCenterId")
+        if not isinstance(name, str) or not name.strip() or len(name) > 128:
+            return self.error("name: required, at most 128 characters", 400)
+        # 10..4000 GB: the console's range (our assumption about the API's own limit).
+        if not isinstance(size, int) or isinstance(size, bool) or not 10 <= size <= 4000:
+            return self.error("size: a whole number of GB from 10 to 4000", 400)
+        if dc not in catalog.RUNPOD_DATA_CENTERS:
+            return self.error(f"dataCenterId: unknown data center {dc!r}", 400)
+        return json_response(volume_json(self.world.new_volume("runpod", name, dc, size)))
+
+    def delete(self, req: Request) -> Response:
+        """DELETE /v1/networkvolumes/{id} -> 204. What RunPod answers for a volume a pod still has is
+        not documented, nor seen in any recording we know: this 400 naming the pod is the simulator's."""
+        world = self.world
+        with world.lock:
+            vol = world.find_volume("runpod", req.params["id"])
+            if vol is None:
+                return self.error("network volume not found", 404)
+            users = world.volume_users(vol)
+            if users:
+                return self.error(f"network volume {vol.id} is in use by pod {', '.join(i.id for i in users)}", 400)
+            world.delete_volume(vol)
+        return Response(204)
+
+
 def mount(router: Router, world: World) -> None:
     api = Api(world)
     root = api.root()
+    rest = RestApi(world)
+
+    def rest_guard(op: str, handler):
+        inner = with_faults(world, "runpod", op, handler, rest.status_error, lambda: rest.error("no capacity", 400))
+
+        def guarded(req: Request) -> Response:
+            auth = req.headers.get("authorization", "")
+            key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+            if key not in world.runpod_keys:  # pod-scoped keys reach their own pod only
+                return rest.error("Unauthorized", 401)
+            return inner(req)
+
+        return guarded
+
+    router.add("GET", "/v1/networkvolumes", rest_guard("networkvolumes", rest.list))
+    router.add("POST", "/v1/networkvolumes", rest_guard("networkvolumes", rest.create))
+    router.add("GET", "/v1/networkvolumes/{id}", rest_guard("networkvolumes/{id}", rest.get))
+    router.add("DELETE", "/v1/networkvolumes/{id}", rest_guard("networkvolumes/{id}", rest.delete))
 
     def handle(req: Request) -> Response:
         auth = req.headers.get("authorization", "")

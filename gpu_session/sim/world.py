@@ -6,9 +6,12 @@ timeline on background threads; their hosts are real (hosts.py).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import secrets
+import shutil
 import string
 import threading
 import time
@@ -29,7 +32,8 @@ class Fault:
 
     target is "<api>:<operation>" where api is lambda, runpod or hf and operation is the Lambda path
     after /api/v1 with ids replaced by {id} (e.g. "instance-operations/launch", "instances/{id}"),
-    the RunPod GraphQL root field (e.g. "podFindAndDeployOnDemand"), or the Hub route ("model_info",
+    the RunPod GraphQL root field (e.g. "podFindAndDeployOnDemand") or REST v1 path ("networkvolumes",
+    "networkvolumes/{id}"; e.g. "lambda:filesystems" and "runpod:networkvolumes" for volume creation), or the Hub route ("model_info",
     "resolve"); "*" matches any operation. kind is one of FAULT_KINDS:
     429/500/502/503 answer that status; slow sleeps `delay` and then answers normally; timeout
     sleeps `delay` after doing the work (so a client that gave up cannot know whether it happened);
@@ -77,10 +81,25 @@ class SimInstance:
     last_status_change: float = 0.0
     holds_slot: bool = True  # counted against its type's capacity until released
     driver: catalog.Driver = catalog.LAMBDA_DRIVER  # the host's NVIDIA driver (RunPod: where the pod landed)
+    volume_ids: list[str] = field(default_factory=list)  # attached at launch (Lambda filesystems, a RunPod volume)
+    volume_mount_path: str = "/runpod-volume"  # RunPod: where the pod sees its volume (the deploy's volumeMountPath)
 
     @property
     def host_up(self) -> bool:
         return self.address is not None
+
+
+@dataclass
+class SimVolume:
+    """A Lambda filesystem or a RunPod network volume: a folder of the simulator's (World.volume_dir)
+    that outlives the hosts it is mounted in."""
+
+    id: str
+    cloud: str
+    name: str
+    region: str  # Lambda region; RunPod data center
+    size_gb: int | None  # RunPod only
+    created_at: float
 
 
 @dataclass
@@ -137,8 +156,8 @@ def _hex_id() -> str:
     return secrets.token_hex(16)
 
 
-def _pod_id() -> str:
-    return "".join(random.choices(string.ascii_lowercase + string.digits, k=14))
+def _pod_id(k: int = 14) -> str:
+    return "".join(random.choices(string.ascii_lowercase + string.digits, k=k))
 
 
 class World:
@@ -161,6 +180,11 @@ class World:
         self._closed = False
         self._ports = iter(range(20000 + random.randrange(0, 20000), 65000))
         self.host_api_base = ""  # set by the Simulator: the API as pods reach it
+        # Volumes outlive hosts and the simulator itself: volumes.json lists them, volumes/<id>/ holds their files.
+        self.volumes_root = state_dir / "volumes"
+        self.volumes_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.volumes_root.chmod(0o700)
+        self.volumes: dict[str, SimVolume] = self._load_volumes()
 
     @property
     def lambda_keys(self) -> list[str]:
@@ -269,6 +293,7 @@ class World:
                 files=_cloud_init_files(inst.user_data),
                 hostname=inst.hostname,
                 driver=(inst.driver.version, inst.driver.cuda),
+                mounts=self._mounts(inst),
             )
         else:
             env = {
@@ -290,6 +315,7 @@ class World:
                 env=env,
                 extra_ports=[inst.ssh_port],
                 driver=(inst.driver.version, inst.driver.cuda),
+                mounts=self._mounts(inst),
             )
         try:
             host = self.hosts.start(spec)
@@ -368,6 +394,87 @@ class World:
         self._set_status(inst, "booting" if inst.cloud == "lambda" else "RUNNING")
         self._spawn(self._boot, inst)
 
+    # --- volumes ---------------------------------------------------------------------------
+
+    def volume_dir(self, vol: SimVolume) -> Path:
+        return self.volumes_root / vol.id
+
+    def _load_volumes(self) -> dict[str, SimVolume]:
+        path = self.state_dir / "volumes.json"
+        if not path.exists():
+            return {}
+        vols = [SimVolume(**v) for v in json.loads(path.read_text())]
+        return {v.id: v for v in vols if (self.volumes_root / v.id).is_dir()}
+
+    def _save_volumes(self) -> None:
+        path = self.state_dir / "volumes.json"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump([vars(v) for v in self.volumes.values()], f)
+        tmp.replace(path)
+
+    def new_volume(self, cloud: str, name: str, region: str, size_gb: int | None = None) -> SimVolume:
+        """The volume and its empty folder, owned as the cloud's hosts expect (hosts.Hosts.volume_owner)."""
+        vol = SimVolume(_hex_id() if cloud == "lambda" else _pod_id(10), cloud, name, region, size_gb, time.time())
+        folder = self.volume_dir(vol)
+        folder.mkdir(mode=0o755)
+        uid, gid = self.hosts.volume_owner("ubuntu" if cloud == "lambda" else "root")
+        os.chown(folder, uid, gid)
+        with self.lock:
+            self.volumes[vol.id] = vol
+            self._save_volumes()
+        self.record("volume_created", cloud=cloud, id=vol.id, name=name, region=region)
+        return vol
+
+    def find_volume(self, cloud: str, vol_id: str) -> SimVolume | None:
+        with self.lock:
+            vol = self.volumes.get(vol_id)
+            return vol if vol is not None and vol.cloud == cloud else None
+
+    def volume_listing(self, cloud: str) -> list[SimVolume]:
+        with self.lock:
+            return [v for v in self.volumes.values() if v.cloud == cloud]
+
+    def volume_users(self, vol: SimVolume) -> list[SimInstance]:
+        """The instances that have the volume attached: every one not terminated (a stopped pod keeps its volume)."""
+        with self.lock:
+            return [
+                i
+                for i in self.instances.values()
+                if vol.id in i.volume_ids and i.status not in ("terminated", "preempted", "TERMINATED")
+            ]
+
+    def volume_bytes(self, vol: SimVolume) -> int:
+        """What the folder holds: the sizes of its files, in bytes."""
+        total = 0
+        for root, _dirs, files in os.walk(self.volume_dir(vol)):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(root, f)).st_size
+                except OSError:
+                    pass
+        return total
+
+    def delete_volume(self, vol: SimVolume) -> None:
+        """Forget the volume and remove its files (callers check volume_users first)."""
+        with self.lock:
+            self.volumes.pop(vol.id, None)
+            self._save_volumes()
+        shutil.rmtree(self.volume_dir(vol), ignore_errors=True)
+        self.record("volume_deleted", cloud=vol.cloud, id=vol.id, name=vol.name)
+
+    def _mounts(self, inst: SimInstance) -> list[tuple[str, str]]:
+        """(folder on this machine, path in the host) per attached volume: Lambda mounts a filesystem at
+        /lambda/nfs/<name>, RunPod at the pod's volumeMountPath."""
+        out = []
+        for vid in inst.volume_ids:
+            vol = self.volumes.get(vid)
+            if vol is not None:
+                path = f"/lambda/nfs/{vol.name}" if inst.cloud == "lambda" else inst.volume_mount_path
+                out.append((str(self.volume_dir(vol)), path))
+        return out
+
     # --- instance faults -------------------------------------------------------------------
 
     def kill_instance(self, inst_id: str) -> None:
@@ -421,6 +528,18 @@ class World:
                     for i in self.instances.values()
                 ],
                 "ssh_keys": [{"id": k.id, "name": k.name} for k in self.ssh_keys.values()],
+                "volumes": [
+                    {
+                        "id": v.id,
+                        "cloud": v.cloud,
+                        "name": v.name,
+                        "region": v.region,
+                        "size_gb": v.size_gb,
+                        "dir": str(self.volume_dir(v)),
+                        "used_by": [i.id for i in self.volume_users(v)],
+                    }
+                    for v in self.volumes.values()
+                ],
                 "faults": [vars(f) for f in self.faults],
                 "hosts_isolated": self.hosts.isolated,
                 # Who ended what: "account-key", or "pod-key" for a pod that ended itself.

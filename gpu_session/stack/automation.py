@@ -1,7 +1,8 @@
-"""The stack: one Pulumi stack per session, driven through the Automation API (`PulumiEngine`).
+"""The stacks: one Pulumi stack per session (project gpu-session: Pulumi.yaml, infra/), and one
+per cache volume (project gpu-session-cache: infra/cache/), driven through the Automation API
+(`PulumiEngine`).
 
-`PulumiEngine` is the Automation API over this repository's project (Pulumi.yaml, infra/) and the
-`pulumi` CLI: a local file backend under the state dir unless PULUMI_BACKEND_URL says otherwise,
+`PulumiEngine` is the Automation API over one of this repository's projects and the `pulumi` CLI: a local file backend under the state dir unless PULUMI_BACKEND_URL says otherwise,
 passphrase secrets with a generated passphrase kept 0600 in the config dir unless
 PULUMI_CONFIG_PASSPHRASE(_FILE) is set, the program and its provider processes pointed at this
 Python and this package, and no plugin downloads (every provider of ours is a dynamic one).
@@ -38,7 +39,14 @@ from gpu_session.paths import (
 )
 
 from .config import NAMESPACE, SECRETS
-from .names import PROJECT
+from .names import CACHE_PROJECT, PROJECT
+
+# Each project: its Pulumi.yaml (under ASSETS), and the folder of its stacks' workspaces under the
+# state dir (apart, so a session stack and a cache stack of one name never share a folder).
+PROJECTS = {
+    PROJECT: ("Pulumi.yaml", "workspaces"),
+    CACHE_PROJECT: ("infra/cache/Pulumi.yaml", "cache-workspaces"),
+}
 
 INSTALL_PULUMI = (
     "The Pulumi CLI is not installed. Install it the official way and open a new shell:\n"
@@ -158,17 +166,25 @@ def pulumi_env() -> dict[str, str]:
     }
 
 
-def workspace(stack: str) -> Path:
+def workspaces(project: str = PROJECT) -> Path:
+    """The folder of the project's stacks' workspaces (not created here)."""
+    if project not in PROJECTS:
+        raise StackError(f"unknown Pulumi project {project!r}: one of {', '.join(PROJECTS)}")
+    return state_dir() / PROJECTS[project][1]
+
+
+def workspace(stack: str, project: str = PROJECT) -> Path:
     """The stack's own project folder under the state dir (0700): a Pulumi.yaml that is this
-    checkout's with `main` pointing back at its infra/, and beside it the stack's config
-    (Pulumi.<stack>.yaml, secrets encrypted). So a session's config never lands in the checkout,
-    where `pulumi stack init` by hand, with its own passphrase, would meet it."""
+    checkout's with `main` pointing back at its program (infra/, or infra/cache/), and beside it
+    the stack's config (Pulumi.<stack>.yaml, secrets encrypted). So a session's config never lands
+    in the checkout, where `pulumi stack init` by hand, with its own passphrase, would meet it."""
     import yaml
 
-    folder = private_dir(state_dir() / "workspaces" / checked_stack_name(stack))
-    project = yaml.safe_load((ASSETS / "Pulumi.yaml").read_text())
-    project["main"] = os.path.relpath(ASSETS / project.get("main", "."), folder)
-    write_private(folder / "Pulumi.yaml", yaml.safe_dump(project, sort_keys=False))
+    folder = private_dir(workspaces(project) / checked_stack_name(stack))
+    source = ASSETS / PROJECTS[project][0]
+    project_file = yaml.safe_load(source.read_text())
+    project_file["main"] = os.path.relpath(source.parent / project_file.get("main", "."), folder)
+    write_private(folder / "Pulumi.yaml", yaml.safe_dump(project_file, sort_keys=False))
     return folder
 
 
@@ -206,18 +222,20 @@ def engine_event(event) -> StackEvent | None:
 
 
 class PulumiEngine:
-    """One stack of this project, through the Automation API and the `pulumi` CLI. Every operation
-    first tidies what a killed one left (`recover`); events come as StackEvents, never with secrets
-    shown; Ctrl-C is taken as `sigint_guard` says."""
+    """One stack of one of our projects (the session's by default, or names.CACHE_PROJECT), through
+    the Automation API and the `pulumi` CLI. Every operation first tidies what a killed one left
+    (`recover`); events come as StackEvents, never with secrets shown; Ctrl-C is taken as
+    `sigint_guard` says."""
 
-    def __init__(self, stack: str, create: bool = True):
+    def __init__(self, stack: str, create: bool = True, project: str = PROJECT):
         from pulumi import automation as auto
 
         self.stack = stack
+        self.project = project
         binary = pulumi_binary()
         self._auto = auto
         self._env = pulumi_env()
-        self.folder = workspace(stack)
+        self.folder = workspace(stack, project)
         select = auto.create_or_select_stack if create else auto.select_stack
         try:
             self._stack = select(
@@ -364,7 +382,7 @@ class PulumiEngine:
             return []
         root = Path(backend.removeprefix("file://").split("?", 1)[0]) / ".pulumi" / "locks"
         stale = []
-        for path in root.glob(f"*/*/{self.stack}/*.json"):  # organization/<project>/<stack>/<uuid>.json
+        for path in root.glob(f"*/{self.project}/{self.stack}/*.json"):  # organization/<project>/<stack>/<uuid>.json
             try:
                 lock = json.loads(path.read_text())
             except (OSError, ValueError):
@@ -395,21 +413,24 @@ class PulumiEngine:
         """Remove the stack's lock (`pulumi cancel`): only when no operation of it is running."""
         self._stack.cancel()
 
-    def remove(self) -> None:
+    def remove(self, force: bool = False) -> None:
         """Forget the stack (after destroy): its state and its config, secrets included. On our own
         file backend the CLI's leftovers go too: its <stack>.json.bak, and the backups/ and history/
-        of the stack's updates, which hold the secrets' ciphertexts."""
-        self._stack.workspace.remove_stack(self.stack)
+        of the stack's updates, which hold the secrets' ciphertexts. `force`: even though the state
+        still records resources (only for a stack known to hold none of ours: one whose first up
+        failed keeps the record of the stack itself)."""
+        self._stack.workspace.remove_stack(self.stack, force=force or None)
         shutil.rmtree(self.folder, ignore_errors=True)
         ours = private_dir(state_dir() / "pulumi")
         if self._env["PULUMI_BACKEND_URL"] == f"file://{ours}":
-            stacks = ours / ".pulumi" / "stacks" / PROJECT
+            stacks = ours / ".pulumi" / "stacks" / self.project
             for leftover in stacks.glob(f"{self.stack}.json*"):
                 leftover.unlink(missing_ok=True)
             for kept in ("backups", "history"):  # checkpoints, and each update's record (its config too)
-                shutil.rmtree(ours / ".pulumi" / kept / PROJECT / self.stack, ignore_errors=True)
+                shutil.rmtree(ours / ".pulumi" / kept / self.project / self.stack, ignore_errors=True)
 
 
-def engine(stack: str, create: bool = True) -> PulumiEngine:
-    """The stack (created on first use unless `create` is False: then StackError when there is none)."""
-    return PulumiEngine(stack, create)
+def engine(stack: str, create: bool = True, project: str = PROJECT) -> PulumiEngine:
+    """The stack of `project` (the session's by default; created on first use unless `create` is
+    False: then StackNotFound when there is none)."""
+    return PulumiEngine(stack, create, project)

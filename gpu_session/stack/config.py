@@ -35,6 +35,10 @@ class StackConfig:
     # serves the most its KV cache holds, capped at the model's own (vLLM's --max-model-len).
     context: int | None = None
     trustRemoteCode: bool = False  # noqa: N815 (load code from the model's repo: config.json's auto_map)
+    # The cache volume to attach (its id at the cloud: `gpu-session cache list`); None: no cache. The
+    # instance is launched in the volume's region.
+    cacheVolume: str | None = None  # noqa: N815
+    cacheGated: bool = False  # noqa: N815 (a gated model's weights may go on the cache volume too)
     quantize: bool = False
     backend: str = "auto"
     image: str | None = None  # RunPod only; None: the client's default (clouds.runpod.DEFAULT_IMAGE)
@@ -117,6 +121,8 @@ PARSERS = {
     "diskGb": _whole(10),
     "context": _whole(1),
     "trustRemoteCode": _bool,
+    "cacheVolume": _text,
+    "cacheGated": _bool,
     "quantize": _bool,
     "backend": _choice("auto", "vllm", "transformers"),
     "image": _text,

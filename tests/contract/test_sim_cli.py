@@ -28,7 +28,7 @@ def test_foreground_simulator_prints_exports_and_stops_cleanly(tmp_path):
     )  # fmt: skip
     try:
         env = {}
-        while len(env) < 6:
+        while len(env) < 7:
             line = proc.stdout.readline()
             assert line.startswith("export "), line + proc.stderr.read()
             k, _, v = line[len("export ") :].strip().partition("=")
@@ -36,6 +36,7 @@ def test_foreground_simulator_prints_exports_and_stops_cleanly(tmp_path):
         assert set(env) == {
             "LAMBDA_API_BASE",
             "RUNPOD_API_BASE_URL",
+            "RUNPOD_REST_API_BASE_URL",
             "HF_ENDPOINT",
             "LAMBDA_API_KEY",
             "RUNPOD_API_KEY",

@@ -66,3 +66,31 @@ def test_a_stack_from_before_canaries_is_scrubbed_as_before(runs, tmp_path):
     (tmp_path / converge.CANARIES).write_text("not json")
     converge.scrub(settings("i-1"), {})
     assert runs[-1]["extravars"] is None
+
+
+def test_the_cache_volume_reaches_site_and_scrub_and_configured_json_says_what_it_gave(runs, tmp_path, monkeypatch):
+    env = {"GPU_SESSION_CACHE_ROOT": "/workspace", "GPU_SESSION_CACHE_SIZE_GB": "50", "GPU_SESSION_CACHE_WEIGHTS": "false"}
+    base = {f"GPU_SESSION_{k}": v for k, v in (("STACK", "s"), ("CLOUD", "runpod"), ("INSTANCE_ID", "i-1"), ("HOST", "h"), ("PORT", "22"), ("USER", "root"))}  # fmt: skip
+    got = converge.HostSettings.from_env(base | env)
+    assert (got.cache_root, got.cache_size_gb, got.cache_weights) == ("/workspace", 50, False)
+    plain = converge.HostSettings.from_env(base)
+    assert (plain.cache_root, plain.cache_size_gb, plain.cache_weights) == ("", 0, True)
+    fact = {"root": "/workspace", "engine": "reused", "weights": "not cached (gated)"}
+
+    def run(target, **kw):  # the role publishes the fact only with a cache root
+        runs.append(kw)
+        return RunResult(
+            ok=True,
+            changed=0,
+            facts={"model_server_cache": fact} if (kw["extravars"] or {}).get("gpu_session_cache_root") else {},
+        )
+
+    monkeypatch.setattr(converge, "run", run)
+    converge.site(got, {})
+    assert {k: runs[-1]["extravars"][k] for k in ("gpu_session_cache_root", "gpu_session_cache_size_gb", "model_server_cache_weights")} == {
+        "gpu_session_cache_root": "/workspace", "gpu_session_cache_size_gb": 50, "model_server_cache_weights": False}  # fmt: skip
+    assert json.loads((tmp_path / "configured.json").read_text())["cache"] == fact
+    converge.scrub(got, {})
+    assert runs[-1]["extravars"]["gpu_session_cache_root"] == "/workspace"
+    converge.site(plain, {})
+    assert "cache" not in json.loads((tmp_path / "configured.json").read_text())

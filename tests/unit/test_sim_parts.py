@@ -81,3 +81,24 @@ def test_bad_fault_specs(spec):
 
     with pytest.raises(SystemExit):
         parse_fault(spec)
+
+
+@pytest.mark.parametrize(
+    "path, ok",
+    [
+        ("/lambda/nfs/cache", True),
+        ("/workspace", True),
+        ("/runpod-volume", True),
+        ("/home/ubuntu/cache", True),
+        ("/workspace/../etc", False),
+        ("/tmp/cache", False),  # covered by the host's tmpfs
+        ("/srv/cache", False),  # the controller's own root: not private to a host
+        ("workspace", False),
+        ("/", False),
+    ],
+)
+def test_where_volumes_may_be_mounted(path, ok):
+    from gpu_session.sim.hosts import Hosts
+
+    assert (Hosts.mount_refusal(path, isolated=True) is None) == ok
+    assert "isolated hosts" in Hosts.mount_refusal(path, isolated=False)

@@ -1,9 +1,19 @@
 """The model's side of the model server: `check` reads the Hub's metadata before anything is
 downloaded and decides, by the rule the plan was made with (gpu_session_fit.py, shipped beside
 this file: gpu_session/fit.py of the checkout), which files to download, whether the model fits
-this host's GPUs and the context to serve; `download` fetches those files into the data root's
-Hugging Face cache. Runs with the download tool's venv (huggingface_hub); HF_ENDPOINT and HF_TOKEN
-come from the environment, never from arguments.
+this host's GPUs and the context to serve; `download` fetches those files into the Hugging Face
+cache (HF_HUB_CACHE: the data root's, or the session's cache volume's). Runs with the download
+tool's venv (huggingface_hub); HF_ENDPOINT and HF_TOKEN come from the environment, never from
+arguments.
+
+With a cache volume (`check --verify`), every file of the revision already in the Hub cache is
+checked against the hash the Hub gives for it before it is reused: an LFS file's sha256, a small git
+file's git blob sha1 (the name of its blob in the cache, its etag, is that same hash). A file that
+does not verify is removed (its snapshot link and its blob) so the download fetches it again. The
+space check then measures the volume: what statvfs says is free, capped by the volume's size less
+what is stored under it when the cloud caps it (--cache-size-gb). Each verified blob is sealed
+(root's, read-only), and `seal` verifies and seals what a download just wrote: scrub's canary
+search skips sealed blobs, which no process of the session could have written into.
 
 Failures print one line that says what to do and exit 2, so the role can show it as it is.
 """
@@ -11,24 +21,143 @@ Failures print one line that says what to do and exit 2, so the role can show it
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download, try_to_load_from_cache
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_session_fit as fit  # noqa: E402 (beside this file on the host)
 
+CHUNK = 1 << 20
+
 
 def fail(message: str) -> None:
     print(message, file=sys.stderr)
     sys.exit(2)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The git blob id of a file: sha1 of "blob <size>\\0" and its bytes (the etag of a small git file)."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 (git's id, not security)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hash(path: Path, expected: str) -> str:
+    """The file's hash of the kind expected: sha256 (64 hex, LFS) or git blob sha1 (40 hex)."""
+    return sha256_file(path) if len(expected) == 64 else git_blob_sha1(path)
+
+
+def hub_hashes(siblings) -> dict[str, str]:
+    """What the Hub says each file hashes to (model_info with files_metadata): the LFS sha256, else the git blob id."""
+    out = {}
+    for s in siblings or []:
+        lfs = getattr(s, "lfs", None)
+        sha = (lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)) if lfs else None
+        if sha or s.blob_id:
+            out[s.rfilename] = sha or s.blob_id
+    return out
+
+
+def repo_folder(hub_cache: Path, model: str) -> Path:
+    return Path(hub_cache) / ("models--" + model.replace("/", "--"))
+
+
+def seal(blob: Path) -> None:
+    """A verified blob becomes root's and read-only: no process of the session (the service user) can
+    write into it afterwards, so scrub's canary search may skip it (roles/scrub). Not root: unchanged."""
+    try:
+        if os.geteuid() == 0:
+            os.chown(blob, 0, 0)
+        os.chmod(blob, 0o444)
+    except OSError:
+        pass
+
+
+def verify_cached(folder: Path, sha: str, expected: dict[str, str]) -> dict[str, list[str]]:
+    """Checks each file of commit `sha` in a Hub cache repo folder (models--o--n) against its expected
+    hash. A file is "verified" when its snapshot entry leads to a blob named by that hash whose bytes
+    hash to it; "absent" when the snapshot has no entry; otherwise "removed": its snapshot entry and
+    its blob are deleted, so a download fetches it again. Files without an expected hash are absent."""
+    result: dict[str, list[str]] = {"verified": [], "removed": [], "absent": []}
+    blobs = (folder / "blobs").resolve() if (folder / "blobs").exists() else None
+    for name, want in sorted(expected.items()):
+        entry = folder / "snapshots" / sha / name
+        if not want or not os.path.lexists(entry):
+            result["absent"].append(name)
+            continue
+        blob = entry.resolve()
+        try:
+            good = blob.is_file() and blob.name == want and file_hash(blob, want) == want
+        except OSError:
+            good = False
+        if good:
+            seal(blob)
+            result["verified"].append(name)
+            continue
+        entry.unlink()
+        if blobs is not None and blob.parent == blobs and blob.is_file():
+            blob.unlink()
+        result["removed"].append(name)
+    return result
+
+
+def seal_snapshot(folder: Path, sha: str) -> dict[str, list[str]]:
+    """After a download: every file of the snapshot checked against its blob's name (its Hub etag,
+    which check compared with the Hub's hash), then sealed; one that does not verify is removed."""
+    snapshot = folder / "snapshots" / sha
+    entries = sorted(p for p in snapshot.rglob("*") if p.is_symlink() or p.is_file()) if snapshot.is_dir() else []
+    expected = {p.relative_to(snapshot).as_posix(): p.resolve().name for p in entries}
+    return verify_cached(folder, sha, expected)
+
+
+def bytes_under(root: str) -> int:
+    """Bytes stored under `root` (regular files, symlinks not followed; each inode once)."""
+    total, seen = 0, set()
+    for base, _, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(base, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def cache_free(root: str, size_gb: float) -> int:
+    """Free bytes on the cache volume: statvfs's, capped by its size less what it holds when known."""
+    free = shutil.disk_usage(root).free
+    if size_gb > 0:
+        free = min(free, int(size_gb * fit.GIB) - bytes_under(root))
+    return max(free, 0)
+
+
+def full_cache_message(root: str, free: int, needed: int, what: str) -> str:
+    return (f"The cache volume at {root} has {free / fit.GIB:.1f} GiB free and this session needs {needed / fit.GIB:.1f} GiB "
+            f"more on it ({what}): nothing was downloaded. Make a bigger cache (`gpu-session cache rm`, then "
+            "`gpu-session cache create --size <GB>`), or start without it (`gpu-session up --no-cache`).")  # fmt: skip
 
 
 def small_json(args, name: str, sha: str, token: str | None) -> dict:
@@ -75,15 +204,37 @@ def check(args) -> dict:
         max_model_len = fit.context_held(room, in_memory, kv, fit.model_context(config, tokenizer),
                                          fit.kv_space(args.device, args.cpu_kvcache_gb))  # fmt: skip
     download = fit.downloads(files, weights)
-    # What an earlier converge downloaded of this commit is on the disk already: only the rest counts.
-    missing = [f for f in download if not isinstance(try_to_load_from_cache(args.model, f, revision=info.sha), str)]
-    needed = sum(files[f] for f in missing) + (fit.ENGINE_DISK_GIB * fit.GIB if args.engine_missing else 0)
+    verified: dict[str, list[str]] = {}
+    if args.verify:  # a cache shared with other sessions: trust no file before its hash is checked
+        hashes = hub_hashes(info.siblings)
+        folder = repo_folder(hf_constants.HF_HUB_CACHE, args.model)
+        verified = verify_cached(folder, info.sha, {f: hashes.get(f, "") for f in download})
+        missing = verified["absent"] + verified["removed"]
+        if not missing and args.revision != info.sha:  # the revision leads to this commit when served offline
+            ref = folder / "refs" / args.revision
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text(info.sha)
+    else:
+        # What an earlier converge downloaded of this commit is on the disk already: only the rest counts.
+        missing = [f for f in download if not isinstance(try_to_load_from_cache(args.model, f, revision=info.sha), str)]
+    weights_need = sum(files[f] for f in missing)
+    engine_need = fit.ENGINE_DISK_GIB * fit.GIB if args.engine_missing else 0
+    if args.cache_root:
+        on_cache = engine_need + (weights_need if args.weights_in_cache else 0)
+        free = cache_free(args.cache_root, args.cache_size_gb)
+        if on_cache > free:
+            fail(f"{args.model}: " + full_cache_message(args.cache_root, free, on_cache,
+                 "the weights and the engine" if engine_need and args.weights_in_cache else "the engine" if engine_need else "the weights"))  # fmt: skip
+        needed = 0 if args.weights_in_cache else weights_need
+    else:
+        needed = weights_need + engine_need
     free = shutil.disk_usage(args.data_root).free
     if needed > free:
         fail(f"{args.model}: this host has {free / fit.GIB:.1f} GiB of disk free in {args.data_root} and needs {needed / fit.GIB:.1f} GiB "
              "(the weights and the engine): give the instance a larger disk (--disk).")  # fmt: skip
     return {"sha": info.sha, "gated": bool(info.gated), "files": download, "weights_bytes": weights_bytes,
-            "kv_bytes_per_token": kv or 0, "need_bytes": need, "max_model_len": max_model_len}  # fmt: skip
+            "kv_bytes_per_token": kv or 0, "need_bytes": need, "max_model_len": max_model_len,
+            "missing": missing, "cache": verified}  # fmt: skip
 
 
 def download(args) -> dict:
@@ -101,9 +252,18 @@ def download(args) -> dict:
     return {"path": path, "seconds": round(time.monotonic() - start, 1)}
 
 
+def seal_action(args) -> dict:
+    sha = args.revision
+    result = seal_snapshot(repo_folder(hf_constants.HF_HUB_CACHE, args.model), sha)
+    if result["removed"]:
+        fail(f"{args.model}: {', '.join(result['removed'])} did not match the Hub's hash after the download and "
+             "was removed from the cache: run again to download it again.")  # fmt: skip
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("action", choices=["check", "download"])
+    parser.add_argument("action", choices=["check", "download", "seal"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--revision", default="main")
     parser.add_argument("--file", action="append", default=[], help="download: the files to fetch (what check chose)")
@@ -118,10 +278,18 @@ def main() -> None:
     parser.add_argument("--quantized", action="store_true")
     parser.add_argument("--data-root", default="/")
     parser.add_argument("--engine-missing", action="store_true", help="the engine is still to be installed (its disk counts)")
+    parser.add_argument(
+        "--verify", action="store_true", help="check: verify every cached file of the revision against its Hub hash"
+    )
+    parser.add_argument(
+        "--cache-root", default="", help="check: the cache volume (the engine, and the weights with --weights-in-cache)"
+    )
+    parser.add_argument("--cache-size-gb", type=float, default=0, help="check: the volume's size when capped (0: unknown)")
+    parser.add_argument("--weights-in-cache", action="store_true", help="check: the weights are downloaded onto the cache volume")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:  # the small files read by check
         args.scratch = scratch
-        print(json.dumps((check if args.action == "check" else download)(args)))
+        print(json.dumps({"check": check, "download": download, "seal": seal_action}[args.action](args)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,402 @@
+"""Cache volumes: one long-lived Pulumi stack each (project gpu-session-cache, infra/cache/), one per
+cloud and region, that sessions in that region attach (plan.with_caches). `create` brings the
+stack up (adopting a volume of its name at the cloud), `caches` lists this machine's cache stacks
+joined with what the cloud says of each now, `find` gives one, `rm` deletes one (refused while a
+session uses it) and asks the cloud that it is gone. What a cache costs: on RunPod its size, on
+Lambda the bytes it holds, times the cloud's price per GB-month, whether a session runs or not.
+
+Bad input changes nothing: it is refused before any stack (or folder) exists, and a create that
+fails before the volume exists takes its empty stack away again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import yaml
+
+from gpu_session.clouds import (
+    API_BASE_ENV,
+    API_KEY_CONFIG,
+    API_KEY_ENV,
+    CLOUDS,
+    Cloud,
+    CloudError,
+    Volume,
+    cloud_class,
+    get_cloud,
+)
+from gpu_session.errors import GpuSessionError
+from gpu_session.local import record
+from gpu_session.paths import STACK_NAME, state_dir, write_private
+from gpu_session.stack import cache_config, names
+from gpu_session.stack.automation import OnEvent, StackError, StackNotFound, engine, workspaces
+from gpu_session.stack.config import NAMESPACE, ConfigError
+
+Say = Callable[[str], None]  # as plan.Say (plan imports this module: not the other way)
+GB = 1_000_000_000  # the clouds bill per GB (10^9 bytes)
+HOURS_PER_MONTH = 730  # the clouds' month (365 × 24 / 12)
+ENVIRONMENT_FILE = "environment.json"  # beside a cache stack's workspace: where its cloud was (the simulator's address)
+
+
+class CacheError(GpuSessionError, ValueError):
+    """A cache command cannot go ahead; the message says what to do. Nothing was changed."""
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """One cache: its stack here, and the volume as its cloud shows it now."""
+
+    cloud: str
+    region: str
+    stack: str  # the cache project's stack (names.cache_stack)
+    volume: Volume | None  # the cloud's live view; None: not at the cloud (gone, or never made), or the cloud did not answer
+    volume_id: str = ""  # as the stack records it
+    size_gb: int | None = None  # RunPod: the volume's size; Lambda: the soft cap given at create (None: none)
+    monthly_usd: float = 0.0  # what it bills a month now (RunPod: size × price; Lambda: GB used × price)
+    price_per_gb_month: float = 0.0  # USD
+    in_use_by: list[str] = field(default_factory=list)  # session stacks here that attach it (their outputs or config)
+    created_at: str = ""  # when it began to bill (ISO, UTC)
+    note: str = ""  # what is wrong, when something is: gone at the cloud, the cloud did not answer
+
+    @property
+    def bytes_used(self) -> int | None:
+        return self.volume.bytes_used if self.volume else None
+
+    @property
+    def in_use(self) -> bool:
+        """Attached to a live instance, as the cloud says, or named by a session stack here."""
+        return bool(self.in_use_by) or bool(self.volume and self.volume.in_use)
+
+    def so_far_usd(self, now: datetime | None = None) -> float | None:
+        """What it has cost since it was made, at today's monthly rate (an estimate on Lambda, where
+        the bytes held change); None when its start is unknown."""
+        if not self.created_at:
+            return None
+        started = datetime.fromisoformat(self.created_at)
+        hours = max(0.0, ((now or datetime.now(UTC)) - started).total_seconds() / 3600)
+        return round(self.monthly_usd * hours / HOURS_PER_MONTH, 4)
+
+    def describe(self) -> str:
+        """One line: `lambda us-east-1: 12.3 GB used, $2.46/month`."""
+        used = f"{self.bytes_used / GB:.1f} GB used" if self.bytes_used is not None else "usage unknown"
+        size = f"{self.size_gb} GB" if self.cloud_sized else (f"soft cap {self.size_gb} GB" if self.size_gb else "grows with use")
+        return f"{self.cloud} {self.region}: {size}, {used}, ${self.monthly_usd:.2f}/month" + (
+            f" ({self.note})" if self.note else ""
+        )
+
+    @property
+    def cloud_sized(self) -> bool:
+        return self.cloud == "runpod"
+
+    @property
+    def rm_command(self) -> str:
+        return f"gpu-session cache rm --cloud {self.cloud} --region {self.region}"
+
+    def as_json(self) -> dict:
+        return {
+            "cloud": self.cloud, "region": self.region, "stack": self.stack, "volume_id": self.volume_id,
+            "volume_name": self.volume.name if self.volume else names.volume_name(self.region),
+            "exists": self.volume is not None, "size_gb": self.size_gb, "bytes_used": self.bytes_used,
+            "mount_point": self.volume.mount_point if self.volume else None, "in_use": self.in_use,
+            "in_use_by": self.in_use_by, "monthly_usd": self.monthly_usd, "price_per_gb_month": self.price_per_gb_month,
+            "so_far_usd": self.so_far_usd(), "created_at": self.created_at or None, "note": self.note or None,
+        }  # fmt: skip
+
+
+def monthly_usd(cloud: str, size_gb: int | None, bytes_used: int | None, price_per_gb_month: float) -> float:
+    """A volume's monthly bill: RunPod bills the size, Lambda the bytes held (GB of 10^9 bytes)."""
+    if cloud == "runpod":
+        return round((size_gb or 0) * price_per_gb_month, 2)
+    return round((bytes_used or 0) / GB * price_per_gb_month, 2)
+
+
+# --- input --------------------------------------------------------------------------------------
+
+
+def check(cloud: str, region: str, size_gb=None, *, creating: bool = True) -> int | None:
+    """The size to ask for (whole GB; None: the cloud's default or none), after refusing what no cloud
+    would take, each refusal saying what to do. Asks no cloud and writes nothing."""
+    if cloud not in CLOUDS:
+        raise CacheError(f"unknown cloud {cloud!r}: --cloud {' or '.join(CLOUDS)}")
+    if not region or not names.REGION.match(region):
+        example = "a data center id like EU-RO-1" if cloud == "runpod" else "a region like us-east-1"
+        raise CacheError(f"invalid region {region!r} for {cloud}: --region takes {example}")
+    if cloud == "lambda" and region != region.lower():
+        raise CacheError(f"Lambda regions are lowercase: --region {region.lower()}")
+    if not STACK_NAME.match(names.cache_stack(cloud, region)):
+        raise CacheError(f"region {region!r} is too long a name for a cache")
+    if not creating or size_gb is None or size_gb == "":
+        return None
+    text = str(size_gb)
+    if isinstance(size_gb, float) and size_gb.is_integer():
+        text = str(int(size_gb))
+    if not text.isdigit() or not cache_config.MIN_GB <= int(text) <= cache_config.MAX_GB:
+        raise CacheError(
+            f"--size takes a whole number of GB from {cache_config.MIN_GB} to {cache_config.MAX_GB} (got {size_gb!r})"
+        )
+    return int(text)
+
+
+# --- the cloud, with the keys the stack holds ---------------------------------------------------
+
+
+def _client(cloud: str, config: dict[str, str] | None = None) -> Cloud:
+    """The cloud's client: the cache stack's own key first (the account its volume is in, which the
+    stack's provider uses too), else the environment's."""
+    env_key, stack_key = os.environ.get(API_KEY_ENV[cloud]), (config or {}).get(API_KEY_CONFIG[cloud])
+    key = stack_key or env_key
+    if not key:
+        raise CacheError(
+            f'no {cloud} API key: export {API_KEY_ENV[cloud]}=... (or against the simulator: eval "$(invoke sim --env)")'
+        )
+    return get_cloud(cloud, api_key=key)
+
+
+def _recorded_environment(stack: str) -> dict[str, str]:
+    """Where the cache's cloud was when it was made (the simulator's addresses; {} for the real APIs)."""
+    path = workspaces(names.CACHE_PROJECT) / stack / ENVIRONMENT_FILE
+    try:
+        return {k: v for k, v in json.loads(path.read_text()).items() if k in record.ENVIRONMENT}
+    except (OSError, ValueError):
+        return {}
+
+
+@contextmanager
+def _in_cache(stack: str) -> Iterator[bool]:
+    """While the block runs, this process points where the cache's cloud was (what this shell does not
+    say itself), and back after: a cache made on the simulator never sends a later real `up` there.
+    Yields whether the cache has an endpoint of its own."""
+    saved = dict(os.environ)
+    recorded = _recorded_environment(stack)
+    for name, value in recorded.items():
+        os.environ.setdefault(name, value)
+    try:
+        yield any(name in API_BASE_ENV.values() for name in recorded)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _stacks() -> list[str]:
+    """The cache stacks of this machine (their workspaces)."""
+    root = workspaces(names.CACHE_PROJECT)
+    return sorted(f.name for f in root.glob("*") if f.is_dir() and STACK_NAME.match(f.name)) if root.exists() else []
+
+
+def _session_users() -> dict[str, list[str]]:
+    """Volume id → the session stacks here that attach it: a live session's recorded outputs
+    (cache_volume_id), or a session stack's config (cacheVolume) while its stack holds a machine."""
+    users: dict[str, list[str]] = {}
+    for path in sorted((state_dir() / "stacks").glob(f"*/{record.FILE}")):
+        try:
+            outputs = json.loads(path.read_text()).get("outputs") or {}
+        except (OSError, ValueError):
+            continue
+        if outputs.get("cache_volume_id"):
+            users.setdefault(outputs["cache_volume_id"], []).append(path.parent.name)
+    for config_file in sorted(workspaces(names.PROJECT).glob("*/Pulumi.*.yaml")):
+        stack = config_file.parent.name
+        try:
+            volume = ((yaml.safe_load(config_file.read_text()) or {}).get("config") or {}).get(f"{NAMESPACE}:cacheVolume")
+        except (OSError, yaml.YAMLError):
+            continue
+        if not isinstance(volume, str) or not volume or stack in users.get(volume, []):
+            continue
+        try:
+            holds = bool(engine(stack, create=False).resources())  # an up that failed before launching holds nothing
+        except StackError:
+            holds = False
+        if holds:
+            users.setdefault(volume, []).append(stack)
+    return users
+
+
+def _info(stack: str, live: dict[str, list[Volume] | str], users: dict[str, list[str]]) -> CacheInfo | None:
+    """The cache of `stack` (None: no such cache stack), with its cloud's view from `live` (cloud →
+    its volumes, or the error it gave; filled on first use)."""
+    try:
+        st = engine(stack, create=False, project=names.CACHE_PROJECT)
+    except StackNotFound:
+        return None
+    config, outputs = st.config(), st.outputs()
+    cloud, region = config.get("cloud") or outputs.get("cloud", ""), config.get("region") or outputs.get("region", "")
+    if cloud not in CLOUDS:
+        return CacheInfo(cloud, region, stack, None, note="the stack names no cloud: `pulumi destroy` it in its workspace")
+    endpoint = tuple(sorted(_recorded_environment(stack).items()))  # caches of one cloud on two endpoints: asked apart
+    if (cloud, endpoint) not in live:
+        with _in_cache(stack):
+            try:
+                live[cloud, endpoint] = _client(cloud, config).volumes()
+            except (CloudError, CacheError) as e:
+                live[cloud, endpoint] = f"{cloud} did not answer: {e}"
+    volume_id = outputs.get("volume_id") or ""
+    seen = live[cloud, endpoint]
+    volume = next((v for v in seen if v.id == volume_id), None) if volume_id and not isinstance(seen, str) else None
+    note = seen if isinstance(seen, str) else "" if volume else ("gone at the cloud" if volume_id else "not created")
+    price = cloud_class(cloud).volume_price_per_gb_month
+    size = volume.size_gb if volume and volume.size_gb is not None else _int(outputs.get("size_gb") or config.get("sizeGb"))
+    return CacheInfo(
+        cloud=cloud, region=region, stack=stack, volume=volume, volume_id=volume_id, size_gb=size,
+        monthly_usd=monthly_usd(cloud, size, volume.bytes_used, price) if volume else 0.0,  # gone: it bills nothing
+        price_per_gb_month=price, in_use_by=users.get(volume_id, []) if volume_id else [],
+        created_at=outputs.get("created_at") or "", note=note,
+    )  # fmt: skip
+
+
+def _int(value) -> int | None:
+    try:
+        return int(float(value)) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def caches() -> list[CacheInfo]:
+    """Every cache stack of this machine, each joined with its cloud's view now (bytes used, in use);
+    one whose volume the cloud no longer has is listed with volume None and a note saying so."""
+    stacks = _stacks()
+    if not stacks:
+        return []  # `up` asks on every plan: no cache, no look at the sessions
+    live: dict = {}
+    users = _session_users()
+    found = [_info(stack, live, users) for stack in stacks]
+    return [c for c in found if c is not None]
+
+
+def find(cloud: str, region: str) -> CacheInfo | None:
+    """The cache of `cloud` in `region` on this machine, or None (bad input: CacheError)."""
+    check(cloud, region, creating=False)
+    stack = names.cache_stack(cloud, region)
+    if stack not in _stacks():
+        return None
+    return _info(stack, {}, _session_users())
+
+
+# --- changing -----------------------------------------------------------------------------------
+
+
+def create(cloud: str, region: str, size_gb: int | None = None, *, say: Say, on_event: OnEvent) -> CacheInfo:
+    """Make the cache of `cloud` in `region` (or adopt the volume of its name already there; again on
+    an existing cache: nothing changes). size_gb: RunPod's volume size (default 50); on Lambda, whose
+    filesystems grow with use and bill what they hold, a soft cap kept in the cache's config (CacheInfo.size_gb;
+    said so). CacheError for bad input or no key, with nothing made."""
+    size = check(cloud, region, size_gb)
+    client = _client(cloud)  # no key: said before anything exists
+    if cloud == "lambda" and size is not None:
+        say(f"Lambda filesystems have no size (they grow, and bill what they hold): {size} GB is kept as the cache's "
+            "soft cap, which Lambda itself does not enforce")  # fmt: skip
+    name = names.volume_name(region)
+    existing = next((v for v in client.volumes() if v.name == name), None)
+    if existing is not None and existing.region != region:
+        raise CacheError(f"a {cloud} volume named {name} already exists in {existing.region}, not {region}")
+    if cloud == "runpod":
+        if existing is not None and size is not None and existing.size_gb not in (None, size):
+            raise CacheError(
+                f"{name} ({existing.id}) already exists at {cloud} with {existing.size_gb} GB, not {size}: "
+                f"--size {existing.size_gb} takes it as it is, or `gpu-session cache rm --cloud {cloud} --region {region}` first"
+            )
+        size = size or (existing.size_gb if existing else cache_config.DEFAULT_RUNPOD_GB)
+    stack_name = names.cache_stack(cloud, region)
+    fresh = stack_name not in _stacks()
+    if existing is not None and fresh:
+        say(f"{name} ({existing.id}) is already at {cloud}: the cache adopts it")
+    settings = {"cloud": cloud, "region": region, **({"sizeGb": str(size)} if size is not None else {})}
+    if os.environ.get(API_KEY_ENV[cloud]):  # the stack holds its cloud's key (a secret): list and rm work from any shell
+        settings[API_KEY_CONFIG[cloud]] = os.environ[API_KEY_ENV[cloud]]
+    stack = engine(stack_name, project=names.CACHE_PROJECT)
+    try:
+        previous = stack.config()
+        if not fresh and previous.get("sizeGb") and size is None and cloud == "runpod":
+            settings["sizeGb"] = previous["sizeGb"]
+        stack.set_config(settings)
+        write_private(
+            stack.folder / ENVIRONMENT_FILE, json.dumps({k: v for k, v in os.environ.items() if k in record.ENVIRONMENT})
+        )
+        stack.up(on_event)
+    except (StackError, ConfigError):
+        if fresh and not stack.resources():
+            stack.remove(force=True)  # nothing was made: nothing is left, not even an empty stack or its folder
+        elif not fresh and previous:
+            stack.set_config(previous)  # the cache as it was
+        raise
+    info = find(cloud, region)
+    if info is None or info.volume is None:
+        raise CacheError(
+            f"the {cloud} cache in {region} was made, but {cloud} does not list its volume: `gpu-session cache list`"
+        )
+    say(f"cache {cloud} {region}: volume {info.volume.name} ({info.volume.id}), {info.describe().split(': ', 1)[1]}")
+    return info
+
+
+def rm(cloud: str, region: str, *, say: Say, on_event: OnEvent) -> CacheInfo:
+    """Delete the cache of `cloud` in `region`: refused while a session uses it (naming the session's
+    stack) or while the cloud says an instance has it attached; then destroy and forget its stack,
+    then ask the cloud that the volume is gone. What was deleted (its monthly cost is what stops)."""
+    info = find(cloud, region)
+    if info is None:
+        raise CacheError(f"no cache {cloud} {region} here: `gpu-session cache list` shows them")
+    if info.in_use_by:
+        users = ", ".join(info.in_use_by)
+        raise CacheError(
+            f"cache {cloud} {region} is in use by session stack {users}: `gpu-session down --stack {info.in_use_by[0]}` first "
+            "(nothing was deleted)"
+        )
+    if info.volume is not None and info.volume.in_use:
+        raise CacheError(
+            f"cache {cloud} {region} ({info.volume_id}) is attached to a running {cloud} instance that no session here "
+            "owns: end it first (`gpu-session sweep`; nothing was deleted)"
+        )
+    if info.volume is None and "did not answer" in info.note:
+        raise CacheError(f"cannot delete the cache {cloud} {region}: {info.note}")
+    stack = engine(info.stack, create=False, project=names.CACHE_PROJECT)
+    config = stack.config()
+    with _in_cache(info.stack):
+        stack.destroy(on_event)
+        stack.remove()
+        left = info.volume_id and any(v.id == info.volume_id for v in _client(cloud, config).volumes())
+    if left:
+        raise CacheError(
+            f"{cloud} still lists volume {info.volume_id} after its stack was destroyed: `gpu-session sweep` deletes it"
+        )
+    say(f"deleted cache {cloud} {region}" + (f" (volume {info.volume_id})" if info.volume_id else "")
+        + f": ${info.monthly_usd:.2f}/month stops")  # fmt: skip
+    return info
+
+
+# --- sweep --------------------------------------------------------------------------------------
+
+
+def orphan_volumes(clouds: list[str]) -> list[tuple[str, Volume]]:
+    """Volumes at `clouds` named like ours (names.volume_is_ours) that no cache stack here owns. None
+    while a cache stack here cannot be read or has no volume yet (a first `cache create` under way):
+    its volume would look like an orphan."""
+    owned = set()
+    for stack in _stacks():
+        try:
+            volume_id = engine(stack, create=False, project=names.CACHE_PROJECT).outputs().get("volume_id")
+        except StackError:
+            return []
+        if not volume_id:
+            return []
+        owned.add(volume_id)
+    return [(c, v) for c in clouds for v in _client(c).volumes() if names.volume_is_ours(v.name) and v.id not in owned]
+
+
+def delete_orphan(cloud: str, volume: Volume) -> None:
+    """Delete an orphan volume: CacheError, with nothing deleted, while an instance has it attached."""
+    from gpu_session.clouds import NotFound, VolumeInUse
+
+    try:
+        _client(cloud).delete_volume(volume.id)
+    except NotFound:
+        pass
+    except VolumeInUse:
+        raise CacheError(f"{cloud} volume {volume.name} ({volume.id}) is attached to a running instance: not deleted") from None

@@ -1,0 +1,144 @@
+"""Caches without a cloud: their names, what they cost, their config, the volume provider's diff and
+delete with a fake cloud, the workspaces of the two projects, and the CLI's spaced task names."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gpu_session.clouds import NotFound, Volume, VolumeInUse
+from gpu_session.providers.volume import CacheVolumeProvider, VolumeStillUsed
+from gpu_session.session import cache
+from gpu_session.stack import cache_config, names
+from gpu_session.stack.config import ConfigError
+
+
+def test_cache_names():
+    assert names.cache_stack("lambda", "us-east-1") == "lambda-us-east-1"
+    assert names.cache_stack("runpod", "EU-RO-1") == "runpod-eu-ro-1"
+    assert names.volume_name("us-east-1") == "gpu-session-cache-us-east-1"
+    assert names.volume_name("EU-RO-1") == "gpu-session-cache-eu-ro-1"  # a Lambda filesystem name takes no capitals
+    for ours in ("gpu-session-cache-us-east-1", "gpu-session-cache-eu-ro-1", "gpu-session-cache-us-south-1"):
+        assert names.volume_is_ours(ours)
+    for theirs in ("gpu-session-cache-", "gpu-session-cache-EU-RO-1", "my-cache", "gpu-session-dev-gpu",
+                   "gpu-session-cache-us-east-1-old", "gpu-session-cache-../x-1", "xgpu-session-cache-us-east-1"):  # fmt: skip
+        assert not names.volume_is_ours(theirs), theirs
+    # an instance of ours is never taken for a volume, nor a cache volume for an instance's stack
+    assert names.stack_of_instance("gpu-session-cache-us-east-1") is None
+
+
+def test_monthly_cost_runpod_bills_the_size_lambda_what_it_holds():
+    assert cache.monthly_usd("runpod", 20, 3 * cache.GB, 0.07) == 1.40
+    assert cache.monthly_usd("runpod", None, None, 0.07) == 0.0
+    assert cache.monthly_usd("lambda", None, 12_300_000_000, 0.20) == 2.46
+    assert cache.monthly_usd("lambda", 100, None, 0.20) == 0.0  # a soft cap bills nothing; bytes do
+    info = cache.CacheInfo("runpod", "EU-RO-1", "runpod-eu-ro-1", None, monthly_usd=7.30,
+                           created_at=(datetime.now(UTC) - timedelta(hours=73)).isoformat())  # fmt: skip
+    assert info.so_far_usd() == pytest.approx(0.73, abs=0.01)  # 73 h of a 730 h month
+    assert cache.CacheInfo("lambda", "us-east-1", "lambda-us-east-1", None).so_far_usd() is None
+
+
+@pytest.mark.parametrize(
+    "cloud, region, size, says",
+    [
+        ("aws", "us-east-1", None, "unknown cloud 'aws': --cloud lambda or runpod"),
+        ("lambda", "", None, "invalid region ''"),
+        ("lambda", "us_east_1", None, "invalid region"),
+        ("runpod", "EU RO 1", None, "a data center id like EU-RO-1"),
+        ("lambda", "US-EAST-1", None, "--region us-east-1"),
+        ("runpod", "EU-RO-1", 9, "from 10 to 4000"),
+        ("runpod", "EU-RO-1", 4001, "from 10 to 4000"),
+        ("runpod", "EU-RO-1", "1e2", "whole number"),
+        ("runpod", "EU-RO-1", -20, "whole number"),
+        ("runpod", "EU-RO-1", 20.5, "whole number"),
+    ],
+)
+def test_bad_input_says_what_to_do(cloud, region, size, says):
+    with pytest.raises(cache.CacheError, match=says):
+        cache.check(cloud, region, size)
+
+
+def test_good_input():
+    assert cache.check("runpod", "EU-RO-1", "20") == 20 and cache.check("runpod", "EU-RO-1", 20.0) == 20
+    assert cache.check("lambda", "us-east-1") is None and cache.check("lambda", "us-east-1", 100) == 100
+
+
+def test_cache_config():
+    cfg = cache_config.parse({"gpu-session:cloud": "runpod", "gpu-session:region": "EU-RO-1", "gpu-session:runpodApiKey": "k"})
+    assert cfg.sizeGb == cache_config.DEFAULT_RUNPOD_GB and "k" not in repr(cfg)
+    # a bare `pulumi config set` in infra/cache/ writes the project's own namespace: taken too
+    assert cache_config.parse({"gpu-session-cache:cloud": "lambda", "gpu-session-cache:region": "us-east-1"}).sizeGb is None
+    with pytest.raises(ConfigError) as e:
+        cache_config.parse({"gpu-session:cloud": "gcp", "gpu-session:sizeGB": "20", "gpu-session:sizeGb": "5"})
+    said = str(e.value)
+    assert "gpu-session:cloud must be lambda or runpod" in said and "did you mean gpu-session:sizeGb?" in said
+    assert "gpu-session:sizeGb must be a whole number of GB from 10 to 4000" in said and "gpu-session:region is required" in said
+
+
+class FakeCloud:
+    name = "runpod"
+
+    def __init__(self, in_use=False, gone=False):
+        self.in_use, self.gone, self.deleted = in_use, gone, []
+
+    def delete_volume(self, volume_id):
+        if self.gone:
+            raise NotFound("no such volume")
+        if self.in_use:
+            raise VolumeInUse("attached to pod abc")
+        self.deleted.append(volume_id)
+
+    def volumes(self):
+        return (
+            []
+            if self.gone
+            else [Volume("v1", "gpu-session-cache-eu-ro-1", "runpod", "EU-RO-1", 20, None, self.in_use, "/workspace")]
+        )
+
+
+def provider(fake: FakeCloud) -> CacheVolumeProvider:
+    p = CacheVolumeProvider()
+    p.cloud = lambda name: fake
+    return p
+
+
+OLDS = {"cloud": "runpod", "name": "gpu-session-cache-eu-ro-1", "region": "EU-RO-1", "size_gb": 20.0, "volume_id": "v1"}
+
+
+def test_the_volume_provider_diff():
+    p = provider(FakeCloud())
+    assert not p.diff("v1", OLDS, {**OLDS, "size_gb": 20}).changes  # numbers cross gRPC as floats
+    moved = p.diff("v1", OLDS, {**OLDS, "region": "US-KS-2", "name": "gpu-session-cache-us-ks-2"})
+    assert moved.replaces == ["name", "region"] and moved.delete_before_replace
+    with pytest.raises(ValueError, match="its size is not changed here.*cache rm"):
+        p.diff("v1", OLDS, {**OLDS, "size_gb": 40})
+    lam = {**OLDS, "cloud": "lambda", "region": "us-east-1", "name": "gpu-session-cache-us-east-1", "size_gb": None}
+    capped = p.diff("f1", lam, {**lam, "size_gb": 100})  # a Lambda soft cap: an update in place
+    assert capped.changes and not capped.replaces
+
+
+def test_the_volume_provider_never_deletes_a_volume_in_use():
+    with pytest.raises(VolumeStillUsed, match="attached to a running instance, so it was not deleted.*gpu-session down"):
+        provider(FakeCloud(in_use=True)).delete("v1", OLDS)
+    provider(FakeCloud(gone=True)).delete("v1", OLDS)  # already gone: done
+    assert provider(FakeCloud(gone=True)).read("v1", OLDS).id == ""  # gone: dropped from the state
+    assert provider(FakeCloud()).read("v1", OLDS).outs["size_gb"] == 20
+
+
+def test_the_two_projects_keep_their_workspaces_apart():
+    from gpu_session.stack.automation import PROJECTS, workspace
+
+    session, kept = workspace("lambda-us-east-1"), workspace("lambda-us-east-1", names.CACHE_PROJECT)
+    assert session != kept and (session / "Pulumi.yaml").exists() and (kept / "Pulumi.yaml").exists()
+    assert "name: gpu-session-cache" in (kept / "Pulumi.yaml").read_text()
+    assert (kept / (kept / "Pulumi.yaml").read_text().split("main: ")[1].strip() / "__main__.py").is_file()
+    assert set(PROJECTS) == {names.PROJECT, names.CACHE_PROJECT}
+
+
+def test_the_script_takes_a_collections_task_with_a_space():
+    from gpu_session.cli import dotted
+
+    assert dotted(["gpu-session", "cache", "rm", "--yes"]) == ["gpu-session", "cache.rm", "--yes"]
+    assert dotted(["gpu-session", "history", "list"]) == ["gpu-session", "history.list"]
+    assert dotted(["gpu-session", "up", "--no-cache"]) == ["gpu-session", "up", "--no-cache"]

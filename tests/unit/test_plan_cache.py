@@ -1,0 +1,80 @@
+"""Which plan takes a cache volume: one in the plan's region, before the same offer elsewhere; a
+RunPod plan (any data center) tries the cache's data center first and keeps its own after; a
+cache where no fitting offer is goes unused, and the first plan says so."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from gpu_session.clouds import Offer, Volume
+from gpu_session.session import cache, plan
+from gpu_session.session.plan import Plan, with_caches
+
+
+def offer(cloud: str, name: str, price: float, regions: tuple[str, ...]) -> Offer:
+    return Offer(cloud, name, name, 1, 24, price, regions)
+
+
+def a_cache(cloud: str, region: str, volume: bool = True):
+    vol = Volume(f"v-{region}", f"gpu-session-cache-{region}", cloud, region, 50, 0, False, "/mnt") if volume else None
+    return SimpleNamespace(cloud=cloud, region=region, volume=vol, monthly_usd=3.5, stack=f"{cloud}-{region}")
+
+
+@pytest.fixture
+def caches(monkeypatch):
+    found: list = []
+    monkeypatch.setattr(cache, "caches", lambda: found)
+    return found
+
+
+A10 = offer("lambda", "A10", 0.75, ("us-west-1", "us-east-1"))
+A100 = offer("lambda", "A100", 1.29, ("us-east-1",))
+RTX = offer("runpod", "RTX 4090", 0.69, ("any",))
+
+
+def plans(*offers: Offer) -> list[Plan]:
+    return [Plan(o, r, 10.0, 1.0) for o in offers for r in o.launch_regions()]
+
+
+def test_without_caches_the_plans_stay_as_they_are(caches):
+    assert with_caches(plans(A10, A100), ["lambda"]) == plans(A10, A100)
+
+
+def test_a_cache_in_a_region_of_the_cheapest_offer_comes_first(caches):
+    caches.append(a_cache("lambda", "us-east-1"))
+    got = with_caches(plans(A10, A100), ["lambda"])
+    assert [(p.offer.gpu_name, p.region, bool(p.cache)) for p in got] == [
+        ("A10", "us-east-1", True),
+        ("A10", "us-west-1", False),
+        ("A100", "us-east-1", True),
+    ]
+    assert "cache lambda us-east-1" in got[0].describe() and got[0].summary("m")["cache"]["volume_id"] == "v-us-east-1"
+
+
+def test_a_cache_where_no_fitting_offer_is_goes_unused_and_the_plan_says_so(caches):
+    caches.append(a_cache("lambda", "europe-central-1"))
+    got = with_caches(plans(A10), ["lambda"])
+    assert [p.cache for p in got] == [None, None]
+    assert "lambda europe-central-1" in got[0].cache_note and got[0].cache_note in got[0].describe()
+
+
+def test_a_runpod_plan_tries_the_cache_data_center_first_and_keeps_its_own(caches):
+    caches.append(a_cache("runpod", "EU-RO-1"))
+    got = with_caches(plans(RTX), ["runpod"])
+    assert [(p.region, bool(p.cache)) for p in got] == [("EU-RO-1", True), (None, False)]
+
+
+def test_caches_of_other_clouds_or_gone_at_the_cloud_are_left_out(caches):
+    caches += [a_cache("runpod", "EU-RO-1"), a_cache("lambda", "us-east-1", volume=False)]
+    assert with_caches(plans(A10), ["lambda"]) == plans(A10)
+
+
+def test_the_stack_config_names_the_volume_only_with_a_cache(caches):
+    caches.append(a_cache("lambda", "us-east-1"))
+    first, second = with_caches(plans(A10), ["lambda"])[:2]
+    opts = plan.UpOptions("o/m", cache_gated=True)
+    assert plan.stack_settings(opts, first)["cacheVolume"] == "v-us-east-1"
+    assert plan.stack_settings(opts, first)["cacheGated"] == "true"
+    assert "cacheVolume" not in plan.stack_settings(opts, second)
