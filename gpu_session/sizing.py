@@ -68,6 +68,12 @@ class ModelInfo:
     index: dict | None = None  # the weights' index (model.safetensors.index.json), where there is one
     chat_template: bool = True  # a chat template in tokenizer_config.json or a file of its own
     tokenizer: dict = field(default_factory=dict)  # tokenizer_config.json; {} when the repo has none
+    private: bool = False  # the Hub's `private`: only its owner's tokens read it
+
+    def may_cache(self, cache_gated: bool) -> bool:
+        """Whether its weights may go on a cache volume, which outlives the session and its token:
+        public ungated weights always; gated or private ones only when the user said so (--cache-gated)."""
+        return not (self.gated or self.private) or cache_gated
 
     @property
     def weights(self) -> dict[str, int]:
@@ -210,7 +216,7 @@ def model_info(model: str, token: str | None = None) -> ModelInfo:
         model, files, bool(info.gated), vision, info.sha or "", config=config,
         index=read(index_name) if index_name else None,
         chat_template=bool(tokenizer.get("chat_template")) or any(f in files for f in CHAT_TEMPLATE_FILES),
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, private=bool(getattr(info, "private", False)),
     )  # fmt: skip
 
 

@@ -261,7 +261,7 @@ def _offer_teardown(stack: str, say, on_event) -> None:
         "sim": "rehearse against the cloud simulator (started in the background if none runs): no account, no GPU, no bill",
         "verbose": "show Ansible's task lines too (they are always in the session's log)",
         "cache": "use a cache volume (`gpu-session cache create`) where one is in a region with the GPU (default); --no-cache goes without",
-        "cache_gated": "a gated model's weights may go on the cache volume too (by default they stay off it)",
+        "cache_gated": "a gated or private model's weights may go on the cache volume too (by default they stay off it)",
     }
 )
 def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, budget=None, disk=None, context=None,

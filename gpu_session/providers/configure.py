@@ -55,7 +55,7 @@ SETTINGS = (
     "lease_expires_at",
     "roles_digest",
     "cache_root",  # where the host sees the cache volume ("": none), its size in GB (0: grows), and
-    "cache_size_gb",  # whether the weights may go on it (not a gated model's, unless the user said so)
+    "cache_size_gb",  # whether the weights may go on it (not a gated or private model's, unless the user said so)
     "cache_weights",
 )
 REQUIRED = ("stack", "cloud", "instance_id", "host", "port", "user")

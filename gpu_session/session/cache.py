@@ -22,6 +22,7 @@ import yaml
 
 from gpu_session.clouds import (
     API_BASE_ENV,
+    API_BASE_ENVS,
     API_KEY_CONFIG,
     API_KEY_ENV,
     CLOUDS,
@@ -63,6 +64,7 @@ class CacheInfo:
     in_use_by: list[str] = field(default_factory=list)  # session stacks here that attach it (their outputs or config)
     created_at: str = ""  # when it began to bill (ISO, UTC)
     note: str = ""  # what is wrong, when something is: gone at the cloud, the cloud did not answer
+    endpoint: str = ""  # the API address it was made at (the simulator's); "" for the cloud's real API
 
     @property
     def bytes_used(self) -> int | None:
@@ -168,12 +170,17 @@ def _recorded_environment(stack: str) -> dict[str, str]:
 
 
 @contextmanager
-def _in_cache(stack: str) -> Iterator[bool]:
+def _in_cache(stack: str, cloud: str) -> Iterator[bool]:
     """While the block runs, this process points where the cache's cloud was (what this shell does not
-    say itself), and back after: a cache made on the simulator never sends a later real `up` there.
-    Yields whether the cache has an endpoint of its own."""
+    say itself), and back after: a cache made on the simulator never sends a later real `up` there,
+    and a cache made at the real API is asked there even from a shell pointed at the simulator (else
+    it would look gone, `rm` would forget a volume that still bills, and its key would go to the
+    simulator). Yields whether the cache has an endpoint of its own."""
     saved = dict(os.environ)
     recorded = _recorded_environment(stack)
+    if not any(name in recorded for name in API_BASE_ENVS[cloud]):
+        for name in API_BASE_ENVS[cloud]:
+            os.environ.pop(name, None)
     for name, value in recorded.items():
         os.environ.setdefault(name, value)
     try:
@@ -231,9 +238,10 @@ def _info(stack: str, live: dict[str, list[Volume] | str], users: dict[str, list
     cloud, region = config.get("cloud") or outputs.get("cloud", ""), config.get("region") or outputs.get("region", "")
     if cloud not in CLOUDS:
         return CacheInfo(cloud, region, stack, None, note="the stack names no cloud: `pulumi destroy` it in its workspace")
-    endpoint = tuple(sorted(_recorded_environment(stack).items()))  # caches of one cloud on two endpoints: asked apart
+    recorded = _recorded_environment(stack)
+    endpoint = tuple(sorted(recorded.items()))  # caches of one cloud on two endpoints: asked apart
     if (cloud, endpoint) not in live:
-        with _in_cache(stack):
+        with _in_cache(stack, cloud):
             try:
                 live[cloud, endpoint] = _client(cloud, config).volumes()
             except (CloudError, CacheError) as e:
@@ -248,7 +256,7 @@ def _info(stack: str, live: dict[str, list[Volume] | str], users: dict[str, list
         cloud=cloud, region=region, stack=stack, volume=volume, volume_id=volume_id, size_gb=size,
         monthly_usd=monthly_usd(cloud, size, volume.bytes_used, price) if volume else 0.0,  # gone: it bills nothing
         price_per_gb_month=price, in_use_by=users.get(volume_id, []) if volume_id else [],
-        created_at=outputs.get("created_at") or "", note=note,
+        created_at=outputs.get("created_at") or "", note=note, endpoint=recorded.get(API_BASE_ENV[cloud], ""),
     )  # fmt: skip
 
 
@@ -358,7 +366,7 @@ def rm(cloud: str, region: str, *, say: Say, on_event: OnEvent) -> CacheInfo:
         raise CacheError(f"cannot delete the cache {cloud} {region}: {info.note}")
     stack = engine(info.stack, create=False, project=names.CACHE_PROJECT)
     config = stack.config()
-    with _in_cache(info.stack):
+    with _in_cache(info.stack, cloud):
         stack.destroy(on_event)
         stack.remove()
         left = info.volume_id and any(v.id == info.volume_id for v in _client(cloud, config).volumes())
@@ -375,19 +383,28 @@ def rm(cloud: str, region: str, *, say: Say, on_event: OnEvent) -> CacheInfo:
 
 
 def orphan_volumes(clouds: list[str]) -> list[tuple[str, Volume]]:
-    """Volumes at `clouds` named like ours (names.volume_is_ours) that no cache stack here owns. None
-    while a cache stack here cannot be read or has no volume yet (a first `cache create` under way):
-    its volume would look like an orphan."""
-    owned = set()
+    """Volumes at `clouds` named like ours (names.volume_is_ours) that no cache stack here owns. A
+    cache stack with no volume yet (a first `cache create` under way, or killed) keeps the volume of
+    its name out of the list: it would look like an orphan. CacheError, naming the stack, when a
+    cache stack here cannot be read: no volume could then be told from an orphan."""
+    owned, pending = set(), set()
     for stack in _stacks():
         try:
-            volume_id = engine(stack, create=False, project=names.CACHE_PROJECT).outputs().get("volume_id")
-        except StackError:
-            return []
-        if not volume_id:
-            return []
-        owned.add(volume_id)
-    return [(c, v) for c in clouds for v in _client(c).volumes() if names.volume_is_ours(v.name) and v.id not in owned]
+            st = engine(stack, create=False, project=names.CACHE_PROJECT)
+            outputs, region = st.outputs(), st.config().get("region", "")
+        except StackError as e:
+            raise CacheError(
+                f"cache stack {stack} cannot be read ({e}): sweep cannot tell its volume from an orphan, so it "
+                "deletes none; `gpu-session cache list` shows the caches"
+            ) from None
+        if outputs.get("volume_id"):
+            owned.add(outputs["volume_id"])
+        else:
+            pending.add(names.volume_name(region))
+    return [
+        (c, v) for c in clouds for v in _client(c).volumes()
+        if names.volume_is_ours(v.name) and v.id not in owned and v.name not in pending
+    ]  # fmt: skip
 
 
 def delete_orphan(cloud: str, volume: Volume) -> None:

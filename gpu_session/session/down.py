@@ -172,7 +172,12 @@ def sweep_volumes(*, confirm: Callable[[str, Volume], bool], say: Say) -> list[s
     except SessionError:
         return []
     deleted = []
-    for name, volume in cache.orphan_volumes(clouds):
+    try:
+        orphans = cache.orphan_volumes(clouds)
+    except cache.CacheError as e:
+        say(str(e))
+        return []
+    for name, volume in orphans:
         if volume.in_use:
             say(f"{name} volume {volume.name} ({volume.id}) is named like a cache of ours but attached to a running "
                 "instance: not deleted (end that instance first)")  # fmt: skip

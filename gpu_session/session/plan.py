@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from gpu_session import fit, sizing
-from gpu_session.clouds import API_KEY_CONFIG, CLOUDS, Cloud, Offer, get_cloud
+from gpu_session.clouds import API_BASE_ENV, API_KEY_CONFIG, CLOUDS, Cloud, Offer, get_cloud
 from gpu_session.clouds import API_KEY_ENV as KEY_ENV
 from gpu_session.errors import GpuSessionError
 from gpu_session.local import record
@@ -50,7 +50,7 @@ class UpOptions:
     stack: str = "dev"
     configure: bool = StackConfig.configure  # False: just the machine, no model server
     cache: bool = True  # use a cache volume (`gpu-session cache create`) in a region that has the chosen GPU
-    cache_gated: bool = StackConfig.cacheGated  # a gated model's weights may go on the cache too
+    cache_gated: bool = StackConfig.cacheGated  # a gated or private model's weights may go on the cache too
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,19 @@ class Plan:
     cpu_capped: bool = False  # the host serves on the CPU (the simulator's), whose KV cache space holds less than the GPU would
     cache: CacheInfo | None = None  # the cache volume the session attaches (gpu_session.session.cache)
     cache_note: str = ""  # why a cache there is goes unused, when one does
+    cache_weights: bool = True  # the weights may go on the cache too (sizing.ModelInfo.may_cache); else the engine only
 
     def cache_line(self) -> str:
         """What the plan does about caches, in a line ("" when there are none)."""
         if self.cache is None:
             return self.cache_note
         c = self.cache
+        cost = f"(it costs ${c.monthly_usd:.2f}/month whether used or not)"
+        if not self.cache_weights:
+            return (f"cache {c.cloud} {c.region}: the engine is kept on it, and taken from it where an earlier session left it; "
+                    f"this gated or private model's {self.weights_gb} GiB of weights are not (--cache-gated keeps them) {cost}")  # fmt: skip
         return (f"cache {c.cloud} {c.region}: the engine and the {self.weights_gb} GiB of weights are kept on it, and taken "
-                f"from it where an earlier session left them (it costs ${c.monthly_usd:.2f}/month whether used or not)")  # fmt: skip
+                f"from it where an earlier session left them {cost}")  # fmt: skip
 
     @property
     def estimate(self) -> float:
@@ -100,7 +105,8 @@ class Plan:
                 "gpu_count": o.gpu_count, "region": self.region, "price_per_hour": o.price_per_hour,
                 "weights_gb": self.weights_gb, "need_gb": self.need_gb, "context": self.context, "disk_gb": self.disk_gb,
                 "backend": self.backend,
-                "cache": {"cloud": self.cache.cloud, "region": self.cache.region, "volume_id": self.cache.volume.id}
+                "cache": {"cloud": self.cache.cloud, "region": self.cache.region, "volume_id": self.cache.volume.id,
+                          "weights": self.cache_weights}
                 if self.cache else None, "cache_note": self.cache_note or None}  # fmt: skip
 
 
@@ -154,6 +160,7 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     found = [
         Plan(o, r, info.need_gb(context, opts.quantize), opts.hours, opts.budget, context=info.context_on(o, opts.quantize, device),
              weights_gb=round(info.weights_bytes / sizing.GIB, 1), disk_gb=disk, backend=backend,
+             cache_weights=info.may_cache(opts.cache_gated),
              cpu_capped=info.context_on(o, opts.quantize, device) < info.context_on(o, opts.quantize))
         for o in sizing.fitting(offers, need, **limits) for r in o.launch_regions()
     ]  # fmt: skip
@@ -167,10 +174,15 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
     """The plans with the caches of `clouds` attached where one is in the plan's region: for each
     offer (cheapest first, as found), its plans with a cache before those without. A RunPod plan
     (any data center) gets a variant in each cache's data center, and keeps its own after them, for
-    when that data center has no capacity. The first plan says so when a cache goes unused."""
+    when that data center has no capacity. The first plan says so when a cache goes unused. Only
+    caches at the API this shell points at are offered: the simulator's volumes to a simulated up,
+    the real clouds' to a real one."""
     from .cache import caches  # the cache stacks: above plan in the session layer
 
-    ready = [c for c in caches() if c.cloud in clouds and c.volume is not None]
+    def here_api(c) -> bool:
+        return bool(c.endpoint) == bool(os.environ.get(API_BASE_ENV[c.cloud]))
+
+    ready = [c for c in caches() if c.cloud in clouds and c.volume is not None and here_api(c)]
     if not ready:
         return found
     order = {id(p.offer): n for n, p in enumerate(found)}

@@ -5,7 +5,9 @@ Enough of the wire behaviour that the unmodified `huggingface_hub` client (`mode
 ranges, and the X-Error-Code header its errors are keyed on. HEAD on a file answers whoever may
 download it (its size and etag, as `get_hf_file_metadata` reads them) even where the simulator holds
 only the file's size; a gated entry answers 401 GatedRepo without a token and 403 GatedRepo to a
-token not among its readers (the Hub's answers; huggingface_hub raises GatedRepoError for both).
+token not among its readers (the Hub's answers; huggingface_hub raises GatedRepoError for both); a
+private entry answers whoever is not its reader as a missing repo does (401 RepoNotFound), metadata
+and files alike.
 """
 
 from __future__ import annotations
@@ -177,6 +179,11 @@ class Hub:
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         return token if token in self.world.hf_tokens else None
 
+    @staticmethod
+    def reads_private(model: HubModel, token: str | None) -> bool:
+        """Whether `token` (a known one, or None) may see a private entry: its readers, else any token."""
+        return token is not None and (model.readers is None or token in model.readers)
+
     def denied(self, model: HubModel, token: str | None) -> Response | None:
         """Whether a gated entry's files are closed to this token, as the Hub answers it: 401 without
         a token, 403 to one not among the entry's readers (both X-Error-Code GatedRepo)."""
@@ -236,7 +243,7 @@ class Hub:
             "sha": repo.sha,
             "lastModified": DATE,
             "createdAt": DATE,
-            "private": False,
+            "private": m.private,
             "disabled": False,
             "gated": m.gated,
             "downloads": 0,
@@ -256,13 +263,13 @@ class Hub:
 
     # --- handlers --------------------------------------------------------------------------
 
-    def _lookup(self, org: str | None, name: str, rev: str) -> tuple[Repo | None, Response | None]:
+    def _lookup(self, org: str | None, name: str, rev: str, req: Request) -> tuple[Repo | None, Response | None]:
         repo_id = f"{org}/{name}" if org else name
         try:
             repo = self.repo(repo_id)
         except models.ModelUnavailable as e:
             return None, _hub_error(503, None, str(e))
-        if repo is None:
+        if repo is None or repo.model.private and not self.reads_private(repo.model, self.token(req)):
             return None, _hub_error(401, "RepoNotFound", "Repository not found")
         if rev not in ("main", repo.sha):
             return None, _hub_error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
@@ -278,14 +285,14 @@ class Hub:
             parts = parts[:2]
         if len(parts) > 2 or not parts[-1]:
             return _hub_error(404, None, "Not Found")
-        repo, err = self._lookup(parts[0] if len(parts) == 2 else None, parts[-1], rev)
+        repo, err = self._lookup(parts[0] if len(parts) == 2 else None, parts[-1], rev, req)
         if err:
             return err
         blobs = req.query.get("blobs", "").lower() == "true" or "siblings" in req.query.get("expand[]", "")
         return json_response(self.info_json(repo, blobs))
 
     def tree(self, req: Request) -> Response:
-        repo, err = self._lookup(req.params["org"], req.params["name"], req.params["rev"])
+        repo, err = self._lookup(req.params["org"], req.params["name"], req.params["rev"], req)
         if err:
             return err
         prefix = (req.params.get("path") or "").strip("/")
@@ -306,7 +313,7 @@ class Hub:
         return json_response(out)
 
     def resolve(self, req: Request) -> Response:
-        repo, err = self._lookup(req.params["org"], req.params["name"], req.params["rev"])
+        repo, err = self._lookup(req.params["org"], req.params["name"], req.params["rev"], req)
         if err:
             return err
         f = repo.files.get(req.params["path"])
@@ -364,7 +371,11 @@ class Hub:
     def search(self, req: Request) -> Response:
         words = req.query.get("search", "").lower().split()
         limit = int(req.query.get("limit") or 20)
-        found = [m for m in self.catalog.values() if all(w in m.repo_id.lower() for w in words)]
+        token = self.token(req)
+        found = [
+            m for m in self.catalog.values()
+            if all(w in m.repo_id.lower() for w in words) and (not m.private or self.reads_private(m, token))
+        ]  # fmt: skip
         return json_response(
             [
                 {
@@ -373,7 +384,7 @@ class Hub:
                     "modelId": m.repo_id,
                     "likes": 0,
                     "downloads": 0,
-                    "private": False,
+                    "private": m.private,
                     "pipeline_tag": m.pipeline_tag,
                     "tags": ["transformers", m.pipeline_tag],
                     "createdAt": DATE,

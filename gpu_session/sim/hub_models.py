@@ -7,7 +7,8 @@ rehearses their own model (`invoke sim --hub-extra FILE`, at start or into a run
     models:
       - id: org/name                 # Hub id
         gated: false                 # false | auto | manual
-        readers: [hf_tokenA]         # gated only: tokens that may download files; absent = any token
+        private: false               # true: only a token reads it (its readers, if listed); the Hub's 401 RepoNotFound to others
+        readers: [hf_tokenA]         # gated or private only: tokens that may download files; absent = any token
         pipeline_tag: text-generation
         tags: []
         files:                       # every file of the repo: a size in bytes, or the content of a small file
@@ -30,7 +31,7 @@ from pathlib import Path
 import yaml
 
 BUILTIN = Path(__file__).with_name("hub_models.yaml")
-KEYS = ("id", "gated", "readers", "pipeline_tag", "tags", "files")
+KEYS = ("id", "gated", "private", "readers", "pipeline_tag", "tags", "files")
 # What huggingface_hub's validate_repo_id accepts, with the owner required: letters, digits, - _ .,
 # neither "--" nor ".." (huggingface_hub/utils/_validators.py), at most 96 characters.
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -44,12 +45,13 @@ class BadHubEntry(ValueError):
 class HubModel:
     repo_id: str
     gated: bool | str = False  # False | "auto" | "manual"
-    readers: list[str] | None = None  # gated: the tokens that may download its files; None: any valid token
+    readers: list[str] | None = None  # gated or private: the tokens that may read it; None: any valid token
     pipeline_tag: str = "text-generation"
     tags: list[str] = field(default_factory=list)
     # name → size in bytes | {"json": object} | {"text": str}; built models: empty (their build folder's files)
     files: dict[str, int | dict] = field(default_factory=dict)
     built: bool = False  # True: files come from the model's build folder (models.ensure_built)
+    private: bool = False  # only tokens read it (its readers, if listed): anyone else is told it does not exist
 
 
 def content(value: int | dict) -> bytes | None:
@@ -80,7 +82,7 @@ def builtin() -> list[HubModel]:
 
 def _entry(raw, where: str) -> HubModel:
     if not isinstance(raw, dict):
-        raise BadHubEntry(f"{where}: an entry is a mapping with id, gated, readers, pipeline_tag, tags and files")
+        raise BadHubEntry(f"{where}: an entry is a mapping with id, gated, private, readers, pipeline_tag, tags and files")
     repo_id = raw.get("id")
     if repo_id is None:
         raise BadHubEntry(f"{where}: missing id (the Hub id, org/name)")
@@ -95,10 +97,16 @@ def _entry(raw, where: str) -> HubModel:
     gated = raw.get("gated", False)
     if not (gated is False or gated in ("auto", "manual")):
         raise BadHubEntry(f"{where}: gated must be false, auto or manual, not {gated!r}")
+    private = raw.get("private", False)
+    if not isinstance(private, bool):
+        raise BadHubEntry(f"{where}: private must be true or false, not {private!r}")
     readers = raw.get("readers")
     if readers is not None:
-        if gated is False:
-            raise BadHubEntry(f"{where}: readers apply to gated entries only: set gated to manual or auto, or remove readers")
+        if gated is False and not private:
+            raise BadHubEntry(
+                f"{where}: readers apply to gated or private entries only: set gated to manual or auto, "
+                "or private to true, or remove readers"
+            )
         if not isinstance(readers, list) or not all(isinstance(t, str) and t.strip() == t and t for t in readers):
             raise BadHubEntry(f"{where}: readers must be a list of tokens (strings without spaces), not {readers!r}")
     tag = raw.get("pipeline_tag", "text-generation")
@@ -112,7 +120,7 @@ def _entry(raw, where: str) -> HubModel:
         raise BadHubEntry(f"{where}: files must map every file of the repo to its size in bytes or {{json: …}} / {{text: …}}")
     for name, value in files.items():
         _check_file(name, value, where)
-    return HubModel(repo_id, gated, list(readers) if readers is not None else None, tag, list(tags), dict(files))
+    return HubModel(repo_id, gated, list(readers) if readers is not None else None, tag, list(tags), dict(files), private=private)
 
 
 def _check_file(name, value, where: str) -> None:

@@ -38,7 +38,7 @@ class StackConfig:
     # The cache volume to attach (its id at the cloud: `gpu-session cache list`); None: no cache. The
     # instance is launched in the volume's region.
     cacheVolume: str | None = None  # noqa: N815
-    cacheGated: bool = False  # noqa: N815 (a gated model's weights may go on the cache volume too)
+    cacheGated: bool = False  # noqa: N815 (a gated or private model's weights may go on the cache volume too)
     quantize: bool = False
     backend: str = "auto"
     image: str | None = None  # RunPod only; None: the client's default (clouds.runpod.DEFAULT_IMAGE)

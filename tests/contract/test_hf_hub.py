@@ -22,6 +22,7 @@ from huggingface_hub.errors import (
 )
 from tokenizers import Tokenizer
 
+from gpu_session import sizing
 from gpu_session.sim import hub_models
 from gpu_session.sim.hf_hub import NON_READER_TOKEN
 from gpu_session.sim.models import KNOWN_REPLIES, LONG_CONTEXT, TINY_LONG, TINY_TEXT
@@ -361,6 +362,12 @@ models:
       tokenizer_config.json: {json: {chat_template: "{{ messages }}"}}
       model-00001-of-00002.safetensors: 4976698672
       model-00002-of-00002.safetensors: 1000
+  - id: acme/private-1b
+    private: true
+    readers: [hf_acme_owner]
+    files:
+      config.json: {json: {architectures: [LlamaForCausalLM], num_hidden_layers: 16}}
+      model.safetensors: 2000000000
 """
 REPLACE_MISTRAL = """
 models:
@@ -379,7 +386,7 @@ def _run_sim(*args: str, state: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
-def test_hub_extra_at_start_and_into_a_running_simulator(tmp_path):
+def test_hub_extra_at_start_and_into_a_running_simulator(tmp_path, monkeypatch):
     state = tmp_path / "sim"
     (tmp_path / "extra.yaml").write_text(EXTRA)
     (tmp_path / "replace.yaml").write_text(REPLACE_MISTRAL)
@@ -405,6 +412,22 @@ def test_hub_extra_at_start_and_into_a_running_simulator(tmp_path):
         with pytest.raises(GatedRepoError):
             get_hf_file_metadata(url, token=env["HF_TOKEN"])
         assert api.model_info(MISTRAL).safetensors.total == 7_248_023_552  # the built-in, until replaced
+
+        # A private repo is missing to anyone but its owner's tokens, as on the Hub; sizing reads its
+        # privacy, which keeps its weights off a cache volume.
+        for token in (False, env["HF_TOKEN"]):
+            with pytest.raises(RepositoryNotFoundError):
+                api.model_info("acme/private-1b", token=token)
+        assert api.model_info("acme/private-1b", token="hf_acme_owner").private is True
+        assert "acme/private-1b" not in {m.id for m in api.list_models(search="acme")}
+        with pytest.raises(RepositoryNotFoundError):
+            get_hf_file_metadata(hf_hub_url("acme/private-1b", "config.json", endpoint=endpoint), token=False)
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        private = sizing.model_info("acme/private-1b", token="hf_acme_owner")
+        assert private.private and not private.may_cache(cache_gated=False)
+        with pytest.raises(sizing.SizingError, match="is private and the HF token cannot see it"):
+            sizing.model_info("acme/private-1b", token=env["HF_TOKEN"])
+        assert not sizing.model_info("acme/rehearsal-8b", token="hf_acme_reader").private
 
         bad = _run_sim("--hub-extra", str(tmp_path / "replace.yaml"), "--hub-extra", str(tmp_path / "bad.yaml"), state=state)
         assert bad.returncode != 0 and "models[0] (acme/bad): gated must be false, auto or manual" in bad.stderr
@@ -438,7 +461,11 @@ def test_hub_extra_at_start_and_into_a_running_simulator(tmp_path):
         ),
         ("models: [{id: a/b, files: {w.bin: -1}}]", "files: w.bin: -1 is neither a size in bytes"),
         ("models: [{id: a/b, files: {w.bin: 12.5}}]", "files: w.bin: 12.5 is neither"),
-        ("models: [{id: a/b, readers: [hf_x], files: {x: 1}}]", "models[0] (a/b): readers apply to gated entries only"),
+        (
+            "models: [{id: a/b, readers: [hf_x], files: {x: 1}}]",
+            "models[0] (a/b): readers apply to gated or private entries only",
+        ),
+        ("models: [{id: a/b, private: maybe, files: {x: 1}}]", "models[0] (a/b): private must be true or false"),
         ("models: [{id: a/b, gated: manual, readers: hf_x, files: {x: 1}}]", "readers must be a list of tokens"),
         ("models: [{id: a/b, reader: [hf_x], files: {x: 1}}]", "unknown field 'reader'"),
         ("models: [{id: a/b}]", "files must map every file"),

@@ -188,5 +188,5 @@ def test_a_canary_on_the_volume_fails_scrub_naming_where_not_what(site, keypair)
     sh(target, keypair, f'printf "\\000\\001{canary}" > {leak}')
     with pytest.raises(ConfigureError) as err:
         run(target, playbook="scrub.yml", extravars={"scrub_canaries": [canary], "gpu_session_cache_root": VOLUME})
-    assert leak in str(err.value) and canary not in str(err.value)
+    assert leak in str(err.value) and canary not in str(err.value) and "cache rm" in str(err.value)
     sh(target, keypair, f"rm {leak}")

@@ -142,3 +142,61 @@ def test_the_script_takes_a_collections_task_with_a_space():
     assert dotted(["gpu-session", "cache", "rm", "--yes"]) == ["gpu-session", "cache.rm", "--yes"]
     assert dotted(["gpu-session", "history", "list"]) == ["gpu-session", "history.list"]
     assert dotted(["gpu-session", "up", "--no-cache"]) == ["gpu-session", "up", "--no-cache"]
+
+
+@pytest.mark.parametrize("cloud", ["lambda", "runpod"])
+def test_a_cache_is_asked_where_it_was_made_whatever_this_shell_points_at(cloud, monkeypatch, tmp_path):
+    """A cache made at the real API, asked from a shell pointed at the simulator, is asked at the real
+    API (else it would look gone, `rm` would forget a volume that still bills, and its key would go
+    to the simulator); one made on the simulator is asked there from a real shell; the shell's
+    environment is as it was afterwards."""
+    import json
+    import os
+
+    from gpu_session.clouds import API_BASE_ENVS
+
+    monkeypatch.setattr(cache, "workspaces", lambda project: tmp_path)
+    sim = {name: f"http://127.0.0.1:8080/{name}" for name in API_BASE_ENVS[cloud]}
+    real_stack, sim_stack = "real-made", "sim-made"
+    for stack, environment in ((real_stack, {}), (sim_stack, sim)):
+        (tmp_path / stack).mkdir()
+        (tmp_path / stack / cache.ENVIRONMENT_FILE).write_text(json.dumps(environment))
+    for name, value in sim.items():
+        monkeypatch.setenv(name, value)
+    with cache._in_cache(real_stack, cloud) as own:
+        assert not own and not any(name in os.environ for name in sim)
+    assert all(os.environ[name] == value for name, value in sim.items())
+    for name in sim:
+        monkeypatch.delenv(name)
+    with cache._in_cache(sim_stack, cloud) as own:
+        assert own and all(os.environ[name] == value for name, value in sim.items())
+    assert not any(name in os.environ for name in sim)
+
+
+def test_sweep_keeps_a_pending_caches_volume_and_refuses_when_a_cache_stack_cannot_be_read(monkeypatch):
+    """A cache stack with no volume yet (a create under way, or killed) keeps the volume of its name
+    out of the orphans, while others are still found; an unreadable cache stack stops the search
+    with an error naming it, not a silent "no orphans"."""
+    from types import SimpleNamespace
+
+    from gpu_session.stack.automation import StackError
+
+    def volume(vid: str, region: str) -> Volume:
+        return Volume(vid, names.volume_name(region), "runpod", region, 20, None, False, "/workspace")
+
+    stacks = {"runpod-eu-ro-1": ({}, "EU-RO-1"), "runpod-us-ks-2": ({"volume_id": "v2"}, "US-KS-2")}
+    volumes = [volume("v1", "EU-RO-1"), volume("v2", "US-KS-2"), volume("v3", "US-TX-3")]
+
+    def engine(stack, create, project):
+        if stack not in stacks:
+            raise StackError("the state cannot be read")
+        outputs, region = stacks[stack]
+        return SimpleNamespace(outputs=lambda: outputs, config=lambda: {"region": region})
+
+    monkeypatch.setattr(cache, "_stacks", lambda: sorted(stacks))
+    monkeypatch.setattr(cache, "engine", engine)
+    monkeypatch.setattr(cache, "_client", lambda cloud: SimpleNamespace(volumes=lambda: volumes))
+    assert [(c, v.id) for c, v in cache.orphan_volumes(["runpod"])] == [("runpod", "v3")]
+    monkeypatch.setattr(cache, "_stacks", lambda: [*sorted(stacks), "runpod-ca-mtl-1"])
+    with pytest.raises(cache.CacheError, match="cache stack runpod-ca-mtl-1 cannot be read.*deletes none"):
+        cache.orphan_volumes(["runpod"])

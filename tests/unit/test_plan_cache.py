@@ -4,6 +4,7 @@ cache where no fitting offer is goes unused, and the first plan says so."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -17,9 +18,9 @@ def offer(cloud: str, name: str, price: float, regions: tuple[str, ...]) -> Offe
     return Offer(cloud, name, name, 1, 24, price, regions)
 
 
-def a_cache(cloud: str, region: str, volume: bool = True):
+def a_cache(cloud: str, region: str, volume: bool = True, endpoint: str = ""):
     vol = Volume(f"v-{region}", f"gpu-session-cache-{region}", cloud, region, 50, 0, False, "/mnt") if volume else None
-    return SimpleNamespace(cloud=cloud, region=region, volume=vol, monthly_usd=3.5, stack=f"{cloud}-{region}")
+    return SimpleNamespace(cloud=cloud, region=region, volume=vol, monthly_usd=3.5, stack=f"{cloud}-{region}", endpoint=endpoint)
 
 
 @pytest.fixture
@@ -78,3 +79,34 @@ def test_the_stack_config_names_the_volume_only_with_a_cache(caches):
     assert plan.stack_settings(opts, first)["cacheVolume"] == "v-us-east-1"
     assert plan.stack_settings(opts, first)["cacheGated"] == "true"
     assert "cacheVolume" not in plan.stack_settings(opts, second)
+
+
+def test_only_caches_at_the_api_this_shell_points_at_are_offered(caches, monkeypatch):
+    """A cache made at the real API is never offered to a simulated up, nor the simulator's to a real one."""
+    monkeypatch.delenv("LAMBDA_API_BASE", raising=False)
+    caches += [a_cache("lambda", "us-east-1", endpoint="http://127.0.0.1:8080/api/v1")]
+    assert with_caches(plans(A10), ["lambda"]) == plans(A10)
+    caches[:] = [a_cache("lambda", "us-east-1")]
+    monkeypatch.setenv("LAMBDA_API_BASE", "http://127.0.0.1:8080/api/v1")
+    assert with_caches(plans(A10), ["lambda"]) == plans(A10)
+    caches[:] = [a_cache("lambda", "us-east-1", endpoint="http://127.0.0.1:9090/api/v1")]  # a simulator on another port
+    assert with_caches(plans(A10), ["lambda"])[0].cache is caches[0]
+
+
+def test_only_public_weights_go_on_a_cache_unless_the_user_said_so():
+    """A gated or private repo's weights would outlive the session and its token on the volume."""
+    from gpu_session.sizing import ModelInfo
+
+    def info(**kind) -> ModelInfo:
+        return ModelInfo("o/m", {"model.safetensors": 1}, vision=False, **{"gated": False, **kind})
+
+    assert info().may_cache(cache_gated=False)
+    assert not info(gated=True).may_cache(cache_gated=False) and info(gated=True).may_cache(cache_gated=True)
+    assert not info(private=True).may_cache(cache_gated=False) and info(private=True).may_cache(cache_gated=True)
+
+
+def test_the_plan_says_a_gated_or_private_models_weights_stay_off_the_cache(caches):
+    caches.append(a_cache("lambda", "us-east-1"))
+    public, private = (replace(with_caches(plans(A10), ["lambda"])[0], cache_weights=w) for w in (True, False))
+    assert "the engine and the 0.0 GiB of weights are kept on it" in public.cache_line()
+    assert "the engine is kept on it" in private.cache_line() and "--cache-gated keeps them" in private.cache_line()
