@@ -131,6 +131,8 @@ def check(cloud: str, region: str, size_gb=None, *, creating: bool = True) -> in
         raise CacheError(f"invalid region {region!r} for {cloud}: --region takes {example}")
     if cloud == "lambda" and region != region.lower():
         raise CacheError(f"Lambda regions are lowercase: --region {region.lower()}")
+    if cloud == "runpod" and region != region.upper():  # every RunPod data center id is (EU-RO-1, CA-MTL-1)
+        raise CacheError(f"RunPod data centers are uppercase: --region {region.upper()}")
     if not STACK_NAME.match(names.cache_stack(cloud, region)):
         raise CacheError(f"region {region!r} is too long a name for a cache")
     if not creating or size_gb is None or size_gb == "":

@@ -47,6 +47,7 @@ def test_monthly_cost_runpod_bills_the_size_lambda_what_it_holds():
         ("lambda", "us_east_1", None, "invalid region"),
         ("runpod", "EU RO 1", None, "a data center id like EU-RO-1"),
         ("lambda", "US-EAST-1", None, "--region us-east-1"),
+        ("runpod", "eu-ro-1", None, "RunPod data centers are uppercase: --region EU-RO-1"),
         ("runpod", "EU-RO-1", 9, "from 10 to 4000"),
         ("runpod", "EU-RO-1", 4001, "from 10 to 4000"),
         ("runpod", "EU-RO-1", "1e2", "whole number"),
@@ -57,6 +58,9 @@ def test_monthly_cost_runpod_bills_the_size_lambda_what_it_holds():
 def test_bad_input_says_what_to_do(cloud, region, size, says):
     with pytest.raises(cache.CacheError, match=says):
         cache.check(cloud, region, size)
+    if size is None:  # find and rm refuse it too, before any stack is read
+        with pytest.raises(cache.CacheError, match=says):
+            cache.find(cloud, region)
 
 
 def test_good_input():
