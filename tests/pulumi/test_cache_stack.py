@@ -26,6 +26,7 @@ from gpu_session.stack.automation import StackError, StackNotFound, engine, pulu
 ROOT = Path(__file__).resolve().parents[2]
 # A Lambda region and a RunPod data center the simulator knows.
 WHERE = {"lambda": "us-east-1", "runpod": "EU-RO-1"}
+NOWHERE = {"lambda": "us-west-9", "runpod": "US-WEST-9"}  # well-formed regions with no cache here
 
 
 def quiet(_=None) -> None:
@@ -79,7 +80,7 @@ def test_create_adopts_on_the_second_and_rm_leaves_nothing(sim, clean, cloud):
 
     [listed] = [c for c in cache.caches() if c.cloud == cloud]
     assert listed.region == region and listed.size_gb == 20 and not listed.in_use and listed.note == ""
-    assert cache.find(cloud, region).volume_id == made.volume.id and cache.find(cloud, "us-west-9") is None
+    assert cache.find(cloud, region).volume_id == made.volume.id and cache.find(cloud, NOWHERE[cloud]) is None
 
     removed = cache.rm(cloud, region, say=said.append, on_event=quiet)
     assert removed.volume_id == made.volume.id and volumes(sim, cloud) == []
