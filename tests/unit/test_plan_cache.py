@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpu_session.clouds import Offer, Volume
+from gpu_session.clouds import API_BASE_ENVS, Offer, Volume
 from gpu_session.session import cache, plan
 from gpu_session.session.plan import Plan, with_caches
 
@@ -25,6 +25,10 @@ def a_cache(cloud: str, region: str, volume: bool = True, endpoint: str = ""):
 
 @pytest.fixture
 def caches(monkeypatch):
+    """The caches with_caches finds, in a shell pointed at the real APIs (a test before may have left a
+    simulator's address in the environment: RunpodCloud sets the SDK's)."""
+    for name in (name for names in API_BASE_ENVS.values() for name in names):
+        monkeypatch.delenv(name, raising=False)
     found: list = []
     monkeypatch.setattr(cache, "caches", lambda: found)
     return found
