@@ -26,6 +26,7 @@ from pathlib import Path
 
 from gpu_session.chat.client import ChatClient
 from gpu_session.chat.repl import streamed_markdown
+from gpu_session.host.converge import PHASES
 from gpu_session.host.ssh import Endpoint, session_keys, ssh_command
 from gpu_session.paths import stack_dir
 from gpu_session.session import down, up
@@ -214,7 +215,13 @@ def _cached_session(backend: str, cloud: str, say) -> dict:
     up_s = time.monotonic() - start
     configured = json.loads((stack_dir(STACK) / "configured.json").read_text())
     down.down(STACK, say=say, on_event=lambda _: None)
-    return {"up_to_ready_s": round(up_s, 1), **configured["phases"], "cache": configured.get("cache") or {}}
+    return {
+        "up_to_ready_s": round(up_s, 1),
+        "converge_s": configured["seconds"],
+        **configured["phases"],
+        "cache": configured.get("cache") or {},
+        "slowest": configured.get("slowest") or {},
+    }
 
 
 def run_cache(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict:
@@ -246,6 +253,13 @@ def run_cache(backend: str = "transformers", cloud: str = "lambda", say=print) -
         "first_cache": "engine {engine}, weights {weights}".format(**{"engine": "?", "weights": "?", **first["cache"]}),
         "second_cache": "engine {engine}, weights {weights}".format(**{"engine": "?", "weights": "?", **second["cache"]}),
         "second_up_outside_server_start_s": round(second["up_to_ready_s"] - second["server_start"], 1),
+        # Where those seconds went: before the converge (the engine, the instance's boot, SSH) and in
+        # it outside the server's start, with the converge's slowest tasks.
+        "second_before_converge_s": round(second["up_to_ready_s"] - second["converge_s"], 1),
+        "second_converge_outside_server_start_s": round(second["converge_s"] - second["server_start"], 1),
+        "second_slowest_tasks_outside_server_start": ", ".join(
+            f"{task} {s} s" for task, s in [ts for ts in second["slowest"].items() if ts[0] not in PHASES["server_start"]][:4]
+        ),
         "second_over_first_up": round(second["up_to_ready_s"] / first["up_to_ready_s"], 2),
     }
 

@@ -154,6 +154,7 @@ def _printer(as_json: bool):
     from rich.console import Console
 
     from gpu_session import progress
+    from gpu_session.stack.automation import brief
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)  # a message is one line, even in a log
 
@@ -170,8 +171,10 @@ def _printer(as_json: bool):
             console.print(f"{event.op} {event.type} {event.name} …", markup=False)
         elif event.kind == "done" and event.op != "same":
             console.print(f"  done {event.op} {event.type} {event.name} ({event.seconds:.0f}s)", markup=False)
-        elif event.kind == "failed":
-            console.print(f"  failed {event.name}: {event.message}", markup=False)
+        elif event.kind == "failed" and event.name and event.message:
+            # A provider's traceback as its last line (the log and --json keep the whole); the
+            # engine's own nameless lines ("update failed") come once, in the error at the end.
+            console.print(f"  failed {event.name}: {brief(event.message)}", markup=False)
         elif event.kind in ("log", "notice") and event.message:
             console.print(f"  {event.message}", markup=False)
 
@@ -270,12 +273,14 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
     import signal
 
+    from gpu_session.paths import checked_stack_name
     from gpu_session.session.plan import SessionError, UpOptions
     from gpu_session.session.up import up as bring_up
     from gpu_session.stack.automation import StackCancelled
 
     plain_event, plain_say = _printer(json)
-    view = None if json else _view("up", stack, verbose)
+    checked_stack_name(stack)  # a bad name is refused before anything is written
+    view = None if json or dry_run else _view("up", stack, verbose)  # a dry run leaves no stack folder, no log
     on_event, say = (view.on_event, view.say) if view else (plain_event, plain_say)
     defaults = _user_config()  # the user's defaults; UpOptions' own fill the rest
     model = model or ("gpu-session/tiny-chat" if sim else defaults.get("model", ""))
@@ -754,39 +759,60 @@ def bench(c, backend="transformers", cloud="lambda", json="", cache=False):
         benchmark.save(report, Path(json))
 
 
-@command(help={"yes": "terminate (and delete) every orphan without asking", "json": "progress and the result as JSON lines"})
-def sweep(c, yes=False, json=False):
+@command(
+    help={
+        "yes": "terminate (and delete) every orphan without asking",
+        "dry_run": "list the orphans and end none (needs no terminal)",
+        "json": "progress and the result as JSON lines",
+    }
+)
+def sweep(c, yes=False, dry_run=False, json=False):
     """Find instances named like ours that no stack owns, and cache volumes no cache stack owns; offer to end them."""
     import json as jsonlib
 
+    from gpu_session.session.cache import CacheError
     from gpu_session.session.down import sweep as sweep_orphans
     from gpu_session.session.down import sweep_volumes
 
     _user_config()
     _, say = _printer(json)
-    if not yes and not sys.stdin.isatty():
-        raise UsageError("no terminal to ask before terminating orphans: pass --yes")
+    if yes and dry_run:
+        raise UsageError("--yes ends the orphans and --dry-run ends none: pass one of them")
+    if not yes and not dry_run and not sys.stdin.isatty():
+        raise UsageError("no terminal to ask before terminating orphans: pass --yes, or --dry-run to list them")
+    found = {"instances": [], "volumes": []}
 
     def confirm(cloud, inst) -> bool:
+        found["instances"].append(inst.id)
         say(f"orphan: {cloud} {inst.id} {inst.name} ({inst.raw_status}, ${inst.price_per_hour:.2f}/h)")
-        return yes or _ask("Terminate it?", default=True)
+        return not dry_run and (yes or _ask("Terminate it?", default=True))
 
     ended = sweep_orphans(confirm=confirm, say=say)
 
     def confirm_volume(cloud, volume) -> bool:
+        found["volumes"].append(volume.id)
         used = f"{(volume.bytes_used or 0) / 1e9:.1f} GB used" if volume.size_gb is None else f"{volume.size_gb} GB"
         say(f"orphan volume: {cloud} {volume.id} {volume.name} in {volume.region} ({used}), no cache stack here owns it")
-        return yes or _ask("Delete it and what it holds?", default=False)
+        return not dry_run and (yes or _ask("Delete it and what it holds?", default=False))
 
-    deleted = sweep_volumes(confirm=confirm_volume, say=say)
+    try:
+        deleted = sweep_volumes(confirm=confirm_volume, say=say)
+    except CacheError as e:  # the instances' pass is done; the volumes' could not be: never "no orphans"
+        if json:  # a script still learns which instances were ended
+            print(jsonlib.dumps({"event": "summary", "terminated": ended, "error": str(e)}), flush=True)
+        raise CacheError(f"{e} ({len(ended)} orphan instance(s) terminated before that)") from e
+    kept = [i for i in found["instances"] if i not in ended] + [v for v in found["volumes"] if v not in deleted]
     if json:
-        print(jsonlib.dumps({"event": "summary", "terminated": ended, "deleted_volumes": deleted}), flush=True)
+        print(jsonlib.dumps({"event": "summary", "terminated": ended, "deleted_volumes": deleted, "kept": kept}), flush=True)
     else:
         if ended:
             say(f"{len(ended)} orphan(s) terminated")
         if deleted:
             say(f"{len(deleted)} orphan volume(s) deleted")
-        if not ended and not deleted:
+        if kept:
+            # Still running or held, and still billing: say so rather than "no orphans".
+            say(f"{len(kept)} orphan(s) left as they are, still billing: sweep again to end them")
+        if not found["instances"] and not found["volumes"]:
             say("no orphans")
 
 
@@ -875,11 +901,11 @@ def cache_rm(c, cloud="", region="", yes=False, json=False, sim=False):
     cache.check(cloud, region, creating=False)
     on_event, say = _cache_start(json, sim)
     if not yes:
-        if not sys.stdin.isatty():
-            raise UsageError("no terminal to ask whether to delete the cache: pass --yes")
-        info = cache.find(cloud, region)
+        info = cache.find(cloud, region)  # a cache that is not here is said first: --yes would not help
         if info is None:
             raise cache.CacheError(f"no cache {cloud} {region} here: `gpu-session cache list` shows them")
+        if not sys.stdin.isatty():
+            raise UsageError("no terminal to ask whether to delete the cache: pass --yes")
         if not _ask(f"Delete cache {info.describe()} and everything on it?", default=False):
             say("kept")
             return
@@ -960,6 +986,12 @@ def cost(c, json=False):
 
 
 ns = Collection(test, sim, engines, up, chat, down, ssh, status, extend, doctor, configure, setup, bench, sweep, available, cost)
-ns.add_collection(Collection("history", history_list, history_show, history_export, history_purge))
-ns.add_collection(Collection("tunnel", tunnel_start, tunnel_stop, tunnel_status))
-ns.add_collection(Collection("cache", cache_create, cache_list, cache_rm))
+# A collection's name alone runs its look-only task (`gpu-session cache` lists, as `git remote` does).
+for name, default, others in (
+    ("history", history_list, (history_show, history_export, history_purge)),
+    ("tunnel", tunnel_status, (tunnel_start, tunnel_stop)),
+    ("cache", cache_list, (cache_create, cache_rm)),
+):
+    group = Collection(name, *others)
+    group.add_task(default, default=True)
+    ns.add_collection(group)

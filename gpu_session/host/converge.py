@@ -59,6 +59,9 @@ PHASES = {
     ),  # fmt: skip
 }
 
+# How many of a converge's slowest tasks configured.json names (the server's start among them).
+SLOWEST = 8
+
 
 @dataclass(frozen=True)
 class HostSettings:
@@ -234,7 +237,15 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
     seconds = time.monotonic() - start
     say(f"configured in {seconds:.0f}s: {settings.model} is served on the host's 127.0.0.1:8000")
     phases = {name: round(sum(per_task.get(t, 0.0) for t in tasks), 1) for name, tasks in PHASES.items()}
-    configured = {"instance_id": settings.instance_id, "changed": result.changed, "seconds": round(seconds, 1), "phases": phases}
+    # The slowest tasks, for whoever asks where a converge's time went (`invoke bench --cache`).
+    slowest = dict(sorted(((t, round(s, 1)) for t, s in per_task.items() if t), key=lambda ts: -ts[1])[:SLOWEST])
+    configured = {
+        "instance_id": settings.instance_id,
+        "changed": result.changed,
+        "seconds": round(seconds, 1),
+        "phases": phases,
+        "slowest": slowest,
+    }
     if result.facts.get("model_server_cache"):
         configured["cache"] = result.facts["model_server_cache"]
     write_private(keys.dir / "configured.json", json.dumps(configured))

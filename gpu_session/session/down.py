@@ -166,18 +166,14 @@ def sweep(*, confirm: Callable[[str, Instance], bool], say: Say) -> list[str]:
 
 def sweep_volumes(*, confirm: Callable[[str, Volume], bool], say: Say) -> list[str]:
     """Volumes named like our caches (names.volume_is_ours) that no cache stack here owns: each
-    deleted on `confirm`; one an instance has attached is refused (said, and left)."""
+    deleted on `confirm`; one an instance has attached is refused (said, and left). Raises
+    cache.CacheError when a cache stack cannot be read (then no volume can be called an orphan)."""
     try:
         clouds = clouds_for("auto")
     except SessionError:
         return []
     deleted = []
-    try:
-        orphans = cache.orphan_volumes(clouds)
-    except cache.CacheError as e:
-        say(str(e))
-        return []
-    for name, volume in orphans:
+    for name, volume in cache.orphan_volumes(clouds):
         if volume.in_use:
             say(f"{name} volume {volume.name} ({volume.id}) is named like a cache of ours but attached to a running "
                 "instance: not deleted (end that instance first)")  # fmt: skip

@@ -74,11 +74,16 @@ class Plan:
         if self.cache is None:
             return self.cache_note
         c = self.cache
-        cost = f"(it costs ${c.monthly_usd:.2f}/month whether used or not)"
+        cost = (
+            f"(it costs ${c.monthly_usd:.2f}/month whether used or not)"
+            if c.cloud_sized  # Lambda bills what a filesystem holds: an empty one's $0.00 would mislead
+            else f"(it bills what it holds, ${c.price_per_gb_month:.2f}/GB-month: ${c.monthly_usd:.2f}/month now, more as it fills)"
+        )
+        weights = f"{self.weights_gb} GiB of weights" if self.weights_gb >= 0.1 else "weights (under 0.1 GiB)"
         if not self.cache_weights:
             return (f"cache {c.cloud} {c.region}: the engine is kept on it, and taken from it where an earlier session left it; "
-                    f"this gated or private model's {self.weights_gb} GiB of weights are not (--cache-gated keeps them) {cost}")  # fmt: skip
-        return (f"cache {c.cloud} {c.region}: the engine and the {self.weights_gb} GiB of weights are kept on it, and taken "
+                    f"this gated or private model's {weights} are not (--cache-gated keeps them) {cost}")  # fmt: skip
+        return (f"cache {c.cloud} {c.region}: the engine and the {weights} are kept on it, and taken "
                 f"from it where an earlier session left them {cost}")  # fmt: skip
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -188,6 +189,10 @@ def workspace(stack: str, project: str = PROJECT) -> Path:
     return folder
 
 
+# What the engine says after any failed resource: noise beside the resource's own failure.
+ENGINE_AFTERWORDS = ("update failed", "destroy failed", "refresh failed", "Resource monitor has terminated, shutting down")
+
+
 def brief(message: str) -> str:
     """What a person needs of a failure: a provider's Python traceback cut to its last line (the
     exception), the engine's own lines as they are."""
@@ -195,6 +200,7 @@ def brief(message: str) -> str:
         return message
     head = message.split("Traceback (most recent call last)", 1)[0].strip()
     last = [line.strip() for line in message.splitlines() if line.strip()][-1]
+    last = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", last)  # gpu_session.clouds.base.InvalidRequest: … → InvalidRequest: …
     return f"{head} {last}".strip()
 
 
@@ -277,7 +283,8 @@ class PulumiEngine:
                 self._make_private()
                 if pressed.count:
                     raise StackCancelled(f"pulumi {what} cancelled on stack {self.stack}") from None
-                said = "\n".join(failures) or str(e)
+                # The resources' own failures, without the engine's words for any failure after them.
+                said = "; ".join([f for f in failures if f not in ENGINE_AFTERWORDS] or failures) or str(e)
                 # The provider's CapacityError reaches us as text: typed again here, at the seam.
                 failed = NoCapacity if CapacityError.__name__ in said or "no capacity" in said else StackError
                 raise failed(f"pulumi {what} failed on stack {self.stack}: {said}") from None

@@ -52,6 +52,16 @@ def test_model_info_of_the_built_model(hub):
         hub.model_info(TINY, revision="no-such-branch")
 
 
+def test_the_built_model_is_private_on_disk(sim, hub):
+    """Files 0600 and folders 0700, as everything under our state folder (save_pretrained follows
+    the umask)."""
+    hub.model_info(TINY)
+    [folder] = (sim.state_dir / "models").glob(f"v*/{TINY.replace('/', '--')}")
+    modes = {p.relative_to(folder).as_posix() or ".": oct(p.stat().st_mode & 0o777) for p in [folder, *folder.rglob("*")]}
+    assert modes["."] == "0o700" and modes["model.safetensors"] == "0o600", modes
+    assert {m for p, m in modes.items() if (folder / p).is_file()} == {"0o600"}, modes
+
+
 @pytest.mark.parametrize(
     "repo, params, gated, tag",
     [

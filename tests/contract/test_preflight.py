@@ -42,6 +42,18 @@ def no_launch(sim, sim_env):
     assert len(sim.instances()) == instances and not launched, launched
 
 
+def test_a_dry_run_writes_nothing_of_the_stack(no_launch):
+    """Without --json too: the plan is said, and no stack folder or session log is left behind."""
+    from gpu_session.local.daemon import log_path
+    from gpu_session.paths import state_dir
+
+    out = subprocess.run([INVOKE, "up", "--dry-run", "--model", "llama-8b", "--cloud", "lambda", "--stack", "only-planned"],
+                         cwd=ROOT, env={**os.environ, "GPU_SESSION_DEVICE": "cuda"}, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "plan: lambda: A10 ×1" in out.stderr and "dry run: nothing launched" in out.stderr, out.stderr
+    assert not (state_dir() / "stacks" / "only-planned").exists() and not log_path("only-planned", "up").exists()
+
+
 def test_the_plan_holds_the_context_and_says_what_the_offer_gives(no_launch):
     """llama-8b: 128 KiB of KV cache per token. At the default 8,192 tokens a 24 GB A10 fits, and
     it holds about a quarter of the model's 131,072; asked for all of it, a 48 GB card."""

@@ -712,6 +712,10 @@ def test_sweep_ends_what_no_stack_owns_and_nothing_else(sim, sim_env, keypair):
         LaunchSpec(name="gpu-session-ghost-gpu", instance_type="NVIDIA GeForce RTX 4090", ssh_public_key=keypair.public)
     )
 
+    listed = invoke("sweep", "--dry-run", "--json")  # no terminal, ends nothing: a cron job's check
+    summary = json.loads(listed.stdout.strip().splitlines()[-1])
+    assert listed.returncode == 0 and summary["kept"] == [ghost] and summary["terminated"] == [], listed.stdout
+    assert len(alive(sim, "ghost")) == 1
     swept = invoke("sweep", "--yes")
     assert (
         swept.returncode == 0

@@ -123,8 +123,12 @@ def test_bad_input_is_refused_and_changes_nothing(sim, clean, cloud, region, siz
 
 
 def test_a_region_the_cloud_refuses_leaves_no_stack_behind(sim, clean):
-    with pytest.raises(StackError):
+    with pytest.raises(StackError) as refused:
         cache.create("lambda", "mars-north-1", None, say=quiet, on_event=quiet)
+    # One line: the cloud's words, not the provider's traceback nor the engine's "update failed".
+    said = str(refused.value)
+    assert "\n" not in said and "InvalidRequest: Lambda API POST /filesystems" in said and "not a valid region" in said, said
+    assert "Traceback" not in said and "update failed" not in said, said
     assert not stack_exists("lambda-mars-north-1") and not (workspaces(names.CACHE_PROJECT) / "lambda-mars-north-1").exists()
     assert sim.volumes() == []
 
@@ -226,6 +230,16 @@ def test_the_commands(sim, clean):
 
     bad = run(invoke, "cache.create", "--cloud", "runpod", "--region", "EU-RO-1", "--size", "5")
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --size takes a whole number of GB from 10 to 4000")
+    missing = run(invoke, "cache.rm", "--cloud", "runpod", "--region", "EU-RO-1")  # none yet: said, not "pass --yes"
+    assert (
+        missing.returncode == 1
+        and missing.stderr.strip() == "error: no cache runpod EU-RO-1 here: `gpu-session cache list` shows them"
+    )
+    refused = run(invoke, "cache.create", "--cloud", "runpod", "--region", "MARS-1")  # the cloud knows no such data center
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr and len(lines) <= 3, refused.stderr
+    assert lines[-1].startswith("error: pulumi up failed on stack runpod-mars-1: InvalidRequest:") and "MARS-1" in lines[-1]
+    assert sim.volumes() == []
     made = run(invoke, "cache.create", "--cloud", "runpod", "--region", "EU-RO-1", "--size", "20", "--json")
     assert made.returncode == 0, made.stderr[-2000:]
     result = [json.loads(line) for line in made.stdout.splitlines() if line.startswith("{")][-1]

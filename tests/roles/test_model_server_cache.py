@@ -110,7 +110,8 @@ def test_scrub_keeps_the_cache_proves_no_canary_on_it_and_a_fresh_converge_reuse
     assert grep_volume(target, keypair, canaries).strip() == ""
     assert sh(target, keypair, f"stat -c %i {CACHE}/venvs/{ENGINE}-*/.gpu-session-lock; ls {MODEL_DIR}/blobs | sort") == before
     assert sh(target, keypair, "test -e /opt/gpu-session || echo gone").strip() == "gone"
-    assert sh(target, keypair, f"ls -A {CACHE}/locks; ls -d {CACHE}/hub/.locks 2>/dev/null; true").strip() == ""
+    # The lock files stay, empty (unlinking one a session holds would let two sessions write at once).
+    assert sh(target, keypair, f"find {CACHE}/locks -type f ! -empty; ls -d {CACHE}/hub/.locks 2>/dev/null; true").strip() == ""
     # A fresh converge on the scrubbed host: nothing installed, nothing downloaded.
     events = []
     result = converge(events)
@@ -118,6 +119,33 @@ def test_scrub_keeps_the_cache_proves_no_canary_on_it_and_a_fresh_converge_reuse
     assert said(events, f"Install {ENGINE}") == ["reused linked"] and said(events, "Install hub") == ["reused linked"]
     assert not ran(events, "Start the download") and not ran(events, "Wait for the download")
     assert sh(target, keypair, f"stat -c %i {CACHE}/venvs/{ENGINE}-*/.gpu-session-lock; ls {MODEL_DIR}/blobs | sort") == before
+
+
+def test_scrub_leaves_a_download_another_session_runs_on_the_volume(site, keypair):
+    """Two sessions share a volume: while the other holds the model's download lock, its partial
+    file and huggingface_hub's lock stay; once it is done, the next scrub removes them."""
+    import hashlib
+
+    target, converge = site
+    lock = f"{CACHE}/locks/hub-{hashlib.sha256(TINY_TEXT.encode()).hexdigest()[:16]}.lock"
+    partial, hub_lock = f"{MODEL_DIR}/blobs/0123abcd.incomplete", f"{CACHE}/hub/.locks/models--gpu-session--tiny-chat"
+    sh(target, keypair, f"echo half > {partial}; mkdir -p {hub_lock}; touch {hub_lock}/0123abcd.lock")
+    sh(target, keypair, f"setsid flock {lock} sleep 987 </dev/null >/dev/null 2>&1 &")
+    try:
+        assert "sleep 987" in sh(target, keypair, "sleep 1; ps -eo args")
+        kept = run(target, playbook="scrub.yml", extravars={"scrub_canaries": [], "gpu_session_cache_root": VOLUME})
+        assert partial not in kept.facts["scrub_receipt"]["cache"]["removed"]
+        assert set(sh(target, keypair, f"ls {partial} {hub_lock}/0123abcd.lock").split()) == {
+            partial,
+            f"{hub_lock}/0123abcd.lock",
+        }
+    finally:
+        sh(target, keypair, 'pkill -f "sleep 98[7]"; true')  # [7]: not this shell's own command line
+    done = run(target, playbook="scrub.yml", extravars={"scrub_canaries": [], "gpu_session_cache_root": VOLUME})
+    assert {partial, hub_lock} <= set(done.facts["scrub_receipt"]["cache"]["removed"])
+    assert sh(target, keypair, f"ls {partial} {hub_lock} 2>/dev/null; true").strip() == ""
+    assert sh(target, keypair, f"test -f {lock} && echo kept").strip() == "kept"
+    converge()  # the host as the next test expects it: served, from the cache
 
 
 def test_a_cached_venv_whose_lock_copy_was_tampered_with_is_rebuilt(site, keypair):

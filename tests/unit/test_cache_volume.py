@@ -3,6 +3,7 @@ delete with a fake cloud, the workspaces of the two projects, and the CLI's spac
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -204,3 +205,28 @@ def test_sweep_keeps_a_pending_caches_volume_and_refuses_when_a_cache_stack_cann
     monkeypatch.setattr(cache, "_stacks", lambda: [*sorted(stacks), "runpod-ca-mtl-1"])
     with pytest.raises(cache.CacheError, match="cache stack runpod-ca-mtl-1 cannot be read.*deletes none"):
         cache.orphan_volumes(["runpod"])
+
+
+def test_sweep_that_cannot_read_a_cache_stack_fails_and_never_says_no_orphans(monkeypatch, capsys):
+    """The face's last word after an unreadable cache stack is that error (exit 1), with what the
+    instances' pass ended, not "no orphans"."""
+    from invoke import Context, Exit
+
+    from gpu_session.cli import tasks
+    from gpu_session.session import down
+
+    def blind(**_):
+        raise cache.CacheError("cache stack runpod-ca-mtl-1 cannot be read (gone)")
+
+    monkeypatch.setattr(tasks, "_user_config", lambda: None)
+    monkeypatch.setattr(down, "sweep", lambda **_: [])
+    monkeypatch.setattr(down, "sweep_volumes", blind)
+    with pytest.raises(Exit) as ended:
+        tasks.sweep.body(Context(), dry_run=True)
+    assert ended.value.code == 1 and "runpod-ca-mtl-1 cannot be read" in str(ended.value.message)
+    assert "0 orphan instance(s) terminated before that" in str(ended.value.message)
+    assert "no orphans" not in capsys.readouterr().err
+    with pytest.raises(Exit):
+        tasks.sweep.body(Context(), dry_run=True, json=True)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"event": "summary", "terminated": [], "error": "cache stack runpod-ca-mtl-1 cannot be read (gone)"}

@@ -31,7 +31,8 @@ def invoke(*args: str) -> subprocess.CompletedProcess:
         (["chat", "--stack", "never-up", "--prompt", "hi"], "error: stack never-up is not up"),
         (["tunnel.start", "--stack", "never-up"], "error: stack never-up is not up"),
         (["history.purge", "--stack", "kept"], "error: no terminal to ask whether to delete the history: pass --yes"),
-        (["sweep"], "error: no terminal to ask before terminating orphans: pass --yes"),
+        (["sweep"], "error: no terminal to ask before terminating orphans: pass --yes, or --dry-run to list them"),
+        (["sweep", "--yes", "--dry-run"], "error: --yes ends the orphans and --dry-run ends none: pass one of them"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(args, said):
@@ -68,3 +69,5 @@ def test_sub_actions_are_tasks_and_reporting_commands_take_json():
     for command in ("up", "down", "chat", "sweep", "history.purge"):
         assert "--yes" in invoke("--help", command).stdout, command
     assert invoke("tunnel", "start").returncode != 0  # the old spelling is not half-accepted
+    alone = invoke("cache")  # a group's name alone is its look-only task: the list
+    assert alone.returncode == 0 and "no cache volume" in alone.stdout + alone.stderr, alone.stderr

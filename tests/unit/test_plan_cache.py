@@ -20,7 +20,8 @@ def offer(cloud: str, name: str, price: float, regions: tuple[str, ...]) -> Offe
 
 def a_cache(cloud: str, region: str, volume: bool = True, endpoint: str = ""):
     vol = Volume(f"v-{region}", f"gpu-session-cache-{region}", cloud, region, 50, 0, False, "/mnt") if volume else None
-    return SimpleNamespace(cloud=cloud, region=region, volume=vol, monthly_usd=3.5, stack=f"{cloud}-{region}", endpoint=endpoint)
+    return SimpleNamespace(cloud=cloud, region=region, volume=vol, monthly_usd=3.5, stack=f"{cloud}-{region}", endpoint=endpoint,
+                           cloud_sized=cloud == "runpod", price_per_gb_month=0.2)  # fmt: skip
 
 
 @pytest.fixture
@@ -112,5 +113,17 @@ def test_only_public_weights_go_on_a_cache_unless_the_user_said_so():
 def test_the_plan_says_a_gated_or_private_models_weights_stay_off_the_cache(caches):
     caches.append(a_cache("lambda", "us-east-1"))
     public, private = (replace(with_caches(plans(A10), ["lambda"])[0], cache_weights=w) for w in (True, False))
-    assert "the engine and the 0.0 GiB of weights are kept on it" in public.cache_line()
+    assert "the engine and the weights (under 0.1 GiB) are kept on it" in public.cache_line()
     assert "the engine is kept on it" in private.cache_line() and "--cache-gated keeps them" in private.cache_line()
+    assert "the engine and the 15.0 GiB of weights" in replace(public, weights_gb=15.0).cache_line()
+
+
+def test_the_plan_prices_a_cache_as_its_cloud_bills_it(caches):
+    """RunPod bills a volume's size whether used or not; Lambda bills what a filesystem holds, so a
+    new one's $0.00/month must not read as free."""
+    caches[:] = [a_cache("lambda", "us-east-1"), a_cache("runpod", "US-KS-2")]
+    lambda_line = with_caches(plans(A10), ["lambda"])[0].cache_line()
+    assert "(it bills what it holds, $0.20/GB-month: $3.50/month now, more as it fills)" in lambda_line, lambda_line
+    runpod = SimpleNamespace(**{**vars(caches[1])})
+    line = replace(with_caches(plans(A10), ["lambda"])[0], cache=runpod).cache_line()
+    assert "(it costs $3.50/month whether used or not)" in line, line
