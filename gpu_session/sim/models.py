@@ -32,7 +32,7 @@ import struct
 import time
 from pathlib import Path
 
-from gpu_session.paths import private_dir
+from gpu_session.paths import make_private, private_dir
 
 from .hub_models import HubModel
 
@@ -678,21 +678,10 @@ def ensure_built(cache: Path, repo_id: str) -> Path:
             log.error("%s (the build is not kept; a bug to report, with this machine's torch and CPU)", e)
             raise
         (tmp / ".done").write_text("")
-        _make_private(tmp)
+        make_private(tmp)  # save_pretrained and the tokenizers follow the umask
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(private_dir(out.parent) / out.name)
     return out
-
-
-def _make_private(folder: Path) -> None:
-    """Files 0600, folders 0700, as everything under our state folder (the libraries that write a
-    model, save_pretrained and the tokenizers, follow the umask)."""
-    folder.chmod(0o700)
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            (Path(root) / name).chmod(0o700)
-        for name in files:
-            (Path(root) / name).chmod(0o600)
 
 
 def _derive(folder: Path, out: Path, repo_id: str, base: str, config: dict) -> None:
