@@ -7,4 +7,7 @@ face is a bug, and keeps its traceback. Imports nothing.
 
 
 class GpuSessionError(Exception):
-    """What went wrong, and what to do (one line)."""
+    """What went wrong, and what to do (one line). `summary`: what a command had done before it
+    failed ({"terminated": [...]}), for its `--json` summary line."""
+
+    summary: dict = {}

@@ -19,6 +19,7 @@ import fnmatch
 import math
 
 GIB = 1024**3
+GB = 1_000_000_000  # the clouds size and bill volumes in GB (10^9 bytes): a volume's size_gb
 # The share of each GPU's memory vLLM takes (its --gpu-memory-utilization default, 0.9).
 GPU_MEMORY_UTILIZATION = 0.9
 # Per GPU, out of that share: the CUDA context, the activations of a profiling batch and the CUDA

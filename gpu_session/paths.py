@@ -66,9 +66,11 @@ def checked_stack_name(stack: str) -> str:
     return stack
 
 
-def stack_dir(stack: str) -> Path:
-    """The stack's own folder: its session key, known_hosts, the model server's key, receipts."""
-    return private_dir(state_dir() / "stacks" / checked_stack_name(stack))
+def stack_dir(stack: str, *, create: bool = True) -> Path:
+    """The stack's own folder: its session key, known_hosts, the model server's key, receipts.
+    create=False for a reader: a look at a stack that never was leaves no empty folder behind."""
+    path = state_dir() / "stacks" / checked_stack_name(stack)
+    return private_dir(path) if create else path
 
 
 def write_private(path: Path, data: str | bytes) -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from gpu_session.chat.client import ChatClient
 from gpu_session.chat.repl import streamed_markdown
+from gpu_session.errors import GpuSessionError
 from gpu_session.host.converge import PHASES
 from gpu_session.host.ssh import Endpoint, session_keys, ssh_command
 from gpu_session.paths import stack_dir
@@ -159,14 +160,14 @@ def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict
     phases' seconds and the overheads, as bench.table prints them. SessionError when a step fails."""
     events = []
     start = time.monotonic()
-    outputs = up.up(
-        UpOptions(MODEL, cloud=cloud, backend=backend, hours=1, stack=STACK),
-        confirm=lambda plan: True, say=say, on_event=events.append,
-    )  # fmt: skip
-    up_s = time.monotonic() - start
-    took = {e.type: e.seconds for e in events if e.kind == "done" and e.op == "create"}
-    configured = json.loads((stack_dir(STACK) / "configured.json").read_text())
-    try:
+    try:  # whatever fails, down ends what up made
+        outputs = up.up(
+            UpOptions(MODEL, cloud=cloud, backend=backend, hours=1, stack=STACK),
+            confirm=lambda plan: True, say=say, on_event=events.append,
+        )  # fmt: skip
+        up_s = time.monotonic() - start
+        took = {e.type: e.seconds for e in events if e.kind == "done" and e.op == "create"}
+        configured = json.loads((stack_dir(STACK) / "configured.json").read_text())
         client = ChatClient.for_stack(STACK)
         tunnel_s = statistics.median(
             client.stream(PROMPT, on_token=lambda _: None, max_tokens=4).first_token_s for _ in range(ROUNDS)
@@ -210,11 +211,13 @@ def _cached_session(backend: str, cloud: str, say) -> dict:
     """One session on the cache (up, then down): its up → ready and the converge's phases and
     cache facts (configured.json)."""
     start = time.monotonic()
-    up.up(UpOptions(MODEL, cloud=cloud, backend=backend, hours=1, stack=STACK), confirm=lambda plan: True, say=say,
-          on_event=lambda _: None)  # fmt: skip
-    up_s = time.monotonic() - start
-    configured = json.loads((stack_dir(STACK) / "configured.json").read_text())
-    down.down(STACK, say=say, on_event=lambda _: None)
+    try:  # a failed up too: down ends what it made, so the cache is no longer in use and can go
+        up.up(UpOptions(MODEL, cloud=cloud, backend=backend, hours=1, stack=STACK), confirm=lambda plan: True, say=say,
+              on_event=lambda _: None)  # fmt: skip
+        up_s = time.monotonic() - start
+        configured = json.loads((stack_dir(STACK) / "configured.json").read_text())
+    finally:
+        down.down(STACK, say=say, on_event=lambda _: None)
     return {
         "up_to_ready_s": round(up_s, 1),
         "converge_s": configured["seconds"],
@@ -240,8 +243,13 @@ def run_cache(backend: str = "transformers", cloud: str = "lambda", say=print) -
     try:
         first = _cached_session(backend, cloud, say)
         second = _cached_session(backend, cloud, say)
-    finally:
-        cache.rm(cloud, region, say=say, on_event=lambda _: None)
+    except BaseException:  # the cache goes too, and the error that stopped the bench is the one shown
+        try:
+            cache.rm(cloud, region, say=say, on_event=lambda _: None)
+        except GpuSessionError as e:
+            say(f"the bench's cache is kept ({e}): `gpu-session cache rm --cloud {cloud} --region {region} --yes` deletes it")
+        raise
+    cache.rm(cloud, region, say=say, on_event=lambda _: None)
     rows = {}
     for key in ("up_to_ready_s", "install", "download_wait", "server_start"):
         rows[f"first_{key}"], rows[f"second_{key}"] = first.get(key), second.get(key)

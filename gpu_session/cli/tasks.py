@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json as jsonlib
 import os
 import shlex
 import sys
@@ -34,6 +35,8 @@ def command(*args, **kwargs):
             try:
                 return body(*a, **kw)
             except GpuSessionError as e:
+                if kw.get("json"):  # a script reads the last line: the summary, failed
+                    print(jsonlib.dumps({"event": "summary", "ok": False, "error": str(e), **e.summary}), flush=True)
                 raise Exit(f"error: {e}", code=1) from None
 
         return task(*args, **kwargs)(run)
@@ -85,6 +88,7 @@ def test(c, args="", fast=False):
         "list": "print the running simulator's instances, keys and faults",
         "json": "with --list: JSON",
         "cleanup": "remove what a simulator that died left behind",
+        "stop": "stop the running simulator (the one `up --sim` started in the background too); its volumes stay",
         "fault": "inject a fault, API:OP:KIND[:TIMES] (repeatable)",
         "capacity": "instances a type can hold per region, CLOUD:TYPE[:REGION]=N (repeatable)",
         "hub_extra": "more Hub entries from a YAML file, at start or into a running simulator (repeatable; README)",
@@ -102,6 +106,7 @@ def sim(
     list=False,
     json=False,
     cleanup=False,
+    stop=False,
     fault=None,
     capacity=None,
     hub_extra=None,
@@ -111,7 +116,7 @@ def sim(
 
     argv = ["--port", str(port), "--boot-delay", str(boot_delay)]
     argv += ["--no-rate-limits"] * no_rate_limits + ["--loopback"] * loopback + ["--env"] * env + ["--list"] * list
-    argv += ["--json"] * json + ["--cleanup"] * cleanup
+    argv += ["--json"] * json + ["--cleanup"] * cleanup + ["--stop"] * stop
     for f in fault or []:
         argv += ["--fault", f]
     for cap in capacity or []:
@@ -303,7 +308,7 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     launching = []  # the accepted plan: from then on, an interrupted up may have made what bills
 
     def confirm(plan) -> bool:
-        say(f"plan: {plan.describe()}")
+        _say_plan(plan, say)
         if not yes and not sys.stdin.isatty():
             raise SessionError("no terminal to ask whether to launch: pass --yes to launch without asking")
         accepted = yes or _ask("Launch it?", default=False)
@@ -334,6 +339,13 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
             f"API key in {outputs['session_dir']}/api_key)")  # fmt: skip
 
 
+def _say_plan(plan, say) -> None:
+    """The plan, and on a line of its own what it does about caches (when there are any)."""
+    say(f"plan: {plan.describe()}")
+    if plan.cache_line():
+        say(f"  {plan.cache_line()}")
+
+
 def _dry_run(opts, as_json: bool, say) -> None:
     """`up --dry-run`: the plan and every check before launch, nothing launched."""
     import json as jsonlib
@@ -351,8 +363,8 @@ def _dry_run(opts, as_json: bool, say) -> None:
     if as_json:
         print(jsonlib.dumps(plan.summary(opts.model)))
         return
-    say(f"plan: {plan.describe()}")
-    weights = f"{plan.weights_gb} GiB" if plan.weights_gb >= 1 else "under 1 GiB"
+    _say_plan(plan, say)
+    weights = f"{plan.weights_gb} GiB" if plan.weights_gb >= 0.1 else "under 0.1 GiB"
     say(f"{opts.model}: {weights} of weights, {plan.disk_gb} GiB of disk, served by {plan.backend}")
     say("dry run: nothing launched (without --dry-run, up would ask to launch this)")
 
@@ -798,9 +810,9 @@ def sweep(c, yes=False, dry_run=False, json=False):
     try:
         deleted = sweep_volumes(confirm=confirm_volume, say=say)
     except CacheError as e:  # the instances' pass is done; the volumes' could not be: never "no orphans"
-        if json:  # a script still learns which instances were ended
-            print(jsonlib.dumps({"event": "summary", "terminated": ended, "error": str(e)}), flush=True)
-        raise CacheError(f"{e} ({len(ended)} orphan instance(s) terminated before that)") from e
+        failed = CacheError(f"{e} ({len(ended)} orphan instance(s) terminated before that)")
+        failed.summary = {"terminated": ended}  # a --json script still learns which instances were ended
+        raise failed from e
     kept = [i for i in found["instances"] if i not in ended] + [v for v in found["volumes"] if v not in deleted]
     if json:
         print(jsonlib.dumps({"event": "summary", "terminated": ended, "deleted_volumes": deleted, "kept": kept}), flush=True)
@@ -810,8 +822,9 @@ def sweep(c, yes=False, dry_run=False, json=False):
         if deleted:
             say(f"{len(deleted)} orphan volume(s) deleted")
         if kept:
-            # Still running or held, and still billing: say so rather than "no orphans".
-            say(f"{len(kept)} orphan(s) left as they are, still billing: sweep again to end them")
+            # Still running or held, billing as before (a Lambda filesystem's may be $0): never "no orphans".
+            say(f"{len(kept)} orphan(s) left as they are, billing as before: `gpu-session sweep --yes` ends them all, "
+                "`gpu-session sweep` asks of each")  # fmt: skip
         if not found["instances"] and not found["volumes"]:
             say("no orphans")
 
@@ -880,7 +893,7 @@ def cache_list(c, json=False, sim=False):
     table = Table("cloud", "region", "size", "used", "USD/month", "in use by", "volume")
     for i in found:
         size = f"{i.size_gb} GB" if i.cloud_sized else (f"cap {i.size_gb} GB" if i.size_gb else "grows")
-        used = f"{i.bytes_used / GB:.1f} GB" if i.bytes_used is not None else "?"
+        used = f"{i.bytes_used / GB:.1f} GB" if i.bytes_used is not None else "not reported"  # RunPod's API does not say
         users = ", ".join(i.in_use_by) or ("an instance" if i.in_use else "")
         table.add_row(
             i.cloud, i.region, size, used, f"{i.monthly_usd:.2f}", users, i.volume_id + (f" ({i.note})" if i.note else "")

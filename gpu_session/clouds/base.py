@@ -264,6 +264,9 @@ class Cloud(ABC):
     launch_interval: float = 0.0  # the cloud's documented minimum between launches: a rate-limited launch waits this long
     # What a cache volume costs, USD per GB-month (each cloud's class cites its price list).
     volume_price_per_gb_month: float
+    # Whether a volume has a size, fixed at creation and billed whether used or not (a RunPod network
+    # volume), or grows with use and bills what it holds (a Lambda filesystem).
+    sizes_volumes: bool
 
     def __init__(self, retry: RetryPolicy | None = None, poll_interval: float = 2.0):
         self.retry = retry or RetryPolicy()

@@ -60,6 +60,7 @@ class LambdaCloud(Cloud):
     # storage"; not found in our stored docs, so taken from that page as quoted to us), billed in 1-hour
     # increments (research/cloud-apis.md §1.5, from Lambda's billing docs).
     volume_price_per_gb_month = 0.20
+    sizes_volumes = False
 
     def __init__(
         self,

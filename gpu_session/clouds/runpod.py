@@ -113,6 +113,7 @@ class RunpodCloud(Cloud):
     # (runpod.io/pricing, "Network volume"; runpod/docs pods/storage/create-network-volumes.mdx:
     # "$0.07/GB/month rather than $0.10/GB/month" for pod disk).
     volume_price_per_gb_month = 0.07
+    sizes_volumes = True
 
     def __init__(
         self,

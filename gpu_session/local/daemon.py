@@ -17,7 +17,7 @@ from gpu_session.paths import private_dir, stack_dir, state_dir, write_private
 
 
 def _state(stack: str, name: str) -> Path:
-    return stack_dir(stack) / f"{name}.json"
+    return stack_dir(stack, create=False) / f"{name}.json"
 
 
 def alive(pid: int | None) -> bool:

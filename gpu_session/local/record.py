@@ -97,7 +97,7 @@ def remember_environment(stack: str, environment: dict[str, str]) -> None:
 
 def environment_of(stack: str) -> dict[str, str]:
     """Where the stack's cloud was (ENVIRONMENT's variables), live session or not; {} when unknown."""
-    path = stack_dir(stack) / FILE
+    path = stack_dir(stack, create=False) / FILE
     return json.loads(path.read_text()).get("environment") or {} if path.exists() else {}
 
 
@@ -111,7 +111,7 @@ def load(stack: str) -> LiveSession:
 
 def find(stack: str) -> LiveSession | None:
     """The stack's live session, or None."""
-    path = stack_dir(stack) / FILE
+    path = stack_dir(stack, create=False) / FILE
     if not path.exists():
         return None
     saved = json.loads(path.read_text())

@@ -26,7 +26,7 @@ from pulumi.dynamic import (
     UpdateResult,
 )
 
-from gpu_session.clouds import API_KEY_CONFIG, CLOUDS, NotFound, VolumeInUse
+from gpu_session.clouds import API_KEY_CONFIG, CLOUDS, NotFound, VolumeInUse, cloud_class
 
 from .credentials import CloudAccess
 from .lifetime import end_with_engine
@@ -44,8 +44,9 @@ class VolumeStillUsed(Exception):
 
 
 def sized(cloud: str) -> bool:
-    """Whether the cloud's volumes have a size (RunPod) rather than grow with use (Lambda)."""
-    return cloud == "runpod"
+    """Whether the cloud's volumes have a size (RunPod) rather than grow with use (Lambda); False
+    for a name that is no cloud (the check refuses it)."""
+    return cloud in CLOUDS and cloud_class(cloud).sizes_volumes
 
 
 def whole(value) -> int | None:

@@ -33,6 +33,7 @@ from gpu_session.clouds import (
     get_cloud,
 )
 from gpu_session.errors import GpuSessionError
+from gpu_session.fit import GB
 from gpu_session.local import record
 from gpu_session.paths import STACK_NAME, state_dir, write_private
 from gpu_session.stack import cache_config, names
@@ -40,7 +41,6 @@ from gpu_session.stack.automation import OnEvent, StackError, StackNotFound, eng
 from gpu_session.stack.config import NAMESPACE, ConfigError
 
 Say = Callable[[str], None]  # as plan.Say (plan imports this module: not the other way)
-GB = 1_000_000_000  # the clouds bill per GB (10^9 bytes)
 HOURS_PER_MONTH = 730  # the clouds' month (365 × 24 / 12)
 ENVIRONMENT_FILE = "environment.json"  # beside a cache stack's workspace: where its cloud was (the simulator's address)
 
@@ -94,7 +94,7 @@ class CacheInfo:
 
     @property
     def cloud_sized(self) -> bool:
-        return self.cloud == "runpod"
+        return cloud_class(self.cloud).sizes_volumes
 
     @property
     def rm_command(self) -> str:
@@ -113,7 +113,7 @@ class CacheInfo:
 
 def monthly_usd(cloud: str, size_gb: int | None, bytes_used: int | None, price_per_gb_month: float) -> float:
     """A volume's monthly bill: RunPod bills the size, Lambda the bytes held (GB of 10^9 bytes)."""
-    if cloud == "runpod":
+    if cloud_class(cloud).sizes_volumes:
         return round((size_gb or 0) * price_per_gb_month, 2)
     return round((bytes_used or 0) / GB * price_per_gb_month, 2)
 
@@ -300,14 +300,15 @@ def create(cloud: str, region: str, size_gb: int | None = None, *, say: Say, on_
     said so). CacheError for bad input or no key, with nothing made."""
     size = check(cloud, region, size_gb)
     client = _client(cloud)  # no key: said before anything exists
-    if cloud == "lambda" and size is not None:
+    sized = cloud_class(cloud).sizes_volumes
+    if not sized and size is not None:
         say(f"Lambda filesystems have no size (they grow, and bill what they hold): {size} GB is kept as the cache's "
             "soft cap, which Lambda itself does not enforce")  # fmt: skip
     name = names.volume_name(region)
     existing = next((v for v in client.volumes() if v.name == name), None)
     if existing is not None and existing.region != region:
         raise CacheError(f"a {cloud} volume named {name} already exists in {existing.region}, not {region}")
-    if cloud == "runpod":
+    if sized:
         if existing is not None and size is not None and existing.size_gb not in (None, size):
             raise CacheError(
                 f"{name} ({existing.id}) already exists at {cloud} with {existing.size_gb} GB, not {size}: "
@@ -324,13 +325,18 @@ def create(cloud: str, region: str, size_gb: int | None = None, *, say: Say, on_
     stack = engine(stack_name, project=names.CACHE_PROJECT)
     try:
         previous = stack.config()
-        if not fresh and previous.get("sizeGb") and size is None and cloud == "runpod":
+        if not fresh and previous.get("sizeGb") and size is None and sized:
             settings["sizeGb"] = previous["sizeGb"]
         stack.set_config(settings)
         write_private(
             stack.folder / ENVIRONMENT_FILE, json.dumps({k: v for k, v in os.environ.items() if k in record.ENVIRONMENT})
         )
         stack.up(on_event)
+        if not fresh:  # again: the person learns it was there, and what (if anything) this changed
+            capped = not sized and size is not None and previous.get("sizeGb") != str(size)
+            say(
+                f"cache {cloud} {region} was already here: " + (f"its soft cap is now {size} GB" if capped else "nothing changed")
+            )
     except (StackError, ConfigError):
         if fresh and not stack.resources():
             stack.remove(force=True)  # nothing was made: nothing is left, not even an empty stack or its folder

@@ -100,8 +100,7 @@ class Plan:
         return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({room} usable for {self.need_gb} GiB needed; {context}) in "
                 f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}"
                 + (f"; the ${self.budget:g} budget ends it after {self.budget / o.price_per_hour:.2g} h"
-                   if self.budget is not None and self.budget < self.estimate else "")
-                + (f"; {self.cache_line()}" if self.cache_line() else ""))  # fmt: skip
+                   if self.budget is not None and self.budget < self.estimate else ""))  # fmt: skip
 
     def summary(self, model: str) -> dict:
         """The plan as `up --dry-run --json` prints it (sizes in GiB, price in USD/h)."""
@@ -199,8 +198,12 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
             out.append(plan)
     out.sort(key=lambda p: (order[id(p.offer)], p.cache is None))
     if out[0].cache is None:
-        where = ", ".join(f"{c.cloud} {c.region}" for c in ready)
-        out[0] = replace(out[0], cache_note=f"no cache: the one(s) in {where} are not where {out[0].offer.gpu_name} is offered")
+        offer = out[0].offer
+        here = [c.region for c in ready if c.cloud == offer.cloud]
+        elsewhere = [c for c in ready if c.cloud != offer.cloud]
+        why = [f"the {offer.cloud} one(s) in {', '.join(here)} are not where {offer.gpu_name} is offered"] if here else []
+        why += [f"{c.cloud} {c.region} is on another cloud than this plan's (`--cloud {c.cloud}` plans there)" for c in elsewhere]
+        out[0] = replace(out[0], cache_note="no cache: " + "; ".join(why))
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,10 @@ class Simulator:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.world = World(self.state_dir, config, keys=self._load_keys())
         self.admin_token = secrets.token_urlsafe(24)
+        # Set by POST /_sim/stop (`invoke sim --stop`); only a simulator in a process of its own
+        # (`python -m gpu_session.sim`) waits on it, so only that one is stoppable from outside.
+        self.stop_requested = threading.Event()
+        self.stoppable = False
         router = Router()
         lambda_api.mount(router, self.world)
         runpod_api.mount(router, self.world)
@@ -196,6 +201,14 @@ class Simulator:
             self.add_hub_models(entries)
             return json_response({"ok": True, "models": [m.repo_id for m in entries]})
 
+        def stop(req):
+            if not self.stoppable:
+                return json_response(
+                    {"error": f"this simulator runs inside another program (pid {os.getpid()}): stop it there"}, 409
+                )
+            self.stop_requested.set()
+            return json_response({"ok": True, "pid": os.getpid()})
+
         def instance_fault(req):
             action = {"kill": self.kill_instance, "unhealthy": self.make_unhealthy}.get(req.params["action"])
             if action is None or req.params["id"] not in self.world.instances:
@@ -208,6 +221,7 @@ class Simulator:
         router.add("POST", "/_sim/capacity", guarded(capacity))
         router.add("POST", "/_sim/hub", guarded(hub))
         router.add("POST", "/_sim/instances/{id}/{action}", guarded(instance_fault))
+        router.add("POST", "/_sim/stop", guarded(stop))
 
     def _write_info(self) -> None:
         """sim.json (0600): how `invoke sim --list` and other processes find this simulator."""

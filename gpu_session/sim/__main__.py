@@ -9,7 +9,7 @@ import logging
 import shlex
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 import requests
@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="print the state of the running simulator and exit")
     p.add_argument("--json", action="store_true", help="with --list: JSON")
     p.add_argument("--cleanup", action="store_true", help="remove networks and hosts left by a simulator that died")
+    p.add_argument("--stop", action="store_true", help="stop the running simulator (one started in the background too)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -76,6 +77,36 @@ def _admin(state_dir: Path, method: str, path: str, body: dict | None = None) ->
     if not resp.ok:
         sys.exit(f"simulator: {resp.status_code} {resp.text}")
     return resp.json()
+
+
+ENDED = ("terminating", "terminated", "preempted")
+STOP_TIMEOUT_S = 60
+
+
+def stop_running(state_dir: Path) -> int:
+    """Stop the simulator that sim.json names, as Ctrl-C in its terminal would: it removes its hosts
+    (its volumes stay). Refused while it runs an instance a session may still count on; SystemExit
+    with what to do then, or when it does not stop within STOP_TIMEOUT_S."""
+    info_file = state_dir / "sim.json"
+    if not info_file.exists():
+        print(f"no simulator is running for {state_dir}: nothing to stop", file=sys.stderr)
+        return 0
+    live = [i for i in _admin(state_dir, "GET", "/_sim/state")["instances"] if i["status"].lower() not in ENDED]
+    if live:
+        running = ", ".join(f"{i['cloud']} {i['name']} ({i['id']}, {i['status']})" for i in live)
+        sys.exit(
+            f"the simulator still runs {running}; stopping it would take their hosts from under their "
+            "sessions: end them first (`invoke down`, or `invoke down --stack STACK` for each), then stop it"
+        )
+    url = _info(state_dir)["url"]
+    _admin(state_dir, "POST", "/_sim/stop")
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while info_file.exists():  # it removes sim.json last, once its hosts are gone
+        if time.monotonic() > deadline:
+            sys.exit(f"the simulator at {url} did not stop within {STOP_TIMEOUT_S} s; its log says why")
+        time.sleep(0.2)
+    print(f"stopped the simulator at {url}; its volumes stay in {state_dir / 'volumes'}", file=sys.stderr)
+    return 0
 
 
 def parse_fault(spec: str) -> dict:
@@ -148,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print_state(_admin(state_dir, "GET", "/_sim/state"), args.json)
         return 0
+    if args.stop:
+        return stop_running(state_dir)
     if args.cleanup:
         from .hosts import RUN_DIR, cleanup_network
 
@@ -192,13 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     print_exports(sim.env())
     print(
         f"# simulator on {sim.url} ({'isolated hosts' if sim.world.hosts.isolated else 'loopback hosts'}); "
-        "Ctrl-C stops it and removes its hosts",
+        "Ctrl-C (or `invoke sim --stop`) stops it and removes its hosts",
         file=sys.stderr,
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    sim.stoppable = True  # `invoke sim --stop` from another terminal, or from anywhere for a background one
+    signal.signal(signal.SIGTERM, lambda *_: sim.stop_requested.set())
     try:
-        stop.wait()
+        sim.stop_requested.wait()
     except KeyboardInterrupt:
         pass
     finally:

@@ -10,6 +10,7 @@ Python and this package, and no plugin downloads (every provider of ours is a dy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -435,6 +436,9 @@ class PulumiEngine:
                 leftover.unlink(missing_ok=True)
             for kept in ("backups", "history"):  # checkpoints, and each update's record (its config too)
                 shutil.rmtree(ours / ".pulumi" / kept / self.project / self.stack, ignore_errors=True)
+            for locks in (ours / ".pulumi" / "locks").glob(f"*/{self.project}/{self.stack}"):
+                with contextlib.suppress(OSError):  # the CLI leaves the stack's lock folder, empty; one that
+                    locks.rmdir()  # holds a lock (an operation of another process) stays as it is
 
 
 def engine(stack: str, create: bool = True, project: str = PROJECT) -> PulumiEngine:

@@ -1,4 +1,4 @@
-"""`invoke sim` as a person runs it: export lines to eval, --list, faults into a running simulator, clean stop."""
+"""`invoke sim` as a person runs it: export lines to eval, --list, faults into a running simulator, --stop, clean stop."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from gpu_session.clouds.lambda_cloud import LambdaCloud
 
@@ -59,10 +60,37 @@ def test_foreground_simulator_prints_exports_and_stops_cleanly(tmp_path):
         assert not next(o for o in cloud.offers() if o.instance_type == "gpu_1x_a10").regions
         table = run_cli("--list", state=state)
         assert "simulated instances" in table.stdout
+
+        # --stop is refused while an instance runs (its session would lose its host), and then stops it.
+        api = requests.Session()
+        api.headers["Authorization"] = f"Bearer {env['LAMBDA_API_KEY']}"
+        base = env["LAMBDA_API_BASE"]
+        key = api.post(f"{base}/ssh-keys", json={"name": "stop-test"}, timeout=10).json()["data"]["name"]
+        types = api.get(f"{base}/instance-types", timeout=10).json()["data"]
+        free, offer = next((n, t) for n, t in types.items() if t["regions_with_capacity_available"])
+        launch = {
+            "region_name": offer["regions_with_capacity_available"][0]["name"],
+            "instance_type_name": free,
+            "ssh_key_names": [key],
+        }
+        for _ in range(3):  # the two 503s injected above come first
+            launched = api.post(f"{base}/instance-operations/launch", json=launch, timeout=30)
+            if launched.ok:
+                break
+        instance = launched.json()["data"]["instance_ids"][0]
+        refused = run_cli("--stop", state=state)
+        assert refused.returncode != 0 and instance in refused.stderr and "invoke down" in refused.stderr, refused.stderr
+        assert proc.poll() is None and (state / "sim.json").exists()  # refused: still serving
+        api.post(f"{base}/instance-operations/terminate", json={"instance_ids": [instance]}, timeout=30).raise_for_status()
+        stopped = run_cli("--stop", state=state)
+        assert stopped.returncode == 0 and "stopped the simulator" in stopped.stderr, stopped.stderr
+        assert proc.wait(timeout=30) == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert not (state / "sim.json").exists()
+    assert "nothing to stop" in run_cli("--stop", state=state).stderr
     assert run_cli("--list", state=state).returncode != 0  # says none is running
     assert "no simulator is running" in run_cli("--env", state=state).stderr
 

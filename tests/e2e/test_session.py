@@ -715,6 +715,8 @@ def test_sweep_ends_what_no_stack_owns_and_nothing_else(sim, sim_env, keypair):
     listed = invoke("sweep", "--dry-run", "--json")  # no terminal, ends nothing: a cron job's check
     summary = json.loads(listed.stdout.strip().splitlines()[-1])
     assert listed.returncode == 0 and summary["kept"] == [ghost] and summary["terminated"] == [], listed.stdout
+    told = invoke("sweep", "--dry-run").stderr  # a person is told what ends them
+    assert "1 orphan(s) left as they are" in told and "`gpu-session sweep --yes` ends them all" in told, told
     assert len(alive(sim, "ghost")) == 1
     swept = invoke("sweep", "--yes")
     assert (

@@ -75,8 +75,15 @@ def test_create_adopts_on_the_second_and_rm_leaves_nothing(sim, clean, cloud):
     else:
         assert made.size_gb == 20 and made.monthly_usd == round(20 * made.price_per_gb_month, 2) > 0
 
-    again = cache.create(cloud, region, 20, say=quiet, on_event=quiet)
+    said_again = []
+    again = cache.create(cloud, region, 20, say=said_again.append, on_event=quiet)
     assert again.volume.id == made.volume.id and len(volumes(sim, cloud)) == 1  # adopted, not made twice
+    assert f"cache {cloud} {region} was already here: nothing changed" in said_again, said_again
+    if cloud == "lambda":  # the one thing again can change: the soft cap, and it says so
+        capped = []
+        cache.create(cloud, region, 30, say=capped.append, on_event=quiet)
+        assert f"cache {cloud} {region} was already here: its soft cap is now 30 GB" in capped, capped
+        cache.create(cloud, region, 20, say=quiet, on_event=quiet)
 
     [listed] = [c for c in cache.caches() if c.cloud == cloud]
     assert listed.region == region and listed.size_gb == 20 and not listed.in_use and listed.note == ""
@@ -130,6 +137,8 @@ def test_a_region_the_cloud_refuses_leaves_no_stack_behind(sim, clean):
     assert "\n" not in said and "InvalidRequest: Lambda API POST /filesystems" in said and "not a valid region" in said, said
     assert "Traceback" not in said and "update failed" not in said, said
     assert not stack_exists("lambda-mars-north-1") and not (workspaces(names.CACHE_PROJECT) / "lambda-mars-north-1").exists()
+    locks = state_dir() / "pulumi" / ".pulumi" / "locks"
+    assert not list(locks.glob(f"*/{names.CACHE_PROJECT}/lambda-mars-north-1"))  # not even the CLI's empty lock folder
     assert sim.volumes() == []
 
 

@@ -103,7 +103,7 @@ def test_scrub_keeps_the_cache_proves_no_canary_on_it_and_a_fresh_converge_reuse
     venvs = [p for p in kept if p.startswith(f"{CACHE}/venvs/")]
     assert {p.rsplit("/", 1)[1].rsplit("-", 1)[0] for p in venvs} == {"hub", ENGINE}
     assert all(kept[p] == "engine venv, keyed by its lock's digest" for p in venvs)
-    assert "checked against its Hub hash" in kept[MODEL_DIR]
+    assert "checked against its Hub hash" in kept[MODEL_DIR] and "not hashed again" in kept[f"{CACHE}/verified"]
     assert VOLUME in receipt["verified"]["searched"] and receipt["cache"]["search"]["sealed_blobs_skipped"] >= 1
     # Checked again from outside: no canary on the volume, the cache whole, the data root gone.
     print("cache search:", receipt["cache"]["search"])
@@ -161,7 +161,12 @@ def test_a_corrupted_weight_blob_is_downloaded_again(site, keypair):
     target, converge = site
     blob = sh(target, keypair, f"ls -S {MODEL_DIR}/blobs | head -n 1").strip()
     assert len(blob) == 64  # the weights: an LFS file, named by its sha256
+    # Hashed once, it has a record; a write that keeps its size and puts its mtime back still shows
+    # (its ctime moved), so it is hashed again rather than trusted.
+    assert sh(target, keypair, f"test -f {CACHE}/verified/{blob} && stat -c %a {CACHE}/verified").strip() == "700"
+    sh(target, keypair, f"touch -r {MODEL_DIR}/blobs/{blob} /tmp/blob-times")
     sh(target, keypair, f"printf corrupt | dd of={MODEL_DIR}/blobs/{blob} bs=1 seek=100 conv=notrunc 2>/dev/null")
+    sh(target, keypair, f"touch -r /tmp/blob-times {MODEL_DIR}/blobs/{blob}")
     assert sh(target, keypair, f"sha256sum < {MODEL_DIR}/blobs/{blob}").split()[0] != blob
     events = []
     result = converge(events)

@@ -229,4 +229,5 @@ def test_sweep_that_cannot_read_a_cache_stack_fails_and_never_says_no_orphans(mo
     with pytest.raises(Exit):
         tasks.sweep.body(Context(), dry_run=True, json=True)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary == {"event": "summary", "terminated": [], "error": "cache stack runpod-ca-mtl-1 cannot be read (gone)"}
+    error = "cache stack runpod-ca-mtl-1 cannot be read (gone) (0 orphan instance(s) terminated before that)"
+    assert summary == {"event": "summary", "ok": False, "error": error, "terminated": []}

@@ -3,12 +3,15 @@ stderr that says what to do, exit code 1, no traceback, and nothing changed."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from gpu_session.paths import state_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 INVOKE = str(Path(sys.executable).parent / "invoke")
@@ -39,6 +42,29 @@ def test_bad_input_is_one_line_and_exit_1(args, said):
     done = invoke(*args)
     assert done.returncode == 1 and done.stderr.startswith(said), done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (state_dir() / "stacks" / "never-up").exists()  # a look at a stack that never was leaves no folder
+
+
+def test_looking_at_the_tunnel_of_no_session_leaves_nothing():
+    done = invoke("tunnel.status", "--stack", "never-looked-at")
+    assert done.returncode == 0 and "no tunnel" in done.stdout + done.stderr, done.stderr
+    assert not (state_dir() / "stacks" / "never-looked-at").exists()
+
+
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["cache.rm", "--json"], "which cache? --cloud lambda|runpod --region REGION"),
+        (["cache.create", "--cloud", "aws", "--region", "us-east-1", "--json"], "aws"),
+        (["down", "--stack", "no/such", "--json"], "invalid stack name 'no/such'"),
+    ],
+)
+def test_a_failure_under_json_ends_with_a_failed_summary(args, said):
+    """A script reading the last line of `--json` learns that the command failed, and why."""
+    done = invoke(*args)
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 1 and last["event"] == "summary" and last["ok"] is False and said in last["error"], done.stdout
+    assert done.stderr.startswith(f"error: {last['error']}")
 
 
 def test_a_refused_purge_deletes_nothing():

@@ -56,14 +56,30 @@ def test_a_cache_in_a_region_of_the_cheapest_offer_comes_first(caches):
         ("A10", "us-west-1", False),
         ("A100", "us-east-1", True),
     ]
-    assert "cache lambda us-east-1" in got[0].describe() and got[0].summary("m")["cache"]["volume_id"] == "v-us-east-1"
+    assert "cache lambda us-east-1" in got[0].cache_line() and got[0].summary("m")["cache"]["volume_id"] == "v-us-east-1"
+    assert "cache" not in got[0].describe()  # the plan's line stays one line; the cache's is its own
 
 
 def test_a_cache_where_no_fitting_offer_is_goes_unused_and_the_plan_says_so(caches):
     caches.append(a_cache("lambda", "europe-central-1"))
     got = with_caches(plans(A10), ["lambda"])
     assert [p.cache for p in got] == [None, None]
-    assert "lambda europe-central-1" in got[0].cache_note and got[0].cache_note in got[0].describe()
+    assert got[0].cache_line() == "no cache: the lambda one(s) in europe-central-1 are not where A10 is offered"
+
+
+def test_a_cache_on_another_cloud_than_the_cheapest_fit_is_named_as_such(caches):
+    caches += [a_cache("lambda", "us-east-1"), a_cache("runpod", "EU-RO-1", endpoint="")]
+    got = with_caches(plans(RTX, A10), ["runpod", "lambda"])
+    assert [(p.offer.gpu_name, p.region, bool(p.cache)) for p in got][:2] == [
+        ("RTX 4090", "EU-RO-1", True),
+        ("RTX 4090", None, False),
+    ]
+    caches.pop()  # only the Lambda cache: the cheapest fit is on RunPod
+    got = with_caches(plans(RTX, A10), ["runpod", "lambda"])
+    assert got[0].cache is None and got[0].cache_line() == (
+        "no cache: lambda us-east-1 is on another cloud than this plan's (`--cloud lambda` plans there)"
+    )
+    assert [(p.offer.gpu_name, p.region) for p in got if p.cache] == [("A10", "us-east-1")]  # still planned, after
 
 
 def test_a_runpod_plan_tries_the_cache_data_center_first_and_keeps_its_own(caches):

@@ -8,7 +8,9 @@ arguments.
 
 With a cache volume (`check --verify`), every file of the revision already in the Hub cache is
 checked against the hash the Hub gives for it before it is reused: an LFS file's sha256, a small git
-file's git blob sha1 (the name of its blob in the cache, its etag, is that same hash). A file that
+file's git blob sha1 (the name of its blob in the cache, its etag, is that same hash), once: a
+record of the sealed blob's inode (verified/ beside the Hub cache) spares the hash while the file is
+as it was (records_dir). A file that
 does not verify is removed (its snapshot link and its blob) so the download fetches it again. The
 space check then measures the volume: what statvfs says is free, capped by the volume's size less
 what is stored under it when the cloud caps it (--cache-size-gb). Each verified blob is sealed
@@ -85,13 +87,52 @@ def repo_folder(hub_cache: Path, model: str) -> Path:
 
 def seal(blob: Path) -> None:
     """A verified blob becomes root's and read-only: no process of the session (the service user) can
-    write into it afterwards, so scrub's canary search may skip it (roles/scrub). Not root: unchanged."""
+    write into it afterwards, so scrub's canary search may skip it (roles/scrub). Not root: unchanged.
+    One sealed already is left as it is (a chmod would change its ctime, which its record holds)."""
     try:
+        st = os.stat(blob)
+        if st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o444:
+            return
         if os.geteuid() == 0:
             os.chown(blob, 0, 0)
         os.chmod(blob, 0o444)
     except OSError:
         pass
+
+
+# Hash once, trust after: a blob hashed and sealed has a record beside the Hub cache (root's, 0700,
+# as root only) of what it was then. Any write to the file, a chmod or chown, or another file in
+# its place changes its ctime (which no process can set), inode, or owner and mode, and it is hashed
+# again: a 141 GB model is not read in full on every warm start.
+def records_dir(folder: Path) -> Path | None:
+    """Where the records of the blobs of the Hub cache repo folder `folder` are: `verified/` beside
+    the Hub cache; None when not root (a record the session's user could write proves nothing)."""
+    return folder.parent.parent / "verified" if os.geteuid() == 0 else None
+
+
+def stamp(blob: Path) -> str:
+    """What of a sealed blob's inode a record keeps (not its device: each host numbers its mounts)."""
+    st = os.stat(blob)
+    return f"{st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_uid} {stat.S_IMODE(st.st_mode):o}"
+
+
+def hashed_before(records: Path | None, blob: Path) -> bool:
+    """Whether `blob` is as it was when it was hashed and sealed (its record says so)."""
+    try:
+        return records is not None and (records / blob.name).read_text() == stamp(blob)
+    except OSError:
+        return False
+
+
+def remember(records: Path | None, blob: Path) -> None:
+    """Record a blob just hashed and sealed (written whole, or not at all)."""
+    if records is None:
+        return
+    records.mkdir(mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=records, prefix=".record.")
+    with os.fdopen(fd, "w") as f:
+        f.write(stamp(blob))
+    os.replace(tmp, records / blob.name)
 
 
 def verify_cached(folder: Path, sha: str, expected: dict[str, str]) -> dict[str, list[str]]:
@@ -101,18 +142,22 @@ def verify_cached(folder: Path, sha: str, expected: dict[str, str]) -> dict[str,
     its blob are deleted, so a download fetches it again. Files without an expected hash are absent."""
     result: dict[str, list[str]] = {"verified": [], "removed": [], "absent": []}
     blobs = (folder / "blobs").resolve() if (folder / "blobs").exists() else None
+    records = records_dir(folder)
     for name, want in sorted(expected.items()):
         entry = folder / "snapshots" / sha / name
         if not want or not os.path.lexists(entry):
             result["absent"].append(name)
             continue
         blob = entry.resolve()
+        trusted = blob.name == want and hashed_before(records, blob)
         try:
-            good = blob.is_file() and blob.name == want and file_hash(blob, want) == want
+            good = trusted or (blob.is_file() and blob.name == want and file_hash(blob, want) == want)
         except OSError:
             good = False
         if good:
-            seal(blob)
+            if not trusted:
+                seal(blob)
+                remember(records, blob)
             result["verified"].append(name)
             continue
         entry.unlink()
@@ -147,10 +192,11 @@ def bytes_under(root: str) -> int:
 
 
 def cache_free(root: str, size_gb: float) -> int:
-    """Free bytes on the cache volume: statvfs's, capped by its size less what it holds when known."""
+    """Free bytes on the cache volume: statvfs's, capped by its size (size_gb: the cloud's GB, 10^9
+    bytes) less what it holds when known."""
     free = shutil.disk_usage(root).free
     if size_gb > 0:
-        free = min(free, int(size_gb * fit.GIB) - bytes_under(root))
+        free = min(free, int(size_gb * fit.GB) - bytes_under(root))
     return max(free, 0)
 
 
