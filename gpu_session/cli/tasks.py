@@ -973,10 +973,11 @@ def cost(c, json=False):
     else:
         unknown = ""
     monthly = round(sum(c["monthly_usd"] for c in kept), 2)
+    deleted = ledger.deleted_caches()
     if json:
         sessions = [vars(s) | {"hours": s.hours, "cost": s.cost} for s in ledger.sessions()]
         print(jsonlib.dumps({"sessions": sessions, "by_month": ledger.by_month(), "total": ledger.total(),
-                             "caches": kept, "caches_monthly_usd": monthly,
+                             "caches": kept, "caches_monthly_usd": monthly, "deleted_caches": deleted,
                              **({"caches_error": unknown} if unknown else {})}, indent=2))  # fmt: skip
         return
     table = Table("stack", "cloud", "GPU", "model", "hours", "USD", "state")
@@ -994,6 +995,9 @@ def cost(c, json=False):
               f"${c['monthly_usd']:.2f}/month{so_far}")  # fmt: skip
     if kept:
         print(f"caches: {monthly:.2f} USD/month, whether a session runs or not")
+    if deleted:
+        spent = sum(d["cost"] or 0 for d in deleted)
+        print(f"deleted caches: {len(deleted)}, ≈ ${spent:.2f} in all while they were kept")
     if unknown:
         print(f"caches: unknown ({unknown})")
 

@@ -1,4 +1,5 @@
-"""The cost ledger: every session's machine, rate, start and end, in SQLite under the state dir (0600).
+"""The cost ledger: every session's machine, rate, start and end, and what each deleted cache volume
+cost while it was kept, in SQLite under the state dir (0600).
 
 A session is opened when its instance exists and closed by `down` (or `sweep`) with the cost
 worked out from the rate and the time it ran, so the ledger can say what was spent per session, per
@@ -29,6 +30,15 @@ CREATE TABLE IF NOT EXISTS sessions (
     started_at REAL NOT NULL,
     ended_at REAL,
     budget REAL
+);
+CREATE TABLE IF NOT EXISTS deleted_caches (
+    id INTEGER PRIMARY KEY,
+    cloud TEXT NOT NULL,
+    region TEXT NOT NULL,
+    volume_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    deleted_at REAL NOT NULL,
+    cost REAL
 )
 """
 
@@ -68,7 +78,7 @@ class Ledger:
         self.db = sqlite3.connect(self.path)
         if new:
             self.path.chmod(0o600)
-        self.db.execute(SCHEMA)
+        self.db.executescript(SCHEMA)
 
     def open(self, s: Entry) -> None:
         """Record a running instance (again: an adopted one keeps its first start)."""
@@ -107,6 +117,26 @@ class Ledger:
 
     def total(self) -> float:
         return round(sum(s.cost for s in self.sessions()), 4)
+
+    def cache_deleted(self, cloud: str, region: str, volume_id: str, created_at: str, cost: float | None) -> None:
+        """Keep what a deleted cache volume cost while it was kept (USD, an estimate: CacheInfo.so_far_usd;
+        None when unknown), so `cost` still counts it."""
+        with self.db:
+            self.db.execute(
+                "INSERT INTO deleted_caches (cloud, region, volume_id, created_at, deleted_at, cost) VALUES (?, ?, ?, ?, ?, ?)",
+                (cloud, region, volume_id, created_at, time.time(), cost),
+            )
+
+    def deleted_caches(self) -> list[dict]:
+        """Each deleted cache: cloud, region, volume_id, created_at (ISO), deleted_at (ISO), cost (USD or None)."""
+        rows = self.db.execute(
+            "SELECT cloud, region, volume_id, created_at, deleted_at, cost FROM deleted_caches ORDER BY deleted_at"
+        ).fetchall()
+        keys = ("cloud", "region", "volume_id", "created_at", "deleted_at", "cost")
+        return [
+            dict(zip(keys, row, strict=True)) | {"deleted_at": datetime.fromtimestamp(row[4], UTC).isoformat(timespec="seconds")}
+            for row in rows
+        ]
 
 
 def spend(stack: str) -> str:

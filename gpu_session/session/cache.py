@@ -35,6 +35,7 @@ from gpu_session.clouds import (
 from gpu_session.errors import GpuSessionError
 from gpu_session.fit import GB
 from gpu_session.local import record
+from gpu_session.local.ledger import Ledger
 from gpu_session.paths import STACK_NAME, state_dir, write_private
 from gpu_session.stack import cache_config, names
 from gpu_session.stack.automation import OnEvent, StackError, StackNotFound, engine, workspaces
@@ -382,6 +383,7 @@ def rm(cloud: str, region: str, *, say: Say, on_event: OnEvent) -> CacheInfo:
         raise CacheError(
             f"{cloud} still lists volume {info.volume_id} after its stack was destroyed: `gpu-session sweep` deletes it"
         )
+    Ledger().cache_deleted(cloud, region, info.volume_id, info.created_at, info.so_far_usd())  # `cost` still counts it
     say(f"deleted cache {cloud} {region}" + (f" (volume {info.volume_id})" if info.volume_id else "")
         + f": ${info.monthly_usd:.2f}/month stops")  # fmt: skip
     return info

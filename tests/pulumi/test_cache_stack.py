@@ -272,6 +272,12 @@ def test_the_commands(sim, clean):
     removed = run(script, "cache", "rm", "--cloud", "runpod", "--region", "EU-RO-1", "--yes")
     assert removed.returncode == 0, removed.stderr[-2000:]
     assert "$1.40/month stops" in removed.stderr and volumes(sim, "runpod") == []
+    # `cost` still counts what it cost while it was kept.
+    costs = run(invoke, "cost", "--json")
+    gone = [d for d in json.loads(costs.stdout)["deleted_caches"] if d["volume_id"] == result["cache"]["volume_id"]]
+    assert costs.returncode == 0 and [(d["cloud"], d["region"]) for d in gone] == [("runpod", "EU-RO-1")], costs.stdout
+    assert gone[0]["cost"] is not None and gone[0]["cost"] >= 0 and gone[0]["created_at"]
+    assert "deleted caches: " in run(invoke, "cost").stdout
 
 
 def test_a_volume_an_instance_has_attached_is_never_deleted(sim, sim_env, clean, keypair, name):

@@ -174,6 +174,26 @@ def test_a_corrupted_weight_blob_is_downloaded_again(site, keypair):
     assert sh(target, keypair, f"sha256sum < {MODEL_DIR}/blobs/{blob}").split()[0] == blob
 
 
+def test_a_blobs_folder_made_a_link_elsewhere_is_dropped_not_followed(site, keypair):
+    """The service user writes the Hub cache: a `blobs` turned into a link to another folder, whose
+    files bear the blobs' names and other bytes, must not lead root to remove or seal them there."""
+    target, converge = site
+    decoys = "/var/tmp/decoys"
+    sh(
+        target,
+        keypair,
+        f"rm -rf {decoys} && mkdir {decoys} && for b in {MODEL_DIR}/blobs/*; do echo decoy > {decoys}/$(basename $b); done",
+    )
+    sh(target, keypair, f"mv {MODEL_DIR}/blobs /var/tmp/real-blobs && ln -s {decoys} {MODEL_DIR}/blobs")
+    events = []
+    result = converge(events)
+    assert result.facts["model_server_cache"]["weights"] == "downloaded" and ran(events, "Wait for the download")
+    assert sh(target, keypair, f"test -L {MODEL_DIR}/blobs || echo folder").strip() == "folder"
+    left = sh(target, keypair, f"cat {decoys}/* | sort -u; stat -c %U:%a {decoys}/* | sort -u").split()
+    assert left == ["decoy", "root:644"], left  # neither removed nor sealed
+    sh(target, keypair, f"rm -rf {decoys} /var/tmp/real-blobs")
+
+
 def test_a_full_volume_fails_before_any_download_saying_what_to_do(site, keypair):
     """The volume capped at 1 GB already holds more (the engine's torch): nothing fits."""
     target, converge = site

@@ -106,8 +106,34 @@ def seal(blob: Path) -> None:
 # again: a 141 GB model is not read in full on every warm start.
 def records_dir(folder: Path) -> Path | None:
     """Where the records of the blobs of the Hub cache repo folder `folder` are: `verified/` beside
-    the Hub cache; None when not root (a record the session's user could write proves nothing)."""
-    return folder.parent.parent / "verified" if os.geteuid() == 0 else None
+    the Hub cache; None when not root, or when something other than a folder of root's is there (a
+    record the session's user could write proves nothing)."""
+    if os.geteuid() != 0:
+        return None
+    path = folder.parent.parent / "verified"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path  # remember() makes it, root's 0700
+    return path if stat.S_ISDIR(st.st_mode) and st.st_uid == 0 else None
+
+
+def drop_symlinked_folders(folder: Path) -> list[str]:
+    """A Hub cache repo folder holds no link to a folder (only its snapshots' files are links, to its
+    blobs). One planted there (the session's processes write the Hub cache) would lead root's checks
+    and removals elsewhere on the host: it is unlinked, never followed. The paths unlinked."""
+    if folder.is_symlink():
+        folder.unlink()
+        return [str(folder)]
+    dropped = []
+    for base, dirs, _ in os.walk(folder):
+        for name in list(dirs):
+            path = os.path.join(base, name)
+            if os.path.islink(path):
+                os.unlink(path)
+                dirs.remove(name)
+                dropped.append(path)
+    return dropped
 
 
 def stamp(blob: Path) -> str:
@@ -141,6 +167,7 @@ def verify_cached(folder: Path, sha: str, expected: dict[str, str]) -> dict[str,
     hash to it; "absent" when the snapshot has no entry; otherwise "removed": its snapshot entry and
     its blob are deleted, so a download fetches it again. Files without an expected hash are absent."""
     result: dict[str, list[str]] = {"verified": [], "removed": [], "absent": []}
+    drop_symlinked_folders(folder)
     blobs = (folder / "blobs").resolve() if (folder / "blobs").exists() else None
     records = records_dir(folder)
     for name, want in sorted(expected.items()):
