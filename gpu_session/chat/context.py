@@ -45,7 +45,7 @@ class ModelFacts:
 def facts(stack: str, served_context: int | None = None) -> ModelFacts:
     """The stack's model, as the server (its context, when it says) and the Hub describe it."""
     live = record.load(stack)
-    cache = stack_dir(stack) / "model.json"
+    cache = stack_dir(stack, create=False) / "model.json"
     known = json.loads(cache.read_text()) if cache.exists() else {}
     if known.get("model") != live.model:
         try:

@@ -155,12 +155,21 @@ def _engine_share() -> dict:
     return took
 
 
+def _end_after_failure(say) -> None:
+    """After a failed step: down ends what up made. Its own failure is said with what to do, not
+    raised, so the error that stopped the bench stays the one shown."""
+    try:
+        down.down(STACK, say=say, on_event=lambda _: None)
+    except GpuSessionError as e:
+        say(f"the bench's session is left ({e}): `gpu-session down --stack {STACK}` ends it")
+
+
 def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict:
     """One whole session on the simulator this process points at (the face starts it): the
     phases' seconds and the overheads, as bench.table prints them. SessionError when a step fails."""
     events = []
     start = time.monotonic()
-    try:  # whatever fails, down ends what up made
+    try:  # whatever fails, down ends what up made (_end_after_failure)
         outputs = up.up(
             UpOptions(MODEL, cloud=cloud, backend=backend, hours=1, stack=STACK),
             confirm=lambda plan: True, say=say, on_event=events.append,
@@ -177,10 +186,12 @@ def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict
         up.reconfigure(STACK, say=lambda _: None)
         no_change_s = time.monotonic() - start
         engine_s = _engine_share()
-    finally:
-        start = time.monotonic()
-        down.down(STACK, say=say, on_event=lambda _: None)
-        down_s = time.monotonic() - start
+    except BaseException:
+        _end_after_failure(say)
+        raise
+    start = time.monotonic()
+    down.down(STACK, say=say, on_event=lambda _: None)
+    down_s = time.monotonic() - start
     server_s = configured["phases"]["server_start"]
     return {
         "backend": backend,
@@ -216,8 +227,10 @@ def _cached_session(backend: str, cloud: str, say) -> dict:
               on_event=lambda _: None)  # fmt: skip
         up_s = time.monotonic() - start
         configured = json.loads((stack_dir(STACK) / "configured.json").read_text())
-    finally:
-        down.down(STACK, say=say, on_event=lambda _: None)
+    except BaseException:
+        _end_after_failure(say)
+        raise
+    down.down(STACK, say=say, on_event=lambda _: None)
     return {
         "up_to_ready_s": round(up_s, 1),
         "converge_s": configured["seconds"],

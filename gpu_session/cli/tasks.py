@@ -35,8 +35,10 @@ def command(*args, **kwargs):
             try:
                 return body(*a, **kw)
             except GpuSessionError as e:
-                if kw.get("json"):  # a script reads the last line: the summary, failed
-                    print(jsonlib.dumps({"event": "summary", "ok": False, "error": str(e), **e.summary}), flush=True)
+                if kw.get("json") is True:  # a script reads the last line: the summary, failed (bench's is a file)
+                    one_object = body.__name__ == "up" and kw.get("dry_run")  # `up --dry-run --json`: the README's shape
+                    failed = {"ok": False} if one_object else {"event": "summary", "ok": False}
+                    print(jsonlib.dumps(failed | {"error": str(e), **e.summary}), flush=True)
                 raise Exit(f"error: {e}", code=1) from None
 
         return task(*args, **kwargs)(run)
@@ -555,7 +557,7 @@ def _caches_kept(caches: list[dict]) -> list[str]:
     """The cache volumes that remain after `down`, and what each bills a month."""
     lines = []
     for c in caches:
-        what = "gone at the cloud" if not c["exists"] else _cache_size(c)
+        what = _cache_size(c) if c["exists"] else c.get("note") or "gone at the cloud"  # or: the cloud did not answer
         lines.append(
             f"cache {c['cloud']} {c['region']} kept: {what}, ${c['monthly_usd']:.2f}/month — "
             f"`gpu-session cache rm --cloud {c['cloud']} --region {c['region']}` deletes it"
@@ -618,9 +620,8 @@ def ssh(c, stack="dev", command=""):
     from gpu_session.host.ssh import session_keys, ssh_command
     from gpu_session.local import record
 
-    argv = ssh_command(session_keys(stack), record.load(stack).endpoint) + (
-        [command] if command else []
-    )  # the host's shell parses it
+    endpoint = record.load(stack).endpoint  # a stack that is not up: said, and no folder made for it
+    argv = ssh_command(session_keys(stack), endpoint) + ([command] if command else [])  # the host's shell parses it
     os.execvp(argv[0], argv)
 
 
@@ -809,7 +810,7 @@ def sweep(c, yes=False, dry_run=False, json=False):
 
     try:
         deleted = sweep_volumes(confirm=confirm_volume, say=say)
-    except CacheError as e:  # the instances' pass is done; the volumes' could not be: never "no orphans"
+    except GpuSessionError as e:  # the instances' pass is done; the volumes' could not be: never "no orphans"
         failed = CacheError(f"{e} ({len(ended)} orphan instance(s) terminated before that)")
         failed.summary = {"terminated": ended}  # a --json script still learns which instances were ended
         raise failed from e
@@ -991,7 +992,7 @@ def cost(c, json=False):
     print(f"total: {ledger.total():.4f} USD")
     for c in kept:
         so_far = f", ≈ ${c['so_far_usd']:.2f} so far since {c['created_at'][:10]}" if c.get("so_far_usd") is not None else ""
-        print(f"cache {c['cloud']} {c['region']}: {_cache_size(c) if c['exists'] else 'gone at the cloud'}, "
+        print(f"cache {c['cloud']} {c['region']}: {_cache_size(c) if c['exists'] else c.get('note') or 'gone at the cloud'}, "
               f"${c['monthly_usd']:.2f}/month{so_far}")  # fmt: skip
     if kept:
         print(f"caches: {monthly:.2f} USD/month, whether a session runs or not")

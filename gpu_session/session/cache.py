@@ -87,7 +87,7 @@ class CacheInfo:
 
     def describe(self) -> str:
         """One line: `lambda us-east-1: 12.3 GB used, $2.46/month`."""
-        used = f"{self.bytes_used / GB:.1f} GB used" if self.bytes_used is not None else "usage unknown"
+        used = f"{self.bytes_used / GB:.1f} GB used" if self.bytes_used is not None else "use not reported"
         size = f"{self.size_gb} GB" if self.cloud_sized else (f"soft cap {self.size_gb} GB" if self.size_gb else "grows with use")
         return f"{self.cloud} {self.region}: {size}, {used}, ${self.monthly_usd:.2f}/month" + (
             f" ({self.note})" if self.note else ""
@@ -326,7 +326,7 @@ def create(cloud: str, region: str, size_gb: int | None = None, *, say: Say, on_
     stack = engine(stack_name, project=names.CACHE_PROJECT)
     try:
         previous = stack.config()
-        if not fresh and previous.get("sizeGb") and size is None and sized:
+        if not fresh and previous.get("sizeGb") and size is None:
             settings["sizeGb"] = previous["sizeGb"]
         stack.set_config(settings)
         write_private(

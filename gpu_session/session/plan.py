@@ -202,7 +202,9 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
         here = [c.region for c in ready if c.cloud == offer.cloud]
         elsewhere = [c for c in ready if c.cloud != offer.cloud]
         why = [f"the {offer.cloud} one(s) in {', '.join(here)} are not where {offer.gpu_name} is offered"] if here else []
-        why += [f"{c.cloud} {c.region} is on another cloud than this plan's (`--cloud {c.cloud}` plans there)" for c in elsewhere]
+        why += [f"{c.cloud} {c.region} is on another cloud than this plan's"
+                + (f" (`--cloud {c.cloud}` plans there)" if any(p.cache is c for p in out) else ", where no offer fits")
+                for c in elsewhere]  # fmt: skip
         out[0] = replace(out[0], cache_note="no cache: " + "; ".join(why))
     return out
 

@@ -26,6 +26,9 @@ from .world import Fault, SimConfig, World, new_keys
 
 __all__ = ["Fault", "SimConfig", "Simulator", "default_state_dir"]
 
+# An instance in these states holds no session's host any more: the simulator may stop.
+ENDED_STATUSES = ("terminating", "terminated", "preempted")
+
 
 def default_state_dir() -> Path:
     """Where `invoke sim` keeps its hosts and sim.json; GPU_SESSION_SIM_DIR points the --list,
@@ -206,6 +209,14 @@ class Simulator:
                 return json_response(
                     {"error": f"this simulator runs inside another program (pid {os.getpid()}): stop it there"}, 409
                 )
+            live = [i for i in self.world.snapshot()["instances"] if i["status"].lower() not in ENDED_STATUSES]
+            if live:  # checked here, where no launch can come between the check and the stop
+                running = ", ".join(f"{i['cloud']} {i['name']} ({i['id']}, {i['status']})" for i in live)
+                return json_response(
+                    {"error": f"the simulator still runs {running}; stopping it would take their hosts from under "
+                     "their sessions: end them first (`invoke down`, or `invoke down --stack STACK` for each)"},
+                    409,
+                )  # fmt: skip
             self.stop_requested.set()
             return json_response({"ok": True, "pid": os.getpid()})
 

@@ -115,5 +115,8 @@ def test_cleanup_reclaims_what_a_killed_simulator_left(tmp_path):
     proc.kill()
     proc.wait()
     time.sleep(0.1)
+    stopped = run_cli("--stop", state=state)  # a dead one's sim.json goes, and --cleanup is named
+    assert stopped.returncode == 0 and "had died" in stopped.stderr and "--cleanup" in stopped.stderr, stopped.stderr
+    assert not (state / "sim.json").exists()
     assert run_cli("--cleanup", state=state).returncode == 0
     assert bridge not in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout

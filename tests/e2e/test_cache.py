@@ -38,7 +38,7 @@ def session(sim, cloud: str, backend: str, stack: str) -> dict:
                 "--stack", stack, "--yes", "--json")  # fmt: skip
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     said = [e["message"] for e in events(up.stdout) if e["event"] == "say"]
-    assert f"cache {cloud} " in said[0], said[0]
+    assert said[0].startswith(f"plan: {cloud}: ") and said[1].startswith(f"  cache {cloud} "), said[:2]  # its own line
     configured = json.loads((session_dir(stack) / "configured.json").read_text())
     chat = invoke("chat", "--stack", stack, "--prompt", "Say hello", "--max-tokens", "8")
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]

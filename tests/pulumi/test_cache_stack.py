@@ -84,6 +84,9 @@ def test_create_adopts_on_the_second_and_rm_leaves_nothing(sim, clean, cloud):
         cache.create(cloud, region, 30, say=capped.append, on_event=quiet)
         assert f"cache {cloud} {region} was already here: its soft cap is now 30 GB" in capped, capped
         cache.create(cloud, region, 20, say=quiet, on_event=quiet)
+        unsized = []  # again without --size: the soft cap stays as it was
+        cache.create(cloud, region, None, say=unsized.append, on_event=quiet)
+        assert f"cache {cloud} {region} was already here: nothing changed" in unsized and cache.find(cloud, region).size_gb == 20
 
     [listed] = [c for c in cache.caches() if c.cloud == cloud]
     assert listed.region == region and listed.size_gb == 20 and not listed.in_use and listed.note == ""

@@ -163,7 +163,8 @@ def test_a_corrupted_weight_blob_is_downloaded_again(site, keypair):
     assert len(blob) == 64  # the weights: an LFS file, named by its sha256
     # Hashed once, it has a record; a write that keeps its size and puts its mtime back still shows
     # (its ctime moved), so it is hashed again rather than trusted.
-    assert sh(target, keypair, f"test -f {CACHE}/verified/{blob} && stat -c %a {CACHE}/verified").strip() == "700"
+    record = f"{CACHE}/verified/models--gpu-session--tiny-chat/{blob}"
+    assert sh(target, keypair, f"test -f {record} && stat -c %a {CACHE}/verified").strip() == "700"
     sh(target, keypair, f"touch -r {MODEL_DIR}/blobs/{blob} /tmp/blob-times")
     sh(target, keypair, f"printf corrupt | dd of={MODEL_DIR}/blobs/{blob} bs=1 seek=100 conv=notrunc 2>/dev/null")
     sh(target, keypair, f"touch -r /tmp/blob-times {MODEL_DIR}/blobs/{blob}")
@@ -172,6 +173,7 @@ def test_a_corrupted_weight_blob_is_downloaded_again(site, keypair):
     result = converge(events)
     assert result.facts["model_server_cache"]["weights"] == "downloaded" and ran(events, "Wait for the download")
     assert sh(target, keypair, f"sha256sum < {MODEL_DIR}/blobs/{blob}").split()[0] == blob
+    assert sh(target, keypair, f"cat {record}").split()[0] == sh(target, keypair, f"stat -c %i {MODEL_DIR}/blobs/{blob}").strip()
 
 
 def test_a_blobs_folder_made_a_link_elsewhere_is_dropped_not_followed(site, keypair):

@@ -44,6 +44,18 @@ def test_a_cache_that_cannot_go_is_said_and_the_first_error_stays(calls, monkeyp
     assert any("cache rm --cloud runpod --region EU-RO-1 --yes" in s and "in use" in s for s in said), said
 
 
+def test_a_down_that_fails_after_a_failed_up_is_said_and_the_first_error_stays(calls, monkeypatch):
+    said = []
+
+    def broken(stack, **_):
+        raise SessionError("scrub failed: the host does not answer")
+
+    monkeypatch.setattr(down, "down", broken)
+    with pytest.raises(SessionError, match="Wait for the download"):
+        bench.run("transformers", "lambda", say=said.append)
+    assert any("does not answer" in s and f"down --stack {bench.STACK}" in s for s in said), said
+
+
 def test_a_failed_up_in_the_session_bench_is_ended(calls):
     with pytest.raises(SessionError, match="Wait for the download"):
         bench.run("transformers", "lambda", say=lambda _: None)

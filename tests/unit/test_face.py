@@ -67,6 +67,11 @@ def test_a_failure_under_json_ends_with_a_failed_summary(args, said):
     assert done.stderr.startswith(f"error: {last['error']}")
 
 
+def test_a_dry_run_refused_before_its_plan_prints_its_one_object():
+    done = invoke("up", "--model", "gpu-session/tiny-chat", "--hours", "abc", "--dry-run", "--json")
+    assert done.returncode == 1 and json.loads(done.stdout) == {"ok": False, "error": "--hours takes a number (got 'abc')"}
+
+
 def test_a_refused_purge_deletes_nothing():
     from gpu_session.chat.history import Conversation, History
 

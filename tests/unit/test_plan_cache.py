@@ -80,6 +80,8 @@ def test_a_cache_on_another_cloud_than_the_cheapest_fit_is_named_as_such(caches)
         "no cache: lambda us-east-1 is on another cloud than this plan's (`--cloud lambda` plans there)"
     )
     assert [(p.offer.gpu_name, p.region) for p in got if p.cache] == [("A10", "us-east-1")]  # still planned, after
+    only_runpod = with_caches(plans(RTX), ["runpod", "lambda"])  # no Lambda offer fits: --cloud lambda would fail
+    assert only_runpod[0].cache_line() == "no cache: lambda us-east-1 is on another cloud than this plan's, where no offer fits"
 
 
 def test_a_runpod_plan_tries_the_cache_data_center_first_and_keeps_its_own(caches):

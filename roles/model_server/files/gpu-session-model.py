@@ -101,9 +101,9 @@ def seal(blob: Path) -> None:
 
 
 # Hash once, trust after: a blob hashed and sealed has a record beside the Hub cache (root's, 0700,
-# as root only) of what it was then. Any write to the file, a chmod or chown, or another file in
-# its place changes its ctime (which no process can set), inode, or owner and mode, and it is hashed
-# again: a 141 GB model is not read in full on every warm start.
+# as root only; verified/<repo folder>/<blob>) of what it was then. Any write to the file, a chmod
+# or chown, or another file in its place changes its ctime (which no process can set), inode, or
+# owner and mode, and it is hashed again: a 141 GB model is not read in full on every warm start.
 def records_dir(folder: Path) -> Path | None:
     """Where the records of the blobs of the Hub cache repo folder `folder` are: `verified/` beside
     the Hub cache; None when not root, or when something other than a folder of root's is there (a
@@ -114,7 +114,7 @@ def records_dir(folder: Path) -> Path | None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return path  # remember() makes it, root's 0700
+        return path  # hash_and_remember makes it, root's 0700
     return path if stat.S_ISDIR(st.st_mode) and st.st_uid == 0 else None
 
 
@@ -142,30 +142,45 @@ def stamp(blob: Path) -> str:
     return f"{st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_uid} {stat.S_IMODE(st.st_mode):o}"
 
 
-def hashed_before(records: Path | None, blob: Path) -> bool:
-    """Whether `blob` is as it was when it was hashed and sealed (its record says so)."""
+def sealed(seen: str) -> bool:
+    """Whether a stamp is of a file root owns and nobody may write (uid 0, no write bit)."""
+    _, _, _, _, uid, mode = seen.split()
+    return uid == "0" and not int(mode, 8) & 0o222
+
+
+def hashed_before(records: Path | None, folder: Path, blob: Path) -> bool:
+    """Whether `blob` is sealed and as it was when it was hashed (its record says so)."""
     try:
-        return records is not None and (records / blob.name).read_text() == stamp(blob)
+        seen = stamp(blob)
+        return records is not None and sealed(seen) and (records / folder.name / blob.name).read_text() == seen
     except OSError:
         return False
 
 
-def remember(records: Path | None, blob: Path) -> None:
-    """Record a blob just hashed and sealed (written whole, or not at all)."""
-    if records is None:
-        return
-    records.mkdir(mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=records, prefix=".record.")
-    with os.fdopen(fd, "w") as f:
-        f.write(stamp(blob))
-    os.replace(tmp, records / blob.name)
+def hash_and_remember(records: Path | None, folder: Path, blob: Path, want: str) -> bool:
+    """Seal `blob`, then hash it: whether it hashes to `want`. Its record is written only when the
+    blob is sealed and did not change while it was read (a writer that opened it before the seal
+    moves its ctime), so a record never vouches for bytes that were not the ones hashed."""
+    seal(blob)
+    before = stamp(blob)
+    if file_hash(blob, want) != want:
+        return False
+    if records is not None and sealed(before) and stamp(blob) == before:
+        records.mkdir(mode=0o700, exist_ok=True)
+        (records / folder.name).mkdir(mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=records / folder.name, prefix=".record.")
+        with os.fdopen(fd, "w") as f:
+            f.write(before)
+        os.replace(tmp, records / folder.name / blob.name)  # whole, or not at all
+    return True
 
 
 def verify_cached(folder: Path, sha: str, expected: dict[str, str]) -> dict[str, list[str]]:
     """Checks each file of commit `sha` in a Hub cache repo folder (models--o--n) against its expected
-    hash. A file is "verified" when its snapshot entry leads to a blob named by that hash whose bytes
-    hash to it; "absent" when the snapshot has no entry; otherwise "removed": its snapshot entry and
-    its blob are deleted, so a download fetches it again. Files without an expected hash are absent."""
+    hash. A file is "verified" when its snapshot entry leads to a blob of the repo's blobs named by
+    that hash whose bytes hash to it (hashed once: hash_and_remember); "absent" when the snapshot has
+    no entry; otherwise "removed": its snapshot entry and its blob (and the blob's record) are
+    deleted, so a download fetches it again. Files without an expected hash are absent."""
     result: dict[str, list[str]] = {"verified": [], "removed": [], "absent": []}
     drop_symlinked_folders(folder)
     blobs = (folder / "blobs").resolve() if (folder / "blobs").exists() else None
@@ -176,20 +191,21 @@ def verify_cached(folder: Path, sha: str, expected: dict[str, str]) -> dict[str,
             result["absent"].append(name)
             continue
         blob = entry.resolve()
-        trusted = blob.name == want and hashed_before(records, blob)
+        ours = blobs is not None and blob.parent == blobs and blob.name == want  # never a file elsewhere
         try:
-            good = trusted or (blob.is_file() and blob.name == want and file_hash(blob, want) == want)
+            good = ours and (
+                hashed_before(records, folder, blob) or (blob.is_file() and hash_and_remember(records, folder, blob, want))
+            )
         except OSError:
             good = False
         if good:
-            if not trusted:
-                seal(blob)
-                remember(records, blob)
             result["verified"].append(name)
             continue
         entry.unlink()
-        if blobs is not None and blob.parent == blobs and blob.is_file():
+        if ours and blob.is_file():
             blob.unlink()
+        if records is not None:
+            (records / folder.name / want).unlink(missing_ok=True)
         result["removed"].append(name)
     return result
 
