@@ -129,9 +129,9 @@ def test_the_free_space_of_a_capped_volume_counts_what_it_holds(helper, tmp_path
     os.link(tmp_path / "big", tmp_path / "hardlink")  # counted once
     used = helper.bytes_under(str(tmp_path))
     assert 3 << 20 <= used < 4 << 20
-    gib = 1 << 30
-    assert helper.cache_free(str(tmp_path), 1) == gib - used
-    assert helper.cache_free(str(tmp_path), 0) > gib - used  # no cap known: statvfs alone
+    gib, gb = 1 << 30, 10**9  # a volume's size is the cloud's GB; what the messages say is GiB
+    assert helper.cache_free(str(tmp_path), 1) == gb - used
+    assert helper.cache_free(str(tmp_path), 0) > gb - used  # no cap known: statvfs alone
     assert helper.cache_free(str(tmp_path), 0.001) == 0  # fuller than its cap
     message = helper.full_cache_message("/workspace", 0, 5 * gib, "the weights")
     assert "has 0.0 GiB free" in message and "needs 5.0 GiB" in message
@@ -154,6 +154,44 @@ def test_the_scrub_search_reads_everything_but_sealed_blobs(helper, tmp_path):
     said = json.loads(out.stdout)
     vllm = str(tmp_path / "gpu-session" / "vllm" / "k.bin")
     assert said["found"] == sorted([str(unsealed), vllm, str(tmp_path / "gpu-session" / "k-link.bin")])
-    assert said["files_read"] == 3 + (0 if os.geteuid() == 0 else 3)  # the unsealed blob, k.bin, refs/main (+ unsealable blobs)
+    # The unsealed blob, k.bin, refs/main; and as root the 3 blobs' records (verified/), else the 3 blobs, unsealable.
+    assert said["files_read"] == 3 + 3
     sealed_expected = 3 if os.geteuid() == 0 else 0  # sealing needs root (chown); the search wants root's blobs
     assert said["sealed_blobs_skipped"] == sealed_expected
+
+
+def test_a_blob_is_hashed_once_and_again_only_when_it_changed(helper, tmp_path, monkeypatch):
+    """Hash once, trust after: a sealed blob that matches its record is not read again; one whose bytes
+    changed (size and mtime put back: only its ctime moved) is hashed again and removed, its record
+    too; a verified/ folder that is not root's is not trusted."""
+    if os.geteuid() != 0:
+        pytest.skip("the records are root's: kept only as root")
+    folder, expected = cached_repo(tmp_path / "gpu-session" / "hub", FILES)
+    assert len(helper.verify_cached(folder, SHA, expected)["verified"]) == 3
+    records = tmp_path / "gpu-session" / "verified"
+    assert sorted(p.name for p in (records / folder.name).iterdir()) == sorted(expected.values())
+    assert oct(records.stat().st_mode & 0o777) == "0o700"
+
+    def hashed_again(*_):
+        raise AssertionError("hashed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(helper, "file_hash", hashed_again)
+        assert len(helper.verify_cached(folder, SHA, expected)["verified"]) == 3  # from the records alone
+        os.chown(records, 65534, 65534)  # a records folder someone else could write: no record is trusted
+        with pytest.raises(AssertionError, match="hashed again"):
+            helper.verify_cached(folder, SHA, expected)
+        os.chown(records, 0, 0)
+
+    weights = folder / "blobs" / expected["model.safetensors"]
+    before = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[0] ^= 1
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(data))
+    weights.chmod(0o444)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
+    result = helper.verify_cached(folder, SHA, expected)
+    assert result["removed"] == ["model.safetensors"] and not weights.exists()
+    assert not (records / folder.name / expected["model.safetensors"]).exists()
