@@ -35,10 +35,9 @@ def command(*args, **kwargs):
             try:
                 return body(*a, **kw)
             except GpuSessionError as e:
-                if kw.get("json") is True:  # a script reads the last line: the summary, failed (bench's is a file)
+                if kw.get("json") is True:  # bench's --json is a file
                     one_object = body.__name__ == "up" and kw.get("dry_run")  # `up --dry-run --json`: the README's shape
-                    failed = {"ok": False} if one_object else {"event": "summary", "ok": False}
-                    print(jsonlib.dumps(failed | {"error": str(e), **e.summary}), flush=True)
+                    _failed_summary(str(e), one_object=one_object, **e.summary)
                 raise Exit(f"error: {e}", code=1) from None
 
         return task(*args, **kwargs)(run)
@@ -47,6 +46,13 @@ def command(*args, **kwargs):
         body, args = args[0], ()
         return wrap(body)
     return wrap
+
+
+def _failed_summary(error: str, one_object: bool = False, **extra) -> None:
+    """A failed --json command's last stdout line, which a script reads: {"event": "summary", "ok":
+    false, "error": the words of the stderr line, **extra}; without "event" for a one-object answer."""
+    failed = {"ok": False} if one_object else {"event": "summary", "ok": False}
+    print(jsonlib.dumps(failed | {"error": error, **extra}), flush=True)
 
 
 def _number(value, option: str, kind=float):
@@ -329,7 +335,10 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     except (KeyboardInterrupt, StackCancelled) as e:
         if launching:
             _offer_teardown(stack, plain_say, plain_event)
-        raise Exit("error: interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {e}", code=1) from None
+        error = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        if json:
+            _failed_summary(error)
+        raise Exit(f"error: {error}", code=1) from None
     say = plain_say
     if not outputs:
         say("nothing launched")

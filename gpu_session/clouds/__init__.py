@@ -4,9 +4,6 @@ Imports errors only."""
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
-
 from .base import (
     ANY_REGION,
     AuthError,
@@ -67,18 +64,6 @@ __all__ = [
 ]
 
 
-@contextmanager
-def _root_logging_kept():
-    """The root logger's handlers and level as they were before the block, whatever it set up."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
 def cloud_class(name: str) -> type[Cloud]:
     """The class for `name` ("lambda" or "runpod"): its attributes say how the cloud differs
     (Cloud.registers_ssh_keys, takes_host_key, host_ends_itself) without a client or a key.
@@ -88,8 +73,7 @@ def cloud_class(name: str) -> type[Cloud]:
 
         return LambdaCloud
     if name == "runpod":
-        with _root_logging_kept():  # `import runpod` calls logging.basicConfig(level=INFO) (its serverless utils)
-            from .runpod import RunpodCloud
+        from .runpod import RunpodCloud
 
         return RunpodCloud
     raise InvalidRequest(f"unknown cloud {name!r}: choose one of {', '.join(CLOUDS)}")

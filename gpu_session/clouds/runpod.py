@@ -10,13 +10,14 @@ A pod reads RUNNING with `runtime: null` until its container is up; it is ready 
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
 import threading
+from contextlib import contextmanager
 
 import requests
-import runpod
-from runpod.api.graphql import run_graphql_query
 
 from .base import (
     ANY_REGION,
@@ -70,6 +71,44 @@ POD_FIELDS = """id name desiredStatus costPerHr gpuCount imageName
   runtime { ports { ip isIpPublic privatePort publicPort type } }
   machine { gpuDisplayName dataCenterId }"""
 _sdk_lock = threading.Lock()  # runpod.api_key is a module global
+
+
+@contextmanager
+def _root_logging_kept():
+    """The root logger's handlers and level as they were before the block, whatever it set up."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@functools.cache
+def _sdk():
+    """The `runpod` SDK module, imported on first use, not with this module. Importing it costs
+    about 1.2 s (runpod 1.12: its package imports the serverless worker, whose debugger calls
+    py-cpuinfo's get_cpu_info at import, which probes the CPU in a subprocess) and calls
+    logging.basicConfig(level=INFO); so a process that never calls RunPod (a Lambda session's
+    Pulumi program and providers, a plan with --cloud lambda) pays neither."""
+    with _root_logging_kept():
+        import runpod
+        import runpod.api.graphql
+    return runpod
+
+
+# The SDK's calls we make, by their SDK names (retries and errors name them).
+def run_graphql_query(document: str) -> dict:
+    return _sdk().api.graphql.run_graphql_query(document)
+
+
+def create_pod(**kwargs) -> dict:
+    return _sdk().create_pod(**kwargs)
+
+
+def terminate_pod(pod_id: str) -> None:
+    return _sdk().terminate_pod(pod_id)
 
 
 # What RunPod (and GraphQL itself) says when it refuses a request before doing anything: the only
@@ -146,6 +185,7 @@ class RunpodCloud(Cloud):
 
     def _once(self, fn, *args, **kwargs):
         with _sdk_lock:
+            runpod = _sdk()
             runpod.api_key = self._key  # ours, never what the SDK loaded from ~/.runpod
             try:
                 return fn(*args, **kwargs)
@@ -276,7 +316,7 @@ class RunpodCloud(Cloud):
         if not spec.spot:
             attach = {"network_volume_id": volume.id, "volume_mount_path": VOLUME_MOUNT_PATH} if volume else {}
             pod = self._once(
-                runpod.create_pod,
+                create_pod,
                 name=spec.name,
                 image_name=spec.image or DEFAULT_IMAGE,
                 gpu_type_id=spec.instance_type,
@@ -309,7 +349,7 @@ class RunpodCloud(Cloud):
 
     def _terminate_once(self, instance_id: str) -> None:
         _check_text(instance_id, "pod id")
-        self._once(runpod.terminate_pod, instance_id)
+        self._once(terminate_pod, instance_id)
 
     # --- network volumes (volumes) ----------------------------------------------------------
 

@@ -3,6 +3,7 @@ capacity, record), `extend` (a later lease end), `reconfigure` (the site playboo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from gpu_session.clouds import cloud_class
 from gpu_session.host import converge
 from gpu_session.local import record, tunnel
 from gpu_session.local.ledger import Entry, Ledger
+from gpu_session.providers import configure
 from gpu_session.stack.automation import NoCapacity, OnEvent, StackCancelled, StackError, engine
 from gpu_session.stack.config import StackConfig
 
@@ -76,17 +78,17 @@ def extend(stack_name: str, hours: float, *, on_event: OnEvent) -> str:
 
 
 def reconfigure(stack_name: str, *, say: Say) -> None:
-    """The site playbook again, on the live host, with the stack's settings (what Configure runs)."""
+    """The site playbook again, on the live host, with what the stack's Configure ran with (its
+    inputs in the state: the planned context, the cache volume, the HF token), and the lease's end
+    as the session's record has it (`extend` moves it). SessionError when the stack has no
+    configured host."""
     live = record.load(stack_name)
-    config = engine(stack_name).config()
-    use_session(stack_name, config)
-    settings = converge.HostSettings(
-        stack=stack_name, cloud=live.cloud, instance_id=live.instance_id, host=live.endpoint.host,
-        port=live.endpoint.port, user=live.endpoint.user, model=live.model, backend=live.backend,
-        quantize=config.get("quantize") == "true", device=config.get("device") or StackConfig.device,
-        context=int(config.get("context") or 0), trust_remote_code=config.get("trustRemoteCode") == "true",
-        lease_expires_at=live.lease_expires_at.isoformat(timespec="seconds") if live.lease_expires_at else "",
-    )  # fmt: skip
-    env = {**os.environ, **({"HF_TOKEN": config["hfToken"]} if config.get("hfToken") else {})}
-    converge.site(settings, env)
+    stack = engine(stack_name)
+    use_session(stack_name, stack.config())
+    inputs = next((r["outputs"] for r in stack.resources() if r["type"] == "Configure" and not r["pending"]), None)
+    if not inputs:
+        raise SessionError(f"stack {stack_name} has no configured host (up with --no-configure?): `invoke up` configures one")
+    env = configure.environment(inputs)
+    lease = live.lease_expires_at.isoformat(timespec="seconds") if live.lease_expires_at else ""
+    converge.site(dataclasses.replace(converge.HostSettings.from_env(env), lease_expires_at=lease), env)
     say(f"stack {stack_name}: configured")

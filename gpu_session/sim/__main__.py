@@ -8,20 +8,45 @@ import json
 import logging
 import shlex
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 
 import requests
 
+from gpu_session.paths import write_private
+
 from . import SimConfig, Simulator, default_state_dir, hub_models
 from .world import FAULT_KINDS
+
+# The port this state dir's simulator last listened on. Sessions and cache stacks record the
+# simulator's addresses (their environment.json), so a restarted simulator (after --stop, a reboot)
+# listens there again while that port is free; otherwise their down and cost find no cloud.
+PORT_FILE = "port"
+
+
+def _last_port(state_dir: Path) -> int:
+    """The port in PORT_FILE while nothing else listens on it; else 0 (a free one)."""
+    try:
+        port = int((state_dir / PORT_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it (TIME_WAIT is free)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gpu-session sim", description=__doc__)
     p.add_argument("--state-dir", type=Path, default=None, help="where hosts, models and sim.json live")
-    p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
+    p.add_argument(
+        "--port", type=int, default=0, help="API port (default: the last one of --state-dir while free, else a free one)"
+    )
     p.add_argument("--boot-delay", type=float, default=3.0, help="seconds from launch until a host starts")
     p.add_argument("--no-rate-limits", action="store_true", help="turn off Lambda's 1 request/s and 1 launch/12 s")
     p.add_argument("--loopback", action="store_true", help="sshd on loopback ports instead of isolated hosts")
@@ -216,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     config = SimConfig(boot_delay=args.boot_delay, isolate_hosts=False if args.loopback else None)
     if args.no_rate_limits:
         config.lambda_rate = config.lambda_launch_rate = 0
-    sim = Simulator(state_dir, config, port=args.port)
+    sim = Simulator(state_dir, config, port=args.port or _last_port(state_dir))
+    write_private(state_dir / PORT_FILE, str(sim.server.port))
     for f in faults:
         sim.inject(**f)
     for c in capacity:

@@ -134,6 +134,12 @@ def sigint_guard(say: Callable[[str], None] = lambda m: print(m, file=sys.stderr
 # --- Pulumi -----------------------------------------------------------------------------------
 
 
+# How a stack's exported deployment marks a secret, beside its "plaintext" (JSON) once decrypted:
+# {SIG_KEY: SECRET_SIG, "plaintext": …} (Pulumi's sig.Key and sig.Secret, sdk/go/common/resource/sig;
+# the Python SDK's pulumi.runtime.rpc._special_sig_key and _special_secret_sig).
+SIG_KEY, SECRET_SIG = "4dabf18193072939515e22adb298388d", "1b47061264138c4ac30d75fd1eb44270"
+
+
 def pulumi_binary() -> Path:
     """The `pulumi` CLI: on PATH, else where the official installer and scripts/install-pulumi put it
     ($PULUMI_HOME/bin, ~/.pulumi/bin). PulumiMissing, saying how to install it, when there is none."""
@@ -250,7 +256,9 @@ class PulumiEngine:
                 work_dir=str(self.folder),
                 opts=auto.LocalWorkspaceOptions(
                     env_vars=self._env,
-                    pulumi_command=auto.PulumiCommand(root=str(binary.parent.parent)),
+                    # PulumiCommand runs <root>/bin/pulumi, or `pulumi` from PATH when given no root: a
+                    # CLI on PATH outside a bin/ folder (the release tarball's pulumi/pulumi) has no root.
+                    pulumi_command=auto.PulumiCommand(root=str(binary.parent.parent) if binary.parent.name == "bin" else None),
                     secrets_provider="passphrase",
                 ),
             )
@@ -363,9 +371,16 @@ class PulumiEngine:
 
     def resources(self) -> list[dict]:
         """What the state records, in order: [{"type": "GpuInstance", "name": "gpu", "id": …,
-        "pending": "", "outputs": {…}}] (secret outputs decrypted: see export), then each operation a killed
+        "pending": "", "outputs": {…}}] (secret outputs as their plain values: see export), then each operation a killed
         run started and never finished, with "pending" saying which ("creating", "updating", "deleting")."""
         deployment = self.export()
+
+        def plain(value):  # secrets as their values
+            if isinstance(value, dict):
+                if value.get(SIG_KEY) == SECRET_SIG and "plaintext" in value:
+                    return json.loads(value["plaintext"])
+                return {k: plain(v) for k, v in value.items()}
+            return [plain(v) for v in value] if isinstance(value, list) else value
 
         def row(resource: dict, pending: str) -> dict:
             name, kind = resource["urn"].rsplit("::", 1)[-1], resource["type"].rsplit(":", 1)[-1]
@@ -374,7 +389,7 @@ class PulumiEngine:
                 "name": name,
                 "id": resource.get("id", ""),
                 "pending": pending,
-                "outputs": resource.get("outputs") or {},
+                "outputs": plain(resource.get("outputs") or {}),
             }
 
         return [row(r, "") for r in deployment.get("resources") or [] if not r["type"].startswith("pulumi:")] + [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,19 +22,25 @@ def run_cli(*args: str, state: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
-def test_foreground_simulator_prints_exports_and_stops_cleanly(tmp_path):
-    state = tmp_path / "sim"
+def start(state: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    """A foreground simulator on `state`, and the export lines it printed first."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpu_session.sim", "--state-dir", str(state), "--boot-delay", "0.1", "--no-rate-limits"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    env = {}
+    while len(env) < 7:
+        line = proc.stdout.readline()
+        assert line.startswith("export "), line + proc.stderr.read()
+        k, _, v = line[len("export ") :].strip().partition("=")
+        env[k] = v
+    return proc, env
+
+
+def test_foreground_simulator_prints_exports_and_stops_cleanly(tmp_path):
+    state = tmp_path / "sim"
+    proc, env = start(state)
     try:
-        env = {}
-        while len(env) < 7:
-            line = proc.stdout.readline()
-            assert line.startswith("export "), line + proc.stderr.read()
-            k, _, v = line[len("export ") :].strip().partition("=")
-            env[k] = v
         assert set(env) == {
             "LAMBDA_API_BASE",
             "RUNPOD_API_BASE_URL",
@@ -93,6 +100,27 @@ def test_foreground_simulator_prints_exports_and_stops_cleanly(tmp_path):
     assert "nothing to stop" in run_cli("--stop", state=state).stderr
     assert run_cli("--list", state=state).returncode != 0  # says none is running
     assert "no simulator is running" in run_cli("--env", state=state).stderr
+
+    # Restarted, it listens where it did (sessions and cache stacks recorded that address), with
+    # the same keys; with that port taken, on another.
+    proc, again = start(state)
+    try:
+        assert again == env
+        assert oct((state / "port").stat().st_mode & 0o777) == "0o600"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    port = int(env["LAMBDA_API_BASE"].split(":")[2].split("/")[0])
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the last run's connections may be in TIME_WAIT
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        proc, moved = start(state)
+        try:
+            assert moved["LAMBDA_API_KEY"] == env["LAMBDA_API_KEY"] and moved["LAMBDA_API_BASE"] != env["LAMBDA_API_BASE"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
 
 
 def test_bad_cli_input_says_what_to_do(tmp_path):

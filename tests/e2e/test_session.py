@@ -138,8 +138,15 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     # configure runs the playbook again (it changes nothing now); doctor finds everything private.
     reconfigured = invoke("configure", "--stack", stack)
     assert reconfigured.returncode == 0 and f"stack {stack}: configured" in reconfigured.stderr, reconfigured.stdout[-2000:]
+    # with what up's converge had (the planned context, the lease): the playbook ends after its check
+    said = reconfigured.stdout + reconfigured.stderr
+    assert "Check the last converge and the server" in said and "Create the data root" not in said, said[-3000:]
     doctor = invoke("doctor")
     assert doctor.returncode == 0 and "ok   permissions" in doctor.stdout, doctor.stdout
+    checked = invoke("doctor", "--json")  # the same checks as one JSON array (no summary line after it)
+    checks = json.loads(checked.stdout)
+    assert checked.returncode == 0 and all(set(c) == {"name", "ok", "detail"} and c["ok"] for c in checks), checked.stdout
+    assert {"pulumi", "ssh", "permissions"} <= {c["name"] for c in checks}
 
     again = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--stack", stack, "--yes")
     assert again.returncode == 1 and f"stack {stack} is already up" in again.stderr and len(alive(sim, stack)) == 1
@@ -538,10 +545,10 @@ def test_up_without_any_key_names_the_variables(sim, sim_env, monkeypatch):
     assert out.returncode == 1 and "export LAMBDA_API_KEY or RUNPOD_API_KEY" in out.stderr
 
 
-def start_up(stack: str) -> subprocess.Popen:
+def start_up(stack: str, *options: str) -> subprocess.Popen:
     """`invoke up` of the tiny model on Lambda, in a process group of its own, as a terminal runs it."""
     return subprocess.Popen(
-        [INVOKE, "up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", stack, "--yes"],
+        [INVOKE, "up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", stack, "--yes", *options],
         cwd=ROOT, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
@@ -550,9 +557,10 @@ def start_up(stack: str) -> subprocess.Popen:
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_a_cancelled_up_tears_down_what_it_made(sim, sim_env, how):
     """Ctrl-C (the whole foreground group gets SIGINT) or SIGTERM (up alone) while the machine boots:
-    the step in flight finishes, nothing new starts, and with no terminal to ask, up tears down."""
+    the step in flight finishes, nothing new starts, and with no terminal to ask, up tears down.
+    Under --json (the SIGTERM case: a cancelled CI job), stdout ends with the failed summary."""
     stack = f"cancel-{how}"
-    proc = start_up(stack)
+    proc = start_up(stack, *(["--json"] if how == "sigterm" else []))
     _wait(lambda: alive(sim, stack))
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
@@ -560,9 +568,13 @@ def test_a_cancelled_up_tears_down_what_it_made(sim, sim_env, how):
         os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
-    assert "up was cancelled" in err and "no terminal to ask: tearing down" in err and f"stack {stack}: nothing left" in err
+    said = out + err  # under --json, progress goes to stdout
+    assert "up was cancelled" in said and "no terminal to ask: tearing down" in said and f"stack {stack}: nothing left" in said
     assert not alive(sim, stack) and not keys(sim, stack)
     assert "create Configure configure" not in err  # the instance's create finished; configuring never started
+    if how == "sigterm":
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["event"] == "summary" and summary["ok"] is False and f"error: {summary['error']}\n" in err, out + err
 
 
 def test_ctrl_c_twice_stops_the_engine_and_down_recovers(sim, sim_env):

@@ -34,6 +34,20 @@ def test_the_cli_in_pulumis_own_install_folder_is_found(monkeypatch, tmp_path):
     assert stack.pulumi_binary() == binary
 
 
+def test_a_cli_on_path_outside_a_bin_folder_runs(monkeypatch, tmp_path):
+    """The release tarball unpacks to pulumi/pulumi, often put on PATH as it is: the engine runs that
+    CLI (the Automation API's PulumiCommand wants a root with bin/pulumi in it, which it has not)."""
+    dist = tmp_path / "pulumi"
+    dist.mkdir()
+    (dist / "pulumi").symlink_to(stack.pulumi_binary())
+    monkeypatch.setenv("PATH", f"{dist}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert stack.pulumi_binary() == dist / "pulumi"
+    with pytest.raises(stack.StackNotFound):
+        stack.engine("nosuch", create=False)
+
+
 def test_the_engine_environment(monkeypatch):
     for var in ("PULUMI_BACKEND_URL", "PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE"):
         monkeypatch.delenv(var, raising=False)
