@@ -88,8 +88,11 @@ def _message(result: dict) -> str:
     failed_items = [r for r in result.get("results") or [] if isinstance(r, dict) and r.get("failed")]
     if failed_items:  # a loop: what went wrong with each item, not "One or more items failed"
         return "; ".join(_message(r) for r in failed_items)
-    msg = result.get("msg") or result.get("stderr") or result.get("module_stderr") or ""
-    return str(msg).strip()
+    msg = str(result.get("msg") or "")
+    stderr = str(result.get("stderr") or "").strip()
+    if stderr and msg in ("", "non-zero return code"):  # a failed command: its own last words say why
+        msg = stderr.splitlines()[-1]
+    return (msg or str(result.get("module_stderr") or "")).strip()
 
 
 def remove_orphaned_runs() -> None:

@@ -89,6 +89,8 @@ def reconfigure(stack_name: str, *, say: Say) -> None:
     if not inputs:
         raise SessionError(f"stack {stack_name} has no configured host (up with --no-configure?): `invoke up` configures one")
     env = configure.environment(inputs)
-    lease = live.lease_expires_at.isoformat(timespec="seconds") if live.lease_expires_at else ""
-    converge.site(dataclasses.replace(converge.HostSettings.from_env(env), lease_expires_at=lease), env)
+    settings = converge.HostSettings.from_env(env)
+    if live.lease_expires_at:  # `extend` moved it (its up updates the state too, when it got that far)
+        settings = dataclasses.replace(settings, lease_expires_at=live.lease_expires_at.isoformat(timespec="seconds"))
+    converge.site(settings, env)
     say(f"stack {stack_name}: configured")

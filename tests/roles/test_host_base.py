@@ -45,6 +45,24 @@ def test_second_converge_changes_nothing(hosts, converged):
         assert run(t, role="host_base", extravars=extra).changed == 0
 
 
+def test_a_wrong_mode_is_put_right_and_a_planted_link_refused(hosts, converged, keypair):
+    """The data root's folders: one with another mode is put right (and reported changed); a link the
+    service user put in a folder's place is refused, and what it points at is left alone."""
+    t = hosts["runpod"]
+    extra = {"host_base_hf_endpoint": "http://hub.invalid:1234", "host_base_environment": {"GPU_SESSION_STACK": "dev"}}
+    on(t, keypair, "chmod 0777 /opt/gpu-session/uploads")
+    assert run(t, role="host_base", extravars=extra).changed == 1
+    assert on(t, keypair, "stat -c '%U %a' /opt/gpu-session/uploads").strip() == "gpu-session 750"
+    on(t, keypair, "mkdir -p /srv/victim && chmod 0755 /srv/victim && mv /opt/gpu-session/hf /opt/gpu-session/hf.moved"
+                   " && runuser -u gpu-session -- ln -s /srv/victim /opt/gpu-session/hf")  # fmt: skip
+    try:
+        with pytest.raises(ConfigureError, match="/opt/gpu-session/hf is a symbolic link"):
+            run(t, role="host_base", extravars=extra)
+        assert on(t, keypair, "stat -c '%U %a' /srv/victim").strip() == "root 755"
+    finally:
+        on(t, keypair, "rm /opt/gpu-session/hf && mv /opt/gpu-session/hf.moved /opt/gpu-session/hf")
+
+
 def test_bad_input_is_refused(hosts, converged):
     with pytest.raises(ConfigureError, match="host_base_platform"):
         run(hosts["lambda"], role="host_base", extravars={"host_base_platform": "aws"})
