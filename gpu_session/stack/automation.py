@@ -11,6 +11,7 @@ Python and this package, and no plugin downloads (every provider of ours is a dy
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -150,6 +151,18 @@ def pulumi_binary() -> Path:
     raise PulumiMissing()
 
 
+@functools.cache
+def pulumi_command(binary: Path):
+    """The Automation API's PulumiCommand for `binary`, one per process: making one runs `pulumi
+    version` (a subprocess, ~0.15 s), and an `up` opens the session's stack and its cache's. It runs
+    <root>/bin/pulumi, or `pulumi` from PATH when given no root: a CLI on PATH outside a bin/ folder
+    (the release tarball's pulumi/pulumi) has no root. Raises the Automation API's InvalidVersionError
+    for a CLI older than its minimum."""
+    from pulumi import automation as auto
+
+    return auto.PulumiCommand(root=str(binary.parent.parent) if binary.parent.name == "bin" else None)
+
+
 def passphrase_env() -> dict[str, str]:
     """PULUMI_CONFIG_PASSPHRASE(_FILE) when the user set one; else a generated passphrase file."""
     if os.environ.get("PULUMI_CONFIG_PASSPHRASE") or os.environ.get("PULUMI_CONFIG_PASSPHRASE_FILE"):
@@ -256,9 +269,7 @@ class PulumiEngine:
                 work_dir=str(self.folder),
                 opts=auto.LocalWorkspaceOptions(
                     env_vars=self._env,
-                    # PulumiCommand runs <root>/bin/pulumi, or `pulumi` from PATH when given no root: a
-                    # CLI on PATH outside a bin/ folder (the release tarball's pulumi/pulumi) has no root.
-                    pulumi_command=auto.PulumiCommand(root=str(binary.parent.parent) if binary.parent.name == "bin" else None),
+                    pulumi_command=pulumi_command(binary),
                     secrets_provider="passphrase",
                 ),
             )

@@ -59,7 +59,7 @@ def test_the_quick_start_reads_like_a_product_at_80_columns(tmp_path):
             assert phase in up, up
         [download] = [line for line in up.splitlines() if "✓ weights download" in line]
         assert " of " in download and "B/s" in download, download
-        assert "Gather the facts" not in up and "ok      " not in up  # Ansible's task lines are in the log, not here
+        assert "Bootstrap python3" not in up and "ok      " not in up  # Ansible's task lines are in the log, not here
         assert "OpenAI-compatible endpoint: http://127.0.0.1:" in up
 
         # chat: the simulator's model says its known hello

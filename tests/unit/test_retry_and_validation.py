@@ -31,6 +31,18 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap():
     assert len({tuple(policy.delays()) for _ in range(20)}) > 1  # jittered
 
 
+def test_a_start_polls_sooner_first_and_never_faster_than_the_cloud_allows():
+    from itertools import islice
+
+    from gpu_session.clouds.lambda_cloud import LambdaCloud
+    from gpu_session.clouds.runpod import RunpodCloud
+
+    # Lambda documents one request a second: its retry floor holds the first polls to that.
+    assert list(islice(LambdaCloud(api_key="k").poll_delays(), 5)) == [1.0, 1.0, 2.0, 2.0, 2.0]
+    assert list(islice(RunpodCloud(api_key="k").poll_delays(), 5)) == [0.5, 1.0, 2.0, 2.0, 2.0]
+    assert list(islice(RunpodCloud(api_key="k", poll_interval=8.0).poll_delays(), 4)) == [2.0, 4.0, 8.0, 8.0]
+
+
 def test_only_retryable_errors_are_retried(monkeypatch):
     monkeypatch.setattr("time.sleep", lambda s: None)
     calls = []

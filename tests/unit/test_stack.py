@@ -48,6 +48,23 @@ def test_a_cli_on_path_outside_a_bin_folder_runs(monkeypatch, tmp_path):
         stack.engine("nosuch", create=False)
 
 
+def test_the_cli_is_asked_its_version_once_per_process(monkeypatch, tmp_path):
+    """Each PulumiCommand runs `pulumi version`: an up opens its session's stack and its cache's, and
+    status or cache list open every stack, so the command is made once per CLI."""
+    real, calls = stack.pulumi_binary(), tmp_path / "calls"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pulumi").write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nexec "{real}" "$@"\n')
+    (tmp_path / "bin" / "pulumi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in ("one", "two", "three"):
+        with pytest.raises(stack.StackNotFound):
+            stack.engine(name, create=False)
+    said = calls.read_text().splitlines()
+    assert said.count("version") == 1 and sum(" stack select " in f" {line} " for line in said) == 3
+
+
 def test_the_engine_environment(monkeypatch):
     for var in ("PULUMI_BACKEND_URL", "PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE"):
         monkeypatch.delenv(var, raising=False)

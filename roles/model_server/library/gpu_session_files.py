@@ -1,0 +1,1 @@
+../../host_base/library/gpu_session_files.py
