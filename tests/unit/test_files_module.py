@@ -50,7 +50,8 @@ def owned(path: Path) -> tuple[str, int]:
 def test_makes_writes_then_leaves_alone_and_puts_right_what_drifted(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
-    dirs = [{"path": str(root / "bin"), "mode": "0750"}, {"path": str(root / "bin" / "sub"), "mode": "0700"}]
+    dirs = [{"path": str(root / "bin"), "mode": "0750"}, {"path": str(root / "bin" / "sub"), "mode": "0700"},
+            {"path": str(root / "missing" / "pid"), "mode": "0750"}]  # fmt: skip
     # As the role passes a helper: the file lookup's text, which Ansible does not template again.
     (tmp_path / "a.py").write_text("print('{{ not a template }}')\n")
     looked_up = f"{{{{ lookup('ansible.builtin.file', '{tmp_path / 'a.py'}', rstrip=false) }}}}"
@@ -62,6 +63,7 @@ def test_makes_writes_then_leaves_alone_and_puts_right_what_drifted(tmp_path):
     first = apply(tmp_path, dirs, files)
     assert first["changed"] and first["made"] == [d["path"] for d in dirs] and first["written"] == [f["dest"] for f in files]
     assert owned(root / "bin") == (OWNER, 0o750) and owned(root / "bin" / "sub") == (OWNER, 0o700)
+    assert owned(root / "missing") == ("root", 0o755) and owned(root / "missing" / "pid") == (OWNER, 0o750)  # as mkdir -p
     assert owned(root / "bin" / "a.py") == (OWNER, 0o640) and owned(root / "bin" / "run") == (OWNER, 0o750)
     assert (root / "bin" / "a.py").read_text() == "print('{{ not a template }}')\n"  # byte for byte, never templated
     assert (root / "bin" / "run").read_text() == "#!/bin/sh\nexec true"

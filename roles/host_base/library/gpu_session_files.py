@@ -22,7 +22,7 @@ options:
   owner: {description: The owner's user name., type: str, required: true}
   group: {description: The owner's group name., type: str, required: true}
   directories:
-    description: Folders, made with their parents' already there; C(path), C(mode) (octal string), and C(owner), C(group) optionally.
+    description: Folders (missing parents made as mkdir -p makes them); C(path), C(mode) (octal string), and C(owner), C(group) optionally.
     type: list
     elements: dict
     default: []
@@ -80,6 +80,7 @@ def make_directory(path: str, uid: int, gid: int, mode: int, check: bool) -> boo
         return False
     if not check:
         if st is None:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)  # missing parents root's, as mkdir -p makes them
             os.mkdir(path, 0o700)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
