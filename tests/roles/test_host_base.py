@@ -33,7 +33,7 @@ def test_extra_environment_and_uv_on_both_clouds(hosts, converged, keypair, whic
     t = hosts[which]
     env = on(t, keypair, "sudo cat /opt/gpu-session/env").splitlines()
     assert "HF_ENDPOINT=http://hub.invalid:1234" in env and "GPU_SESSION_STACK=dev" in env
-    assert on(t, keypair, "sudo stat -c '%U %a' /opt/gpu-session/env").strip() == "gpu-session 600"
+    assert on(t, keypair, "sudo stat -c '%U:%G %a' /opt/gpu-session/env").strip() == "root:gpu-session 640"
     # uv came from the controller (the same version), not from the internet the host does not have.
     ours = subprocess.run([Path(sys.executable).with_name("uv"), "--version"], capture_output=True, text=True).stdout
     assert on(t, keypair, "/usr/local/bin/uv --version") == ours
@@ -46,15 +46,19 @@ def test_second_converge_changes_nothing(hosts, converged):
 
 
 def test_a_wrong_mode_is_put_right_and_a_planted_link_refused(hosts, converged, keypair):
-    """The data root's folders: one with another mode is put right (and reported changed); a link the
-    service user put in a folder's place is refused, and what it points at is left alone."""
+    """The data root's folders: one with another mode is put right (and reported changed). The
+    service user cannot put a link in a folder's place (the data root is root's); a link there all the
+    same (the shm root's parent, /dev/shm, is anyone's to write) is refused, and what it points at is
+    left alone."""
     t = hosts["runpod"]
     extra = {"host_base_hf_endpoint": "http://hub.invalid:1234", "host_base_environment": {"GPU_SESSION_STACK": "dev"}}
     on(t, keypair, "chmod 0777 /opt/gpu-session/uploads")
     assert run(t, role="host_base", extravars=extra).changed == 1
     assert on(t, keypair, "stat -c '%U %a' /opt/gpu-session/uploads").strip() == "gpu-session 750"
+    denied = on(t, keypair, "runuser -u gpu-session -- mv /opt/gpu-session/hf /opt/gpu-session/hf.x 2>&1; echo rc=$?")
+    assert "Permission denied" in denied and "rc=0" not in denied, denied
     on(t, keypair, "mkdir -p /srv/victim && chmod 0755 /srv/victim && mv /opt/gpu-session/hf /opt/gpu-session/hf.moved"
-                   " && runuser -u gpu-session -- ln -s /srv/victim /opt/gpu-session/hf")  # fmt: skip
+                   " && ln -s /srv/victim /opt/gpu-session/hf")  # fmt: skip
     try:
         with pytest.raises(ConfigureError, match="/opt/gpu-session/hf is a symbolic link"):
             run(t, role="host_base", extravars=extra)

@@ -195,3 +195,21 @@ def test_a_blob_is_hashed_once_and_again_only_when_it_changed(helper, tmp_path, 
     result = helper.verify_cached(folder, SHA, expected)
     assert result["removed"] == ["model.safetensors"] and not weights.exists()
     assert not (records / folder.name / expected["model.safetensors"]).exists()
+
+
+def test_seal_never_reaches_a_file_of_the_host_through_a_link(helper, tmp_path):
+    """The session's user writes the Hub cache: a symbolic link or a hard link it put in a blob's place
+    must not hand a file of the host to root's chown and chmod (a link is not followed; a file with
+    another name is left as it is). A regular blob is sealed."""
+    host_file = tmp_path / "shadow"
+    host_file.write_text("secret")
+    host_file.chmod(0o600)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "soft").symlink_to(host_file)
+    os.link(host_file, blobs / "hard")
+    (blobs / "plain").write_text("weights")
+    for name in ("soft", "hard", "plain"):
+        helper.seal(blobs / name)
+    assert oct(host_file.stat().st_mode & 0o777) == ("0o600" if os.geteuid() == 0 else "0o444")
+    assert oct((blobs / "plain").stat().st_mode & 0o777) == "0o444"

@@ -216,6 +216,50 @@ def png(rgb: tuple[int, int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+# The folders the service user's processes write; nothing else of ours is the service user's to write.
+SERVICE_WRITES = ("hf", "cache", "tmp", "logs", "uploads", "home")
+
+
+def test_the_service_user_can_change_nothing_that_root_runs(site, keypair):
+    """Root runs the environment script, the helpers and the engines' Pythons (the metadata check,
+    the download's wait, the seal) and reads the marker and the converge digest: the service user,
+    whose server runs the model's code, may write only the folders its processes write. Found by
+    ownership and mode over the whole data root and pid folder, then tried as that user: renaming
+    `bin`, swapping the Hub venv for a link, editing the environment script, the environment file
+    and the secrets, forging the marker, planting a pidfile; each is refused and the next converge
+    finds nothing to change."""
+    target, good, converge = site
+    converge(model_server_backend="transformers")
+    writable = on(target, keypair, "sudo find /opt/gpu-session /run/gpu-session -mindepth 1 '(' -user gpu-session"
+                                   " -o -group gpu-session -perm -g+w -o -perm -o+w ')' -not -type l")  # fmt: skip
+    outside = [p for p in writable.split() if not p.startswith(tuple(f"/opt/gpu-session/{d}" for d in SERVICE_WRITES))]
+    assert outside == [], outside
+    top = on(target, keypair, "sudo stat -c '%U:%G %a' /opt/gpu-session /opt/gpu-session/bin /opt/gpu-session/engines"
+                              " /opt/gpu-session/run /run/gpu-session /opt/gpu-session/bin/gpu-session-env")  # fmt: skip
+    assert top.split("\n")[:6] == ["root:gpu-session 750"] * 6, top
+    tries = [
+        "mv /opt/gpu-session/bin /opt/gpu-session/bin.x",
+        "mv /opt/gpu-session/engines/hub /opt/gpu-session/engines/hub.x",
+        "ln -sfn /opt/gpu-session/tmp /opt/gpu-session/engines/hub",
+        "echo id >> /opt/gpu-session/bin/gpu-session-env",
+        "echo id >> /opt/gpu-session/bin/gpu-session-model.py",
+        "echo X=1 >> /opt/gpu-session/env",
+        "echo X=1 >> /opt/gpu-session/model-server.env",
+        "echo {} > /opt/gpu-session/run/model.json",
+        "touch /opt/gpu-session/run/converged",
+        "touch /run/gpu-session/gpu-session-lease.log.x",
+        "touch /opt/gpu-session/engines/hub/bin/python",
+    ]
+    for attempt in tries:
+        out = on(target, keypair, f"sudo runuser -u gpu-session -- sh -c {shlex.quote(attempt)} 2>&1; echo rc=$?")
+        assert "rc=0" not in out and "ermission denied" in out, (attempt, out)
+    events = []
+    converge(events, model_server_backend="transformers", gpu_session_full_converge=True)
+    # (gpu_session_full_converge is an input too: the digest it leaves is another)
+    changed = [e.task for e in events if e.kind == "changed" and e.task != "Remember this converge's digest"]
+    assert changed == [], changed
+
+
 def test_each_try_of_the_download_wait_says_its_bytes_and_converge_shows_them(site, sim, keypair):
     """With a slow Hub (one file request waits 7 s, the others are quick), the wait for the download
     tries several times; each try prints the bytes the model's folder holds so far and the weights'
@@ -252,12 +296,12 @@ def test_a_session_plants_canaries_where_its_data_goes_and_scrub_proves_them_gon
     converge(events, model_server_backend="transformers", gpu_session_canaries=canaries)
     assert "Plant the session's canaries" in [e.task for e in events if e.kind == "ok"]  # no_log: never "changed" here
     places = [
-        "/opt/gpu-session/.gpu-session-canary",  # the data root
+        "/opt/gpu-session/cache/.gpu-session-canary",  # the data root's caches
         "/opt/gpu-session/uploads/.gpu-session-canary",
         "/opt/gpu-session/logs/model-server.log",
         "/opt/gpu-session/hf/hub/.gpu-session-canary",  # the Hub cache
         "/tmp/gpu-session-canary",
-        "/opt/gpu-session/.bash_history",  # the service user's home is the data root
+        "/opt/gpu-session/home/.bash_history",  # the service user's home is in the data root
     ]
     search = "; ".join(f"echo $(grep -rlsF -e {c} /opt /tmp /var/tmp /home /root /dev/shm /run /etc /var/log)" for c in canaries)
     assert on(target, keypair, f"sudo sh -c '{search}'").splitlines() == places

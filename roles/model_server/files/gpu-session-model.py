@@ -88,16 +88,27 @@ def repo_folder(hub_cache: Path, model: str) -> Path:
 def seal(blob: Path) -> None:
     """A verified blob becomes root's and read-only: no process of the session (the service user) can
     write into it afterwards, so scrub's canary search may skip it (roles/scrub). Not root: unchanged.
-    One sealed already is left as it is (a chmod would change its ctime, which its record holds)."""
+    One sealed already is left as it is (a chmod would change its ctime, which its record holds).
+    The session's user writes the Hub cache, so what is sealed is the file opened, never a link in
+    its place, and only a regular file with one name (a hard link the user made to a file of the
+    host's would otherwise hand that file to root's chown and chmod)."""
     try:
-        st = os.stat(blob)
-        if st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o444:
+        fd = os.open(blob, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o444):
             return
         if os.geteuid() == 0:
-            os.chown(blob, 0, 0)
-        os.chmod(blob, 0o444)
+            if st.st_nlink != 1:
+                return
+            os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o444)
     except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 # Hash once, trust after: a blob hashed and sealed has a record beside the Hub cache (root's, 0700,

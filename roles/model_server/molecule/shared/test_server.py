@@ -63,7 +63,7 @@ def test_secrets_live_in_private_files_only(host):
     with host.sudo():
         for path in ("/opt/gpu-session/env", "/opt/gpu-session/model-server.env"):
             f = host.file(path)
-            assert (f.mode, f.user) == (0o600, "gpu-session"), path
+            assert (f.mode, f.user, f.group) == (0o640, "root", "gpu-session"), path
         assert KEY in host.file("/opt/gpu-session/model-server.env").content_string
         args = host.check_output("ps -eo args")
     assert "127.0.0.1" in args and KEY not in args
