@@ -36,8 +36,9 @@ CONTEXT_MARGIN = 0.97
 DEFAULT_CONTEXT = 8192
 # --quantize: 4-bit weights where a 16-bit checkpoint would be (bitsandbytes), plus scales.
 QUANTIZED_SHARE = 0.3
-# Disk beside the weights: the engine's venv (CUDA torch and its libraries, about 10 GiB), the Hub
-# download tool, logs and the OS's own use.
+# An engine's venv: CUDA torch and its libraries (vLLM's CUDA build's, measured: about 10 GiB).
+ENGINE_VENV_GIB = 10
+# Disk beside the weights: the engine's venv, the Hub download tool, logs and the OS's own use.
 ENGINE_DISK_GIB = 20
 # Hub files that are never the weights an engine loads: other formats and original checkpoints.
 NOT_WEIGHTS = ("original/*", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.tflite", "*.ot")

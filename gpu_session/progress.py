@@ -2,7 +2,8 @@
 session has come: one line on their output, `progress {JSON}`, which reaches the face as a stack
 log event (gpu_session.cli.view draws it). Imports nothing of ours.
 
-    {"phase": "download", "state": "start" | "done" | "running", "seconds": …, "bytes": …, "total": …}
+    {"phase": "download", "state": "start" | "done" | "running", "seconds": …, "bytes": …, "total": …,
+     "note": "reused from the cache volume"}
 """
 
 from __future__ import annotations

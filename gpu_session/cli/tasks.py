@@ -55,6 +55,20 @@ def _failed_summary(error: str, one_object: bool = False, **extra) -> None:
     print(jsonlib.dumps(failed | {"error": error, **extra}), flush=True)
 
 
+def _config_word(value, key: str):
+    """An option that is also a stack config key, checked by the config's own parser (the words
+    `pulumi config set` takes: gpu_session.stack.config.PARSERS) before anything starts; "" or None
+    gives None; UsageError naming the option and its words."""
+    from gpu_session.stack.config import PARSERS
+
+    if not value:
+        return None
+    try:
+        return PARSERS[key](value)
+    except ValueError as e:
+        raise UsageError(f"--{key} takes {e} (got {value!r})") from None
+
+
 def _number(value, option: str, kind=float):
     """An option's text as a number above 0 (None stays None); UsageError naming the option."""
     if value is None:
@@ -303,7 +317,7 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
         "cloud": cloud or defaults.get("cloud"), "gpu": gpu or defaults.get("gpu"), "gpus": _number(gpus, "gpus", int),
         "hours": _number(hours or defaults.get("hours"), "hours"), "max_price": _number(max_price, "max_price"),
         "budget": _number(budget or defaults.get("budget"), "budget"), "disk": _number(disk, "disk", int),
-        "context": _number(context, "context", int), "backend": backend or None,
+        "context": _number(context, "context", int), "backend": _config_word(backend, "backend"),
     }  # fmt: skip
     opts = UpOptions(model, **{k: v for k, v in given.items() if v is not None}, quantize=quantize,
                      trust_remote_code=trust_remote_code, stack=stack, configure=configure, cache=cache,
@@ -786,9 +800,10 @@ def bench(c, backend="transformers", cloud="lambda", json="", cache=False):
         "yes": "terminate (and delete) every orphan without asking",
         "dry_run": "list the orphans and end none (needs no terminal)",
         "json": "progress and the result as JSON lines",
+        "sim": "sweep the simulator's clouds (after rehearsals with up --sim)",
     }
 )
-def sweep(c, yes=False, dry_run=False, json=False):
+def sweep(c, yes=False, dry_run=False, json=False, sim=False):
     """Find instances named like ours that no stack owns, and cache volumes no cache stack owns; offer to end them."""
     import json as jsonlib
 
@@ -802,6 +817,8 @@ def sweep(c, yes=False, dry_run=False, json=False):
         raise UsageError("--yes ends the orphans and --dry-run ends none: pass one of them")
     if not yes and not dry_run and not sys.stdin.isatty():
         raise UsageError("no terminal to ask before terminating orphans: pass --yes, or --dry-run to list them")
+    if sim:
+        _simulate(say)
     found = {"instances": [], "volumes": []}
 
     def confirm(cloud, inst) -> bool:

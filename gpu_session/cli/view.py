@@ -41,7 +41,7 @@ class Phase:
     started: float | None = None  # time.monotonic()
     seconds: float | None = None  # when done
     failed: str = ""
-    facts: dict = field(default_factory=dict)  # the download's bytes and total
+    facts: dict = field(default_factory=dict)  # the download's bytes and total; a note of what was done instead
 
     @property
     def state(self) -> str:
@@ -125,7 +125,8 @@ class SessionView:
             phase.started = time.monotonic()
         phase.seconds = seconds if seconds is not None else time.monotonic() - phase.started
         if not self.live:
-            self.console.print(Text(f"{phase.title}: done in {phase.seconds:.0f}s"))
+            note = f" ({phase.facts['note']})" if phase.facts.get("note") else ""
+            self.console.print(Text(f"{phase.title}: done in {phase.seconds:.0f}s{note}"))
 
     # --- from the engine's events to phases ----------------------------------------------------
 
@@ -167,6 +168,8 @@ class SessionView:
             self.start(key)
             self.phases[key].facts.update({k: v for k, v in found.items() if k not in ("phase", "state")})
         elif state == "done":
+            if key in self.phases and found.get("note"):
+                self.phases[key].facts["note"] = str(found["note"])  # what the phase did instead of its work
             self.done(key, found.get("seconds"))
             if key == "load":
                 self.start("ready")  # what is left: the lease's watchdog
@@ -203,6 +206,8 @@ class SessionView:
     @staticmethod
     def _detail(phase: Phase, took: float) -> str:
         done, total = phase.facts.get("bytes"), phase.facts.get("total")
+        if phase.facts.get("note"):
+            return phase.facts["note"]
         if done is None:
             return ""
         if total and (phase.state == "done" or done > total):

@@ -142,6 +142,8 @@ def run(
             said.append(re.sub(r"\x1b\[[0-9;]*m", "", event["stdout"]).strip())
         elif kind == "runner_retry" and not (data.get("res") or {}).get("_ansible_no_log"):
             emit(Event("retry", task, str((data.get("res") or {}).get("stdout") or "")))  # what the try printed
+        elif kind == "runner_on_skipped":
+            emit(Event("skipped", task))  # a phase whose first task is skipped has nothing to do (converge)
         elif kind == "runner_on_ok":
             res = data.get("res") or {}
             if data.get("task_action", "").endswith("set_fact") and not res.get("_ansible_no_log"):

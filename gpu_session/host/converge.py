@@ -21,6 +21,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gpu_session import fit, progress
@@ -46,6 +47,13 @@ STEPS = {
 }
 # The until loop that waits for the weights: each try prints {"bytes": …, "total": …} (and more).
 DOWNLOAD_WAIT = "Wait for the download"
+# What an engine's install printed first (roles/model_server/tasks/venv.yml), as a person reads it
+# beside the engine's phase; "installed" needs no word.
+ENGINE_NOTES = {
+    "reused": "reused from the cache volume",
+    "current": "installed already",
+    "linked": "linked to a prebuilt venv",
+}
 # Which tasks make up each phase of a converge, for its timings (configured.json, `invoke bench`):
 # the sum of their times; but server_start is the wall clock from the server's launch to its first
 # token (the "load" step), since site.yml sets up the lease in between, while the engine loads.
@@ -171,14 +179,15 @@ def say(line: str) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this process's life)
 
 
-def show(event: Event) -> None:
-    if event.kind in ("task", "retry"):
+def show(event: Event, tell: Callable[[str], None] = say) -> None:
+    """A task's line (ok, changed, failed) to `tell`; nothing for a task's start, a retry or a skip."""
+    if event.kind in ("task", "retry", "skipped"):
         return
     took = f" ({event.seconds:.1f}s)" if event.seconds >= 1 else ""
     line = f"  {event.kind:<7} {event.task}{took}"
     if event.kind == "failed" and event.message:
         line += f": {event.message}"
-    say(line)
+    tell(line)
 
 
 def download_progress(printed: str) -> str:
@@ -216,6 +225,7 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
         "model_server_cache_weights": settings.cache_weights,
     }
     say(f"configuring {settings.cloud} instance {settings.instance_id} ({settings.host}:{settings.port})")
+    nothing_to_do = "reused from the cache volume" if settings.cache_root and settings.cache_weights else "on the host already"
     start = time.monotonic()
     per_task: dict[str, float] = {}
 
@@ -235,7 +245,13 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
                 say(progress.line(phase, "start"))
             elif event.kind in ("ok", "changed") and event.task in last and phase in started:
                 spans[phase] = time.monotonic() - started.pop(phase)
-                say(progress.line(phase, "done", seconds=round(spans[phase], 1)))
+                said = event.message.split()[:1]
+                note = {"note": ENGINE_NOTES[said[0]]} if phase == "engine" and said and said[0] in ENGINE_NOTES else {}
+                say(progress.line(phase, "done", seconds=round(spans[phase], 1), **note))
+            elif event.kind == "skipped" and event.task in first and phase in started:
+                # Nothing to do: the download's start is skipped when the weights are there already.
+                started.pop(phase)
+                say(progress.line(phase, "done", seconds=0, note=nothing_to_do))
 
     result = run(target(settings, keys), playbook="site.yml", extravars=extravars, on_event=on_event)
     seconds = time.monotonic() - start
@@ -257,27 +273,27 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
     write_private(keys.dir / "configured.json", json.dumps(configured))
 
 
-def scrub(settings: HostSettings, env: dict[str, str]) -> None:
+def scrub(settings: HostSettings, env: dict[str, str], tell: Callable[[str], None] = say) -> None:
+    """playbooks/scrub.yml on the host, its receipt written to the stack's folder; what it does goes
+    to `tell` (this process's output, read by the Configure provider; `down`'s own say when it scrubs
+    a host an interrupted `up` left, so that `--json` stays JSON). ConfigureError when a task fails."""
     if env.get(SKIP_SCRUB) == "1":
-        say(f"{SKIP_SCRUB}=1: destroying {settings.instance_id} without scrubbing it")
+        tell(f"{SKIP_SCRUB}=1: destroying {settings.instance_id} without scrubbing it")
         return
     if not ssh_banner(settings.host, settings.port, timeout=10):
-        print(
-            f"{settings.host}:{settings.port} does not answer: nothing can be scrubbed; its disk goes with the instance",
-            flush=True,
-        )
+        tell(f"{settings.host}:{settings.port} does not answer: nothing can be scrubbed; its disk goes with the instance")
         return
     keys = session_keys(settings.stack)
-    say(f"scrubbing {settings.cloud} instance {settings.instance_id}")
+    tell(f"scrubbing {settings.cloud} instance {settings.instance_id}")
     found = saved_canaries(keys, settings.instance_id)  # none for a stack from before canaries
     # The cache volume's root too (scrub keeps what is cached there and searches it for canaries).
     extravars = ({"scrub_canaries": found} if found else {}) | (
         {"gpu_session_cache_root": settings.cache_root} if settings.cache_root else {}
     )
-    result = run(target(settings, keys), playbook="scrub.yml", extravars=extravars or None, on_event=show)
+    result = run(target(settings, keys), playbook="scrub.yml", extravars=extravars or None, on_event=lambda e: show(e, tell))
     receipt = {"instance_id": settings.instance_id, "scrubbed_at": time.time(), **(result.facts.get("scrub_receipt") or {})}
     write_private(keys.dir / RECEIPT, json.dumps(receipt, indent=2))
-    say(f"scrubbed: receipt in {keys.dir / RECEIPT}")
+    tell(f"scrubbed: receipt in {keys.dir / RECEIPT}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,7 +108,7 @@ def scrub_half_configured(stack, recorded: list[dict], say: Say) -> None:
     settings = converge.HostSettings(stack=stack.stack, cloud=host["cloud"], instance_id=host["instance_id"],
                                      host=host["host"], port=int(host["port"]), user=host["user"])  # fmt: skip
     try:
-        converge.scrub(settings, dict(os.environ))
+        converge.scrub(settings, dict(os.environ), tell=say)
     except ConfigureError as e:
         raise SessionError(
             f"the scrub of {host['instance_id']} failed: {e}\nNothing was destroyed. Run `invoke down --stack {stack.stack}` "

@@ -74,10 +74,15 @@ class Plan:
         if self.cache is None:
             return self.cache_note
         c = self.cache
+        # Lambda bills what a filesystem holds: an empty one's $0.00 would mislead, so the most this
+        # session can add is said too (the engine's venv and the weights, when neither is there yet).
+        kept_gib = fit.ENGINE_VENV_GIB + (self.weights_gb if self.cache_weights else 0)
+        up_to = c.monthly_usd + c.price_per_gb_month * kept_gib * fit.GIB / 1e9
         cost = (
             f"(it costs ${c.monthly_usd:.2f}/month whether used or not)"
-            if c.cloud_sized  # Lambda bills what a filesystem holds: an empty one's $0.00 would mislead
-            else f"(it bills what it holds, ${c.price_per_gb_month:.2f}/GB-month: ${c.monthly_usd:.2f}/month now, more as it fills)"
+            if c.cloud_sized
+            else f"(it bills what it holds, ${c.price_per_gb_month:.2f}/GB-month: ${c.monthly_usd:.2f}/month now, up to "
+            f"${up_to:.2f} once this session's engine (about {fit.ENGINE_VENV_GIB} GiB) and weights are on it)"
         )
         weights = f"{self.weights_gb} GiB of weights" if self.weights_gb >= 0.1 else "weights (under 0.1 GiB)"
         if not self.cache_weights:
@@ -128,7 +133,10 @@ def clouds_for(choice: str) -> list[str]:
     if choice == "auto":
         found = [c for c in CLOUDS if os.environ.get(KEY_ENV[c])]
         if not found:
-            raise SessionError(f"no cloud API key: export {' or '.join(KEY_ENV.values())}")
+            raise SessionError(
+                f"no cloud API key: export {' or '.join(KEY_ENV.values())} (`gpu-session setup` saves them),"
+                " or pass --sim to use the simulator"
+            )
         return found
     if choice not in CLOUDS:
         raise SessionError(f"unknown cloud {choice!r}: choose {', '.join(CLOUDS)} or auto")

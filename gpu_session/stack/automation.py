@@ -107,18 +107,31 @@ def namespaced(values: dict[str, str]) -> dict[str, str]:
 
 class Presses:
     count = 0
+    first = 0.0  # time.monotonic() of the first
+
+
+# One interrupt may come twice: `timeout` and CI runners signal a process and then its process
+# group, which holds it too (so does our SIGTERM handler's killpg, for a SIGTERM sent both ways).
+# A second signal this soon after the first is that same interrupt, not a second Ctrl-C; a person
+# pressing again takes longer.
+SAME_INTERRUPT_S = 0.2
 
 
 @contextmanager
 def sigint_guard(say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Iterator[Presses]:
     """The first Ctrl-C lets operations in flight finish (the engine, in our process group, got the
     same signal and is cancelling gracefully; killing it now would orphan a launching GPU). The second
-    raises KeyboardInterrupt here, as it makes the engine stop at once. Yields how many came."""
+    (SAME_INTERRUPT_S or more after the first) raises KeyboardInterrupt here, as it makes the engine
+    stop at once. Yields how many came."""
     presses = Presses()
 
     def handler(signum, frame):
+        now = time.monotonic()
+        if presses.count and now - presses.first < SAME_INTERRUPT_S:
+            return
         presses.count += 1
         if presses.count == 1:
+            presses.first = now
             say(
                 "\nCancelling: operations in flight will finish and be recorded. Ctrl-C again to stop at once (may orphan a GPU)."
             )

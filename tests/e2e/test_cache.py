@@ -40,6 +40,10 @@ def session(sim, cloud: str, backend: str, stack: str) -> dict:
     said = [e["message"] for e in events(up.stdout) if e["event"] == "say"]
     assert said[0].startswith(f"plan: {cloud}: ") and said[1].startswith(f"  cache {cloud} "), said[:2]  # its own line
     configured = json.loads((session_dir(stack) / "configured.json").read_text())
+    # What the up's phases said when each ended (the view shows it beside the phase): {phase: note}
+    configured["notes"] = {
+        e["phase"]: e.get("note", "") for e in events(up.stdout) if e["event"] == "progress" and e["state"] == "done"
+    }
     chat = invoke("chat", "--stack", stack, "--prompt", "Say hello", "--max-tokens", "8")
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
     secrets = [json.loads((session_dir(stack) / "canaries.json").read_text())["canaries"]][0]
@@ -75,10 +79,14 @@ def test_a_cache_makes_the_second_session_skip_install_and_download_and_keeps_no
     try:
         first = session(sim, cloud, backend, stack)
         assert first["cache"]["engine"] == "installed" and first["cache"]["weights"] == "downloaded", first
+        assert first["notes"]["engine"] == first["notes"]["download"] == "", first["notes"]
         second = session(sim, cloud, backend, stack)
         # The second session took both from the volume: no install, no download.
         assert second["cache"]["engine"] == "reused" and second["cache"]["weights"] == "reused", second
         assert second["phases"]["download_wait"] == 0, second
+        # and its phases say so, as the person running `up` sees them
+        reused = "reused from the cache volume"
+        assert second["notes"]["engine"] == second["notes"]["download"] == reused, second["notes"]
 
         listed = invoke("cache.list", "--json")
         assert listed.returncode == 0, listed.stderr

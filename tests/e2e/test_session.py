@@ -504,6 +504,10 @@ def test_a_capacity_error_fails_over_to_the_next_offer(sim, sim_env):
         (["--model", "meta-llama/Llama-3.1-70B-Instruct"], "more than any 1-GPU offer gives; the cheapest that fits is"),
         (["--model", "gpu-session/tiny-chat", "--gpu", "TPU v9"], "no GPU type 'TPU v9' here; `invoke available` lists them"),
         (["--model", "gpu-session/tiny-chat", "--max-price", "0.01"], "above maxPricePerHour $0.01"),
+        (
+            ["--model", "gpu-session/tiny-chat", "--backend", "tensorrt"],
+            "--backend takes auto or vllm or transformers (got 'tensorrt')",
+        ),
     ],
 )
 def test_bad_up_says_what_to_do_and_launches_nothing(sim, sim_env, args, says):
@@ -554,27 +558,33 @@ def start_up(stack: str, *options: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "timeout"])
 def test_a_cancelled_up_tears_down_what_it_made(sim, sim_env, how):
-    """Ctrl-C (the whole foreground group gets SIGINT) or SIGTERM (up alone) while the machine boots:
-    the step in flight finishes, nothing new starts, and with no terminal to ask, up tears down.
-    Under --json (the SIGTERM case: a cancelled CI job), stdout ends with the failed summary."""
+    """Ctrl-C (the whole foreground group gets SIGINT), SIGTERM (up alone), or SIGINT to up and then
+    to its group at once (as `timeout -s INT` sends it: one interrupt, not two) while the machine
+    boots: the step in flight finishes, nothing new starts, and with no terminal to ask, up tears
+    down. Under --json (a cancelled CI job), stdout is JSON lines ending with the failed summary."""
     stack = f"cancel-{how}"
-    proc = start_up(stack, *(["--json"] if how == "sigterm" else []))
+    proc = start_up(stack, *(["--json"] if how != "ctrl-c" else []))
     _wait(lambda: alive(sim, stack))
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
-    else:
+    elif how == "sigterm":
         os.kill(proc.pid, signal.SIGTERM)
+    else:
+        os.kill(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
     said = out + err  # under --json, progress goes to stdout
     assert "up was cancelled" in said and "no terminal to ask: tearing down" in said and f"stack {stack}: nothing left" in said
     assert not alive(sim, stack) and not keys(sim, stack)
     assert "create Configure configure" not in err  # the instance's create finished; configuring never started
-    if how == "sigterm":
-        summary = json.loads(out.strip().splitlines()[-1])
+    if how != "ctrl-c":
+        lines = [json.loads(line) for line in out.strip().splitlines()]  # each line JSON
+        summary = lines[-1]
         assert summary["event"] == "summary" and summary["ok"] is False and f"error: {summary['error']}\n" in err, out + err
+        assert "Traceback" not in err and "Ctrl-C again" in err, err
 
 
 def test_ctrl_c_twice_stops_the_engine_and_down_recovers(sim, sim_env):
@@ -653,6 +663,8 @@ def test_up_sim_rehearses_without_an_account(tmp_path):
         assert "starting the cloud simulator" in up.stderr and "plan: " in up.stderr
         down = run("down", "--sim", "--stack", "first")
         assert down.returncode == 0 and "stack first: nothing left at the cloud" in down.stderr, down.stderr[-3000:]
+        swept = run("sweep", "--sim", "--dry-run")  # the same simulator, no keys exported
+        assert swept.returncode == 0 and swept.stderr.strip().endswith("no orphans"), swept.stderr[-3000:]
     finally:
         info = tmp_path / "sim" / "sim.json"
         if info.exists():

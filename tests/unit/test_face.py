@@ -29,7 +29,11 @@ def invoke(*args: str) -> subprocess.CompletedProcess:
     [
         (["up", "--model", "gpu-session/tiny-chat", "--gpus", "two"], "error: --gpus takes a number (got 'two')"),
         (["up", "--model", "gpu-session/tiny-chat", "--stack", "no/such"], "error: invalid stack name 'no/such'"),
-        (["up", "--model", "gpu-session/tiny-chat", "--yes"], "error: no cloud API key: export LAMBDA_API_KEY or RUNPOD_API_KEY"),
+        (
+            ["up", "--model", "gpu-session/tiny-chat", "--yes"],
+            "error: no cloud API key: export LAMBDA_API_KEY or RUNPOD_API_KEY (`gpu-session setup` saves them),"
+            " or pass --sim to use the simulator",
+        ),
         (["extend", "many"], "error: --hours takes a number (got 'many')"),
         (["chat", "--stack", "never-up", "--prompt", "hi"], "error: stack never-up is not up"),
         (["tunnel.start", "--stack", "never-up"], "error: stack never-up is not up"),

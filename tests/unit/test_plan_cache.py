@@ -140,8 +140,13 @@ def test_the_plan_prices_a_cache_as_its_cloud_bills_it(caches):
     """RunPod bills a volume's size whether used or not; Lambda bills what a filesystem holds, so a
     new one's $0.00/month must not read as free."""
     caches[:] = [a_cache("lambda", "us-east-1"), a_cache("runpod", "US-KS-2")]
-    lambda_line = with_caches(plans(A10), ["lambda"])[0].cache_line()
-    assert "(it bills what it holds, $0.20/GB-month: $3.50/month now, more as it fills)" in lambda_line, lambda_line
+    plan = with_caches(plans(A10), ["lambda"])[0]
+    lambda_line = replace(plan, weights_gb=15.0).cache_line()
+    # and what it may hold after this session: the engine (10 GiB) and 15 GiB of weights, 26.8 GB at $0.20
+    assert (
+        "(it bills what it holds, $0.20/GB-month: $3.50/month now, up to $8.87 once this session's engine (about 10 GiB)"
+        " and weights are on it)"
+    ) in lambda_line, lambda_line
     runpod = SimpleNamespace(**{**vars(caches[1])})
     line = replace(with_caches(plans(A10), ["lambda"])[0], cache=runpod).cache_line()
     assert "(it costs $3.50/month whether used or not)" in line, line
