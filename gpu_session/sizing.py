@@ -196,7 +196,11 @@ def model_info(model: str, token: str | None = None) -> ModelInfo:
     try:
         info = hub().model_info(model, files_metadata=True, token=token)
     except RepositoryNotFoundError:
-        raise SizingError(f"{model} is not on the Hub, or is private and the HF token cannot see it{suggest(model)}") from None
+        near = suggest(model) or (
+            "; check the id on the Hub (owner/name, as the model's page shows it), or, for a private or gated"
+            " model, export HF_TOKEN with a token that can read it"
+        )
+        raise SizingError(f"{model} is not on the Hub, or is private and the HF token cannot see it{near}") from None
     except HfHubHTTPError as e:
         raise SizingError(f"the Hub could not describe {model}: {one_line(e)}") from None
     except Exception as e:  # noqa: BLE001 (connection refused, DNS, timeouts, in whatever class the HTTP library of the day raises)

@@ -78,11 +78,12 @@ class Plan:
         # session can add is said too (the engine's venv and the weights, when neither is there yet).
         kept_gib = fit.ENGINE_VENV_GIB + (self.weights_gb if self.cache_weights else 0)
         up_to = c.monthly_usd + c.price_per_gb_month * kept_gib * fit.GIB / 1e9
+        kept = f"engine (about {fit.ENGINE_VENV_GIB} GiB)" + (" and weights are" if self.cache_weights else " is")
         cost = (
             f"(it costs ${c.monthly_usd:.2f}/month whether used or not)"
             if c.cloud_sized
             else f"(it bills what it holds, ${c.price_per_gb_month:.2f}/GB-month: ${c.monthly_usd:.2f}/month now, up to "
-            f"${up_to:.2f} once this session's engine (about {fit.ENGINE_VENV_GIB} GiB) and weights are on it)"
+            f"${up_to:.2f} once this session's {kept} on it)"
         )
         weights = f"{self.weights_gb} GiB of weights" if self.weights_gb >= 0.1 else "weights (under 0.1 GiB)"
         if not self.cache_weights:

@@ -111,7 +111,7 @@ class Presses:
 
 
 # One interrupt may come twice: `timeout` and CI runners signal a process and then its process
-# group, which holds it too (so does our SIGTERM handler's killpg, for a SIGTERM sent both ways).
+# group, which holds it too (up's SIGTERM handler passes a SIGTERM sent twice at once on once).
 # A second signal this soon after the first is that same interrupt, not a second Ctrl-C; a person
 # pressing again takes longer.
 SAME_INTERRUPT_S = 0.2

@@ -495,7 +495,10 @@ def test_a_capacity_error_fails_over_to_the_next_offer(sim, sim_env):
 @pytest.mark.parametrize(
     "args, says",
     [
-        (["--model", "nobody/nothing"], "nobody/nothing is not on the Hub"),
+        (
+            ["--model", "nobody/nothing"],
+            "nobody/nothing is not on the Hub, or is private and the HF token cannot see it; check the id",
+        ),
         (["--model", "lama-8b"], "'lama-8b' is neither a model id (owner/name) nor a known alias; did you mean llama-8b"),
         (
             ["--model", "gpu-session/tiny-chatt"],

@@ -200,16 +200,47 @@ def test_a_blob_is_hashed_once_and_again_only_when_it_changed(helper, tmp_path, 
 def test_seal_never_reaches_a_file_of_the_host_through_a_link(helper, tmp_path):
     """The session's user writes the Hub cache: a symbolic link or a hard link it put in a blob's place
     must not hand a file of the host to root's chown and chmod (a link is not followed; a file with
-    another name is left as it is). A regular blob is sealed."""
-    host_file = tmp_path / "shadow"
-    host_file.write_text("secret")
-    host_file.chmod(0o600)
+    another name is left as it is, when root seals). A regular blob is sealed."""
     blobs = tmp_path / "blobs"
     blobs.mkdir()
-    (blobs / "soft").symlink_to(host_file)
-    os.link(host_file, blobs / "hard")
+    linked, hard_linked = tmp_path / "shadow", tmp_path / "passwd"
+    for host_file in (linked, hard_linked):
+        host_file.write_text("secret")
+        host_file.chmod(0o600)
+    (blobs / "soft").symlink_to(linked)
+    os.link(hard_linked, blobs / "hard")
     (blobs / "plain").write_text("weights")
     for name in ("soft", "hard", "plain"):
         helper.seal(blobs / name)
-    assert oct(host_file.stat().st_mode & 0o777) == ("0o600" if os.geteuid() == 0 else "0o444")
+    assert oct(linked.stat().st_mode & 0o777) == "0o600"  # whoever runs it: a link is never followed
+    if os.geteuid() == 0:
+        assert oct(hard_linked.stat().st_mode & 0o777) == "0o600"
     assert oct((blobs / "plain").stat().st_mode & 0o777) == "0o444"
+
+
+def test_root_writes_and_removes_in_the_hub_cache_only_through_real_folders(helper, tmp_path):
+    """The check (root, with a cache volume) writes a revision's ref and removes what does not
+    verify: a link the session's user planted at the ref is replaced, not written through; a
+    snapshot folder swapped for a link leads no removal elsewhere."""
+    hub = tmp_path / "hub"
+    folder, _ = cached_repo(hub, FILES)
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (folder / "refs" / "main").unlink()
+    (folder / "refs" / "main").symlink_to(victim)
+    helper.write_ref(folder, "main", "b" * 40)
+    assert victim.read_text() == "keep"
+    assert not (folder / "refs" / "main").is_symlink() and (folder / "refs" / "main").read_text() == "b" * 40
+    helper.write_ref(folder, "refs/pr/1", "c" * 40)  # a revision with folders of its own
+    assert (folder / "refs" / "refs" / "pr" / "1").read_text() == "c" * 40
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text("keep")
+    snapshot = folder / "snapshots" / SHA
+    snapshot.rename(tmp_path / "moved")
+    snapshot.symlink_to(elsewhere)
+    helper.remove_in(hub, f"{folder.name}/snapshots/{SHA}/config.json")
+    assert (elsewhere / "config.json").read_text() == "keep"
+    helper.remove_in(hub, f"{folder.name}/blobs/{git_sha1(FILES['config.json'][0])}")  # a real folder: removed
+    assert not (folder / "blobs" / git_sha1(FILES["config.json"][0])).exists()

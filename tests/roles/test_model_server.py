@@ -229,11 +229,15 @@ def test_the_service_user_can_change_nothing_that_root_runs(site, keypair):
     and the secrets, forging the marker, planting a pidfile; each is refused and the next converge
     finds nothing to change."""
     target, good, converge = site
+
+    def outside() -> list[str]:
+        """What the service user may write, or owns, outside the folders its processes write."""
+        writable = on(target, keypair, "sudo find /opt/gpu-session /run/gpu-session '(' -user gpu-session"
+                                       " -o -group gpu-session -perm -g+w -o -perm -o+w ')' -not -type l")  # fmt: skip
+        return [p for p in writable.split() if not p.startswith(tuple(f"/opt/gpu-session/{d}" for d in SERVICE_WRITES))]
+
     converge(model_server_backend="transformers")
-    writable = on(target, keypair, "sudo find /opt/gpu-session /run/gpu-session -mindepth 1 '(' -user gpu-session"
-                                   " -o -group gpu-session -perm -g+w -o -perm -o+w ')' -not -type l")  # fmt: skip
-    outside = [p for p in writable.split() if not p.startswith(tuple(f"/opt/gpu-session/{d}" for d in SERVICE_WRITES))]
-    assert outside == [], outside
+    assert outside() == []
     top = on(target, keypair, "sudo stat -c '%U:%G %a' /opt/gpu-session /opt/gpu-session/bin /opt/gpu-session/engines"
                               " /opt/gpu-session/run /run/gpu-session /opt/gpu-session/bin/gpu-session-env")  # fmt: skip
     assert top.split("\n")[:6] == ["root:gpu-session 750"] * 6, top
@@ -258,6 +262,15 @@ def test_the_service_user_can_change_nothing_that_root_runs(site, keypair):
     # (gpu_session_full_converge is an input too: the digest it leaves is another)
     changed = [e.task for e in events if e.kind == "changed" and e.task != "Remember this converge's digest"]
     assert changed == [], changed
+
+    # A host an older gpu-session set up: the service user owned the data root, bin, engines and run,
+    # and may have left things of its own there. A converge takes all of it back, and removes those.
+    on(target, keypair, "sudo sh -c 'chown gpu-session: /opt/gpu-session /opt/gpu-session/engines /opt/gpu-session/run"
+                        " /opt/gpu-session/run/model.json && chown -R gpu-session: /opt/gpu-session/bin"
+                        " && runuser -u gpu-session -- mkdir -p /opt/gpu-session/bin/__pycache__ /opt/gpu-session/engines/hub.planted'")  # fmt: skip
+    converge(model_server_backend="transformers", gpu_session_full_converge=True)
+    assert outside() == []
+    assert on(target, keypair, "sudo ls /opt/gpu-session/bin /opt/gpu-session/engines").split().count("hub.planted") == 0
 
 
 def test_each_try_of_the_download_wait_says_its_bytes_and_converge_shows_them(site, sim, keypair):

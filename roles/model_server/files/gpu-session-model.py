@@ -186,6 +186,70 @@ def hash_and_remember(records: Path | None, folder: Path, blob: Path, want: str)
     return True
 
 
+# Root writes and removes in a Hub cache the session's user writes too (the cache volume's): each
+# folder on the way is opened without following a link, so that a folder it swapped for a link
+# between a check and the write cannot lead root's write or removal elsewhere on the host.
+NO_FOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def open_folder(base: Path, parts: list[str], make: bool = False) -> int:
+    """A descriptor of the folder base/parts… (base trusted: its parent is root's), each part opened
+    without following a link; with `make`, missing parts are made (0755). OSError for a part that is
+    a link, not a folder, or absent (without `make`)."""
+    fd = os.open(base, NO_FOLLOW_DIR)
+    try:
+        for part in parts:
+            if make:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            inner = os.open(part, NO_FOLLOW_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_in(base: Path, relative: str) -> None:
+    """Unlinks base/relative (a file or a link, never what a link points to) through folders opened
+    without following links; nothing when it, or a folder on the way, is not there as a folder."""
+    *parts, name = Path(relative).parts
+    try:
+        fd = open_folder(base, parts)
+    except OSError:
+        return
+    try:
+        os.unlink(name, dir_fd=fd)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_ref(folder: Path, revision: str, sha: str) -> None:
+    """refs/<revision> of Hub cache repo folder `folder` := sha: written whole beside it and renamed
+    into place (a link there is replaced, never followed), owned as the refs folder is (huggingface_hub,
+    as the session's user, may write it again)."""
+    *parts, name = ["refs", *revision.split("/")]
+    fd = open_folder(folder.parent, [folder.name, *parts], make=True)
+    tmp = f".{name}.{os.getpid()}.tmp"
+    try:
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=fd)
+        try:
+            os.write(out, sha.encode())
+            st = os.fstat(fd)
+            if os.geteuid() == 0:
+                os.fchown(out, st.st_uid, st.st_gid)
+        finally:
+            os.close(out)
+        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 def verify_cached(folder: Path, sha: str, expected: dict[str, str]) -> dict[str, list[str]]:
     """Checks each file of commit `sha` in a Hub cache repo folder (models--o--n) against its expected
     hash. A file is "verified" when its snapshot entry leads to a blob of the repo's blobs named by
@@ -212,9 +276,9 @@ def verify_cached(folder: Path, sha: str, expected: dict[str, str]) -> dict[str,
         if good:
             result["verified"].append(name)
             continue
-        entry.unlink()
-        if ours and blob.is_file():
-            blob.unlink()
+        remove_in(folder.parent, f"{folder.name}/snapshots/{sha}/{name}")
+        if ours:
+            remove_in(folder.parent, f"{folder.name}/blobs/{want}")
         if records is not None:
             (records / folder.name / want).unlink(missing_ok=True)
         result["removed"].append(name)
@@ -311,9 +375,7 @@ def check(args) -> dict:
         verified = verify_cached(folder, info.sha, {f: hashes.get(f, "") for f in download})
         missing = verified["absent"] + verified["removed"]
         if not missing and args.revision != info.sha:  # the revision leads to this commit when served offline
-            ref = folder / "refs" / args.revision
-            ref.parent.mkdir(parents=True, exist_ok=True)
-            ref.write_text(info.sha)
+            write_ref(folder, args.revision, info.sha)
     else:
         # What an earlier converge downloaded of this commit is on the disk already: only the rest counts.
         missing = [f for f in download if not isinstance(try_to_load_from_cache(args.model, f, revision=info.sha), str)]
