@@ -298,13 +298,11 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
        trust_remote_code=False, quantize=False, backend="", stack="dev", yes=False, json=False, configure=True, sim=False,
        verbose=False, dry_run=False, cache=True, cache_gated=False):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
-    import signal
-    import time
 
     from gpu_session.paths import checked_stack_name
     from gpu_session.session.plan import SessionError, UpOptions
     from gpu_session.session.up import up as bring_up
-    from gpu_session.stack.automation import SAME_INTERRUPT_S, StackCancelled
+    from gpu_session.stack.automation import StackCancelled, take_sigterm_as_ctrl_c
 
     plain_event, plain_say = _printer(json)
     checked_stack_name(stack)  # a bad name is refused before anything is written
@@ -341,17 +339,7 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
             view.planned(plan.offer.price_per_hour)
         return accepted
 
-    # SIGTERM (a closed terminal, a cancelled CI job) is taken like Ctrl-C: the engine, in our process
-    # group, finishes the step in flight and starts no other. One SIGTERM sent twice at once (to up,
-    # then to its group) is passed on once: two SIGINTs would stop the engine at once.
-    passed_on = [float("-inf")]
-
-    def on_sigterm(signum, frame) -> None:
-        if time.monotonic() - passed_on[0] >= SAME_INTERRUPT_S:
-            passed_on[0] = time.monotonic()
-            os.killpg(os.getpgrp(), signal.SIGINT)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    take_sigterm_as_ctrl_c()
     try:
         with view or contextlib.nullcontext():
             outputs = bring_up(opts, confirm=confirm, say=say, on_event=on_event)

@@ -105,33 +105,49 @@ def namespaced(values: dict[str, str]) -> dict[str, str]:
 # --- Ctrl-C -----------------------------------------------------------------------------------
 
 
-class Presses:
-    count = 0
-    first = 0.0  # time.monotonic() of the first
-
-
 # One interrupt may come twice: `timeout` and CI runners signal a process and then its process
-# group, which holds it too (up's SIGTERM handler passes a SIGTERM sent twice at once on once).
-# A second signal this soon after the first is that same interrupt, not a second Ctrl-C; a person
-# pressing again takes longer.
+# group, which holds it too. A signal this soon after the last one taken is that same interrupt, not
+# a second Ctrl-C; a person pressing again takes longer.
 SAME_INTERRUPT_S = 0.2
 
 
+class Interrupts:
+    """The interrupts taken (count), one delivered twice at once counted once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._taken = float("-inf")  # time.monotonic() of the last one taken
+
+    def take(self) -> bool:
+        """Whether this signal is a new interrupt (and count it), not the last one delivered again."""
+        now = time.monotonic()
+        if now - self._taken < SAME_INTERRUPT_S:
+            return False
+        self._taken = now
+        self.count += 1
+        return True
+
+
+def take_sigterm_as_ctrl_c() -> None:
+    """SIGTERM (a closed terminal, a cancelled CI job) is taken like Ctrl-C: SIGINT to our process
+    group, so the engine finishes the step in flight and starts no other. A SIGTERM delivered twice
+    at once is passed on once: two SIGINTs would stop the engine at once."""
+    sigterms = Interrupts()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sigterms.take() and os.killpg(os.getpgrp(), signal.SIGINT))
+
+
 @contextmanager
-def sigint_guard(say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Iterator[Presses]:
+def sigint_guard(say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Iterator[Interrupts]:
     """The first Ctrl-C lets operations in flight finish (the engine, in our process group, got the
     same signal and is cancelling gracefully; killing it now would orphan a launching GPU). The second
     (SAME_INTERRUPT_S or more after the first) raises KeyboardInterrupt here, as it makes the engine
-    stop at once. Yields how many came."""
-    presses = Presses()
+    stop at once. Yields the interrupts taken."""
+    presses = Interrupts()
 
     def handler(signum, frame):
-        now = time.monotonic()
-        if presses.count and now - presses.first < SAME_INTERRUPT_S:
+        if not presses.take():
             return
-        presses.count += 1
         if presses.count == 1:
-            presses.first = now
             say(
                 "\nCancelling: operations in flight will finish and be recorded. Ctrl-C again to stop at once (may orphan a GPU)."
             )
