@@ -24,7 +24,7 @@ from .plan import Plan, Say, SessionError, UpOptions, prepare, stack_settings, u
 def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: OnEvent) -> dict:
     """Plan, ask, bring the stack up (failing over on capacity), record it. The outputs, or {} if declined."""
     stack = engine(opts.stack)
-    if stack.outputs().get("instance_id"):
+    if stack.outputs(secrets=False).get("instance_id"):  # a plain output: nothing to decrypt
         raise SessionError(
             f"stack {opts.stack} is already up: `invoke chat --stack {opts.stack}`, or `invoke down --stack {opts.stack}`"
         )
@@ -68,7 +68,7 @@ def extend(stack_name: str, hours: float, *, on_event: OnEvent) -> str:
         raise SessionError("extend by a positive number of hours")
     use_session(stack_name)
     stack = engine(stack_name)
-    if not stack.outputs().get("instance_id"):
+    if not stack.outputs(secrets=False).get("instance_id"):
         raise SessionError(f"stack {stack_name} is not up: nothing to extend")
     config = stack.config()
     stack.set_config({**config, "hours": str(float(config.get("hours") or StackConfig.hours) + hours)})

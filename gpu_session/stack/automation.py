@@ -291,20 +291,23 @@ class PulumiEngine:
         self._auto = auto
         self._env = pulumi_env()
         self.folder = workspace(stack, project)
-        select = auto.create_or_select_stack if create else auto.select_stack
+        # Made by this object, and no operation of ours has run on it since: it has no outputs, which
+        # outputs() (two CLI processes) then knows without asking (up asks at once).
+        self._created = False
+        ws = auto.LocalWorkspace(
+            work_dir=str(self.folder), env_vars=self._env, pulumi_command=pulumi_command(binary), secrets_provider="passphrase"
+        )
         try:
-            self._stack = select(
-                stack_name=stack,
-                work_dir=str(self.folder),
-                opts=auto.LocalWorkspaceOptions(
-                    env_vars=self._env,
-                    pulumi_command=pulumi_command(binary),
-                    secrets_provider="passphrase",
-                ),
-            )
+            self._stack = auto.Stack.select(stack, ws)
         except auto.errors.StackNotFoundError:
-            shutil.rmtree(self.folder, ignore_errors=True)  # looking leaves nothing behind
-            raise StackNotFound(f"no stack {stack}") from None
+            if not create:
+                shutil.rmtree(self.folder, ignore_errors=True)  # looking leaves nothing behind
+                raise StackNotFound(f"no stack {stack}") from None
+            try:
+                self._stack = auto.Stack.create(stack, ws)
+                self._created = True
+            except auto.errors.StackAlreadyExistsError:  # another process made it in between: it may hold state
+                self._stack = auto.Stack.select(stack, ws)
         self._make_private()
 
     def _run(self, what: str, operation, on_event: OnEvent, **options):
@@ -325,6 +328,7 @@ class PulumiEngine:
                 failures.append(brief(ours.message))  # the whole of it reached on_event (and the log)
             on_event(ours)
 
+        self._created = False  # from now on the stack may hold state
         with sigint_guard() as pressed:
             try:
                 result = operation(on_event=handle, color="never", **options)
@@ -354,16 +358,25 @@ class PulumiEngine:
         """Replace the stack's config: keys as in Pulumi.example.yaml (secrets are stored as secrets);
         a key of ours that `values` lacks is removed, so an earlier session's setting never lingers.
         Secret values reach the CLI on its standard input, never on its command line (which the
-        Automation API's set_all_config would use, and which any process on the machine can read)."""
+        Automation API's set_all_config would use, and which any process on the machine can read).
+        Only what differs from the stack's config is written (each CLI process costs a few hundred ms,
+        a secret's most: it derives the passphrase's key): a key already holding its value, as a secret
+        when it is one, is left as it is."""
         wanted = namespaced(values)
-        stale = [k for k in self._stack.get_all_config() if k.startswith(f"{NAMESPACE}:") and k not in wanted]
+        current = self._stack.get_all_config()  # secrets decrypted: compared here, never shown
+        stale = [k for k in current if k.startswith(f"{NAMESPACE}:") and k not in wanted]
         if stale:
             self._stack.remove_all_config(stale)
-        plain = {k: self._auto.ConfigValue(v) for k, v in wanted.items() if k.split(":")[-1] not in SECRETS}
+
+        def secret(key: str) -> bool:
+            return key.split(":")[-1] in SECRETS
+
+        changed = {k: v for k, v in wanted.items() if k not in current or (current[k].value, current[k].secret) != (v, secret(k))}
+        plain = {k: self._auto.ConfigValue(v) for k, v in changed.items() if not secret(k)}
         if plain:
             self._stack.set_all_config(plain)
-        for key, value in wanted.items():
-            if key.split(":")[-1] in SECRETS:
+        for key, value in changed.items():  # one process each: `config set-all` takes secrets only on its command line
+            if secret(key):
                 self._cli("config", "set", "--secret", key, stdin=value)
         self._make_private()
 
@@ -401,7 +414,14 @@ class PulumiEngine:
         self.recover(on_event)
         self._run("refresh", self._stack.refresh, on_event, show_secrets=False)
 
-    def outputs(self) -> dict:
+    def outputs(self, secrets: bool = True) -> dict:
+        """The stack's outputs, secret ones as their values; with `secrets` False, secret ones as
+        "[secret]", in one CLI process that decrypts nothing (the Automation API's outputs() runs
+        two, one of them deriving the passphrase's key): for a caller that reads only plain outputs."""
+        if self._created:
+            return {}
+        if not secrets:
+            return json.loads(self._cli("stack", "output", "--json") or "{}")
         return {k: v.value for k, v in self._stack.outputs().items()}
 
     def export(self) -> dict:
@@ -413,7 +433,11 @@ class PulumiEngine:
         """What the state records, in order: [{"type": "GpuInstance", "name": "gpu", "id": …,
         "pending": "", "outputs": {…}}] (secret outputs as their plain values: see export), then each operation a killed
         run started and never finished, with "pending" saying which ("creating", "updating", "deleting")."""
-        deployment = self.export()
+        return self._rows(self.export())
+
+    @staticmethod
+    def _rows(deployment: dict) -> list[dict]:
+        """resources()'s rows of an exported deployment (secrets as their values when it has them)."""
 
         def plain(value):  # secrets as their values
             if isinstance(value, dict):
@@ -459,11 +483,14 @@ class PulumiEngine:
         a lock whose process is gone is removed (`pulumi cancel`), and pending creates are dropped
         from the state (`pulumi refresh --clear-pending-creates`). What a pending create may have
         launched is not lost: GpuInstance's create adopts a live instance of its deterministic name,
-        and `invoke down` asks the cloud for anything of that name. The pending operations found."""
+        and `invoke down` asks the cloud for anything of that name. The pending operations found (as
+        resources() gives them, but secret outputs left encrypted)."""
         for lock in self.stale_locks():
             on_event(StackEvent("notice", message=f"pulumi (pid {lock['pid']}) was killed with the stack locked: unlocking it"))
             self._stack.cancel()
-        pending = [r for r in self.resources() if r["pending"]]
+        # From the state as stored, secrets left encrypted (no key to derive). Asked even of a stack made
+        # by this object: another process may have used it since (an up waits for its confirmation).
+        pending = [r for r in self._rows(self._stored_state()) if r["pending"]]
         if any(r["pending"] == "creating" for r in pending):
             names = ", ".join(f"{r['type']} {r['name']}" for r in pending if r["pending"] == "creating")
             on_event(
@@ -471,6 +498,11 @@ class PulumiEngine:
             )
             self._run("refresh", self._stack.refresh, on_event, show_secrets=False, clear_pending_creates=True)
         return pending
+
+    def _stored_state(self) -> dict:
+        """The stack's deployment as `pulumi stack export` prints it without --show-secrets: secrets as
+        their ciphertexts."""
+        return json.loads(self._cli("stack", "export")).get("deployment") or {}
 
     def cancel(self) -> None:
         """Remove the stack's lock (`pulumi cancel`): only when no operation of it is running."""

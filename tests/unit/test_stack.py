@@ -187,3 +187,109 @@ def test_an_instance_name_that_is_no_stack_name_is_nobodys_and_never_a_path(name
     assert stack_of_instance(name) is None
     with pytest.raises(BadStackName):
         workspace(name.removeprefix("gpu-session-").removesuffix("-gpu"))
+
+
+@pytest.fixture
+def cli_calls(monkeypatch, tmp_path):
+    """The `pulumi` CLI on PATH behind a script that writes each command line it is given (never its
+    standard input) to a file: the lines written since the last call of the returned function."""
+    real, log = stack.pulumi_binary(), tmp_path / "command-lines"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pulumi").write_text(f'#!/bin/sh\necho "$*" >> "{log}"\nexec "{real}" "$@"\n')
+    (tmp_path / "bin" / "pulumi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    seen = [0]
+
+    def since() -> list[str]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        new, seen[0] = lines[seen[0] :], len(lines)
+        return [line.replace("--non-interactive ", "") for line in new]
+
+    return since
+
+
+def test_set_config_keeps_secrets_off_command_lines_and_writes_only_what_changed(cli_calls):
+    """Every CLI process set_config starts is seen (a script in front of the CLI), not sampled: no
+    secret value is ever on a command line. The config round-trips: stale keys go, secrets are
+    stored encrypted and read back as secrets, files stay 0600 in 0700 folders; and what already
+    holds its value is not written again (each process costs a few hundred ms)."""
+    from gpu_session.paths import state_dir
+
+    hf, lam, hf2, runpod = "hf_first-secret", "lambda-secret", "hf_second-secret", "runpod-secret"
+    engine = stack.engine("config-trip")
+    cli_calls()
+    engine.set_config({"model": "a/b", "region": "us-east-1", "hfToken": hf, "lambdaApiKey": lam})
+    first = cli_calls()
+    assert [line.split(" --")[0] for line in first] == ["config", "config set-all", "config set", "config set"]
+
+    def stored() -> dict[str, tuple[str, bool]]:
+        return {k: (v.value, v.secret) for k, v in engine._stack.get_all_config().items() if k.startswith("gpu-session:")}
+
+    assert stored() == {
+        "gpu-session:model": ("a/b", False),
+        "gpu-session:region": ("us-east-1", False),
+        "gpu-session:hfToken": (hf, True),
+        "gpu-session:lambdaApiKey": (lam, True),
+    }
+    cli_calls()
+    engine.set_config({"model": "a/b", "region": "us-east-1", "hfToken": hf, "lambdaApiKey": lam})
+    assert cli_calls() == ["config --show-secrets --json --stack config-trip"]  # nothing changed: only read
+
+    engine.set_config({"model": "c/d", "hfToken": hf2, "lambdaApiKey": lam})  # region stale, hfToken new
+    again = cli_calls()
+    assert [line.split(" --")[0] for line in again] == ["config", "config rm-all", "config set-all", "config set"]
+    assert "gpu-session:hfToken" in again[-1] and "lambdaApiKey" not in " ".join(again[1:])
+    assert stored() == {
+        "gpu-session:model": ("c/d", False),
+        "gpu-session:hfToken": (hf2, True),
+        "gpu-session:lambdaApiKey": (lam, True),
+    }
+
+    # A secret's key that holds its value in plain text (set by hand) is stored again, as a secret.
+    engine._stack.set_config("gpu-session:runpodApiKey", engine._auto.ConfigValue(runpod))
+    cli_calls()  # that command line had it: not set_config's
+    engine.set_config({"model": "c/d", "hfToken": hf2, "lambdaApiKey": lam, "runpodApiKey": runpod})
+    last = cli_calls()
+    assert [line.split(" --")[0] for line in last] == ["config", "config set"]
+    assert stored()["gpu-session:runpodApiKey"] == (runpod, True)
+
+    said = "\n".join([*first, *again, *last])
+    assert not [s for s in (hf, lam, hf2, runpod) if s in said]  # not on any command line set_config ran
+    stack_file = (engine.folder / "Pulumi.config-trip.yaml").read_text()
+    assert not [s for s in (hf, lam, hf2, runpod) if s in stack_file] and stack_file.count("secure:") == 3
+    for root in (engine.folder, state_dir() / "pulumi"):
+        for path in [root, *root.rglob("*")]:
+            assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+    engine.remove()
+
+
+def test_a_new_stack_is_not_asked_for_outputs_and_recover_decrypts_nothing(cli_calls):
+    """A stack the engine has just made has no outputs: up's first look asks the CLI nothing. On a
+    stack that holds state, up's look is one process that decrypts nothing, and so is recover's
+    read of the state, which still finds a killed run's pending create and clears it."""
+    import json
+
+    from gpu_session.paths import state_dir
+
+    made = stack.engine("fresh-one")
+    cli_calls()
+    assert made.outputs() == {} and made.outputs(secrets=False) == {} and cli_calls() == []
+
+    # What `pulumi up` killed while it launched leaves: a pending create in the state.
+    checkpoint = state_dir() / "pulumi" / ".pulumi" / "stacks" / "gpu-session" / "fresh-one.json"
+    saved = json.loads(checkpoint.read_text())
+    urn = "urn:pulumi:fresh-one::gpu-session::pulumi-python:dynamic/gpu_session:GpuInstance::gpu"
+    resource = {"urn": urn, "custom": True, "type": "pulumi-python:dynamic/gpu_session:GpuInstance", "inputs": {}}
+    saved["checkpoint"]["latest"]["pending_operations"] = [{"resource": resource, "type": "creating"}]
+    checkpoint.write_text(json.dumps(saved))
+
+    engine, said = stack.engine("fresh-one"), []
+    cli_calls()
+    assert engine.outputs(secrets=False) == {} and cli_calls() == ["stack output --json --stack fresh-one"]
+    assert [(r["type"], r["pending"]) for r in engine.recover(said.append)] == [("GpuInstance", "creating")]
+    ran = cli_calls()
+    assert ran[0] == "stack export --stack fresh-one" and ran[1].startswith("refresh ") and "--clear-pending-creates" in ran[1]
+    assert not [line for line in ran if "--show-secrets" in line]
+    assert [e.message for e in said] == ["an interrupted operation left GpuInstance gpu half-created: clearing it from the state"]
+    assert engine.resources() == [] and engine.recover() == []
+    engine.remove(force=True)
