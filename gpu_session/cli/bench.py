@@ -237,6 +237,7 @@ def _cached_session(backend: str, cloud: str, say) -> dict:
         **configured["phases"],
         "cache": configured.get("cache") or {},
         "slowest": configured.get("slowest") or {},
+        "strategy": configured.get("strategy") or "linear",
     }
 
 
@@ -270,6 +271,7 @@ def run_cache(backend: str = "transformers", cloud: str = "lambda", say=print) -
         "backend": backend,
         "cloud": cloud,
         "model": MODEL,
+        "ansible_strategy": second["strategy"],  # ANSIBLE_STRATEGY=mitogen_linear: Mitogen's (README)
         **rows,
         "first_cache": "engine {engine}, weights {weights}".format(**{"engine": "?", "weights": "?", **first["cache"]}),
         "second_cache": "engine {engine}, weights {weights}".format(**{"engine": "?", "weights": "?", **second["cache"]}),

@@ -299,6 +299,7 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
        verbose=False, dry_run=False, cache=True, cache_gated=False):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
 
+    from gpu_session.host.ansible import check_strategy
     from gpu_session.paths import checked_stack_name
     from gpu_session.session.plan import SessionError, UpOptions
     from gpu_session.session.up import up as bring_up
@@ -306,6 +307,8 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
 
     plain_event, plain_say = _printer(json)
     checked_stack_name(stack)  # a bad name is refused before anything is written
+    if configure:
+        check_strategy()
     view = None if json or dry_run else _view("up", stack, verbose)  # a dry run leaves no stack folder, no log
     on_event, say = (view.on_event, view.say) if view else (plain_event, plain_say)
     defaults = _user_config()  # the user's defaults; UpOptions' own fill the rest

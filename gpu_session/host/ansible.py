@@ -49,6 +49,43 @@ class RunResult:
     changed: int
     facts: dict = field(default_factory=dict)
     failures: list[Event] = field(default_factory=list)
+    strategy: str = "linear"  # the play's Ansible strategy (ANSIBLE_STRATEGY): mitogen_linear, …
+
+
+# Mitogen's strategies run a play's modules in one Python per host kept over the SSH connection,
+# rather than a module sent and started per task (README: Faster configure with Mitogen). Chosen as
+# any strategy is, with Ansible's own ANSIBLE_STRATEGY; we only say where they are when installed.
+
+
+def is_mitogen(strategy: str) -> bool:
+    """Whether an ANSIBLE_STRATEGY value names one of Mitogen's strategies (mitogen, mitogen_linear,
+    mitogen_free, mitogen_host_pinned)."""
+    return strategy == "mitogen" or strategy.startswith("mitogen_")
+
+
+def strategy_plugins() -> str | None:
+    """The folder of Mitogen's strategy plugins (the `mitogen` package's ansible_mitogen), or None
+    when it is not installed."""
+    try:
+        import ansible_mitogen
+    except ImportError:
+        return None
+    return str(Path(ansible_mitogen.__file__).parent / "plugins" / "strategy")
+
+
+def check_strategy(environ: dict[str, str] | None = None) -> None:
+    """Before anything is launched: ANSIBLE_STRATEGY naming one of Mitogen's strategies needs it
+    installed. Raises MitogenMissing."""
+    strategy = (os.environ if environ is None else environ).get("ANSIBLE_STRATEGY", "")
+    if is_mitogen(strategy) and strategy_plugins() is None:
+        raise MitogenMissing(
+            f"ANSIBLE_STRATEGY={strategy} is one of Mitogen's strategies, which are not installed: "
+            "pip install 'gpu-session[mitogen]', or unset ANSIBLE_STRATEGY"
+        )
+
+
+class MitogenMissing(GpuSessionError, RuntimeError):
+    """ANSIBLE_STRATEGY names a Mitogen strategy and Mitogen is not installed."""
 
 
 class ConfigureError(GpuSessionError, RuntimeError):
@@ -111,8 +148,11 @@ def run(
     role: str | None = None,
     extravars: dict | None = None,
     on_event: Callable[[Event], None] | None = None,
+    strategy: str | None = None,
 ) -> RunResult:
-    """Run a playbook (a path under playbooks/) or a single role on the target. Raises ConfigureError."""
+    """Run a playbook (a path under playbooks/) or a single role on the target, with Ansible's
+    `strategy` when given, else the one ANSIBLE_STRATEGY chooses (Ansible's linear when Mitogen's is
+    chosen and not installed). Raises ConfigureError."""
     import ansible_runner
 
     if (playbook is None) == (role is None):
@@ -170,6 +210,13 @@ def run(
         # ansible-playbook sits beside this Python, even when its venv is not activated.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    if (plugins := strategy_plugins()) is not None:  # chosen only by ANSIBLE_STRATEGY, if at all
+        env["ANSIBLE_STRATEGY_PLUGINS"] = os.pathsep.join(p for p in (plugins, os.environ.get("ANSIBLE_STRATEGY_PLUGINS")) if p)
+    if strategy is not None:
+        env["ANSIBLE_STRATEGY"] = strategy
+    elif is_mitogen(os.environ.get("ANSIBLE_STRATEGY", "")) and plugins is None:
+        # up refused this before launch (check_strategy); extend, reconfigure and down run, Ansible's way.
+        env["ANSIBLE_STRATEGY"] = "linear"
     try:
         parent = os.getppid()
         kwargs = dict(
@@ -189,7 +236,8 @@ def run(
         else:
             # No fact gathering up front: a role gathers what it needs, after making sure python3 exists.
             r = ansible_runner.run(role=role, roles_path=str(ASSETS / "roles"), hosts=target.name, role_skip_facts=True, **kwargs)
-        result = RunResult(ok=r.status == "successful" and r.rc == 0, changed=changed, facts=facts, failures=failures)
+        strategy = env.get("ANSIBLE_STRATEGY") or os.environ.get("ANSIBLE_STRATEGY") or "linear"
+        result = RunResult(r.status == "successful" and r.rc == 0, changed, facts, failures, strategy)
         if not result.ok and not failures:
             failures.append(Event("failed", "ansible", " ".join(said[-3:]) or f"ansible-playbook exited {r.rc}"))
     finally:

@@ -267,6 +267,7 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
         "seconds": round(seconds, 1),
         "phases": phases,
         "slowest": slowest,
+        "strategy": result.strategy,
     }
     if result.facts.get("model_server_cache"):
         configured["cache"] = result.facts["model_server_cache"]
@@ -290,7 +291,11 @@ def scrub(settings: HostSettings, env: dict[str, str], tell: Callable[[str], Non
     extravars = ({"scrub_canaries": found} if found else {}) | (
         {"gpu_session_cache_root": settings.cache_root} if settings.cache_root else {}
     )
-    result = run(target(settings, keys), playbook="scrub.yml", extravars=extravars or None, on_event=lambda e: show(e, tell))
+    # Under Ansible's own strategy whatever ANSIBLE_STRATEGY says: a scrub must reach any host (Mitogen
+    # needs Python there, which a half-configured one may lack) and end Ansible's leftover runs by
+    # their command lines (roles/scrub/files/gpu-session-end-leftover-runs); it is not what a start waits for.
+    result = run(target(settings, keys), playbook="scrub.yml", extravars=extravars or None, on_event=lambda e: show(e, tell),
+                 strategy="linear")  # fmt: skip
     receipt = {"instance_id": settings.instance_id, "scrubbed_at": time.time(), **(result.facts.get("scrub_receipt") or {})}
     write_private(keys.dir / RECEIPT, json.dumps(receipt, indent=2))
     tell(f"scrubbed: receipt in {keys.dir / RECEIPT}")

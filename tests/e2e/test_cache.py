@@ -63,10 +63,13 @@ def session(sim, cloud: str, backend: str, stack: str) -> dict:
 
 
 @pytest.mark.timeout(1500)  # four ups and downs
-@pytest.mark.parametrize("cloud, backend", [("lambda", "vllm"), ("runpod", "transformers")])
+# Lambda's sessions configure (and scrub) with Mitogen's strategy (README: Faster configure with
+# Mitogen): the same phases, notes and receipts, through sudo.
+@pytest.mark.parametrize("cloud, backend, strategy", [("lambda", "vllm", "mitogen_linear"), ("runpod", "transformers", "linear")])
 def test_a_cache_makes_the_second_session_skip_install_and_download_and_keeps_nothing_of_either(
-    sim, sim_env, wheelhouse, cloud, backend
+    sim, sim_env, wheelhouse, monkeypatch, cloud, backend, strategy
 ):
+    monkeypatch.setenv("ANSIBLE_STRATEGY", strategy)
     dry = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--dry-run", "--json")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     # 50 GB: the roles want room for an engine (20 GiB, as on a GPU) and the weights before they write.
@@ -80,6 +83,7 @@ def test_a_cache_makes_the_second_session_skip_install_and_download_and_keeps_no
         first = session(sim, cloud, backend, stack)
         assert first["cache"]["engine"] == "installed" and first["cache"]["weights"] == "downloaded", first
         assert first["notes"]["engine"] == first["notes"]["download"] == "", first["notes"]
+        assert first["strategy"] == strategy, first
         second = session(sim, cloud, backend, stack)
         # The second session took both from the volume: no install, no download.
         assert second["cache"]["engine"] == "reused" and second["cache"]["weights"] == "reused", second

@@ -520,6 +520,21 @@ def test_bad_up_says_what_to_do_and_launches_nothing(sim, sim_env, args, says):
     assert len(sim.world.instances) == before
 
 
+def test_a_mitogen_strategy_without_mitogen_is_refused_before_anything_starts(sim, sim_env, monkeypatch, tmp_path):
+    """ANSIBLE_STRATEGY=mitogen_linear where Mitogen is not installed (a package on PYTHONPATH that
+    refuses to import stands in for its absence): up says what to install and launches nothing."""
+    shim = tmp_path / "ansible_mitogen"
+    shim.mkdir()
+    (shim / "__init__.py").write_text("raise ImportError('not installed')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("ANSIBLE_STRATEGY", "mitogen_linear")
+    before = len(sim.world.instances)
+    out = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", "nomitogen", "--yes")
+    assert out.returncode == 1 and "pip install 'gpu-session[mitogen]', or unset ANSIBLE_STRATEGY" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and len(sim.world.instances) == before
+    assert not (Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "stacks" / "nomitogen").exists()
+
+
 def test_up_without_a_terminal_to_ask_says_pass_yes(sim, sim_env):
     before = len(sim.world.instances)
     out = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", "unasked", stdin=subprocess.DEVNULL)

@@ -1,7 +1,8 @@
 """model_server's bad input, on a simulator host through site.yml: each fails before it can do harm,
 with a message that says what to do; then site.yml's early end for a converge that would change
-nothing; the download's progress on each try of its wait; the session's canaries, planted by
-site.yml and proven gone by scrub. (Serving itself is proven by the role's molecule scenarios: vLLM
+nothing; the download's progress on each try of its wait, and its job, which scrub ends when an
+interrupted converge left it running; the session's canaries, planted by site.yml and proven gone
+by scrub. (Serving itself is proven by the role's molecule scenarios: vLLM
 and transformers, converge, idempotence with every task run, testinfra.)"""
 
 from __future__ import annotations
@@ -292,6 +293,34 @@ def test_each_try_of_the_download_wait_says_its_bytes_and_converge_shows_them(si
     assert {"phase": "download", "state": "running", "bytes": max(s["bytes"] for s in said), "total": weights} in shown
     # The last try (no retry event) ended the loop with what the download printed: its timing.
     assert float(result.facts["model_server_timings"]["download_s"]) > 0
+
+
+def test_scrub_ends_a_download_an_interrupted_converge_left_running(site, sim, keypair):
+    """The download runs as a job of its own (files/gpu-session-download-job.py), detached from the
+    task that starts it, so a converge whose controller dies leaves it running on the host: scrub
+    ends it and all it started, before removing the data root it would write into."""
+    target, _, _ = site
+    on(target, keypair, "sudo rm -rf /opt/gpu-session/hf/hub/models--gpu-session--tiny-chat")
+    sim.inject("hf:resolve", "slow", times=1, delay=120)  # the download's first request hangs
+    job = "/opt/gpu-session/run/download.json"
+    bin_ = "/opt/gpu-session/bin"
+    # As "Start the download" runs it (the command returns at once: the job is detached).
+    on(target, keypair, f"sudo python3 {bin_}/gpu-session-download-job.py start --job {job} -- runuser -u gpu-session --"
+                        f" {bin_}/gpu-session-env /opt/gpu-session/engines/hub/bin/python {bin_}/gpu-session-model.py"
+                        " download --model gpu-session/tiny-chat --revision main")  # fmt: skip
+    started = json.loads(on(target, keypair, f"sudo cat {job}"))
+    assert started["started"] == 1 and isinstance(started["pid"], int), started
+    running = on(target, keypair, "pgrep -u gpu-session -f gpu-session-model.py || true").split()
+    assert running, "the download is not running"
+    status = on(target, keypair, f"sudo {bin_}/gpu-session-env python3 {bin_}/gpu-session-download-job.py status"
+                                 f" --job {job} --model gpu-session/tiny-chat")  # fmt: skip
+    assert json.loads(status)["finished"] is False, status
+
+    receipt = run(target, playbook="scrub.yml").facts["scrub_receipt"]
+    assert receipt["ok"] is True and receipt["ended_interrupted_runs"] is True, receipt
+    left = on(target, keypair, "pgrep -f '[g]pu-session-download-job.py|[g]pu-session-model.py' || true").split()
+    assert left == [], on(target, keypair, "ps -ef")
+    assert on(target, keypair, "sudo ls /opt/gpu-session 2>/dev/null || echo gone").strip() == "gone"
 
 
 def test_a_session_plants_canaries_where_its_data_goes_and_scrub_proves_them_gone(site, keypair, tmp_path):

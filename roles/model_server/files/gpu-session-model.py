@@ -380,7 +380,8 @@ def check(args) -> dict:
         # What an earlier converge downloaded of this commit is on the disk already: only the rest counts.
         missing = [f for f in download if not isinstance(try_to_load_from_cache(args.model, f, revision=info.sha), str)]
     weights_need = sum(files[f] for f in missing)
-    engine_need = fit.ENGINE_DISK_GIB * fit.GIB if args.engine_missing else 0
+    engine_missing = bool(args.engine_at) and not os.path.exists(args.engine_at)
+    engine_need = fit.ENGINE_DISK_GIB * fit.GIB if engine_missing else 0
     if args.cache_root:
         on_cache = engine_need + (weights_need if args.weights_in_cache else 0)
         free = cache_free(args.cache_root, args.cache_size_gb)
@@ -396,7 +397,20 @@ def check(args) -> dict:
              "(the weights and the engine): give the instance a larger disk (--disk).")  # fmt: skip
     return {"sha": info.sha, "gated": bool(info.gated), "files": download, "weights_bytes": weights_bytes,
             "kv_bytes_per_token": kv or 0, "need_bytes": need, "max_model_len": max_model_len,
-            "missing": missing, "cache": verified}  # fmt: skip
+            "missing": missing, "cache": verified, "downloaded_before": read_marker(args.marker)}  # fmt: skip
+
+
+def read_marker(path: str) -> dict:
+    """What the role remembered of the last download ({"model", "revision", "sha", …}; root's, in a
+    folder of root's), or {} when there is none or it does not parse: the download then runs."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
 
 
 def download(args) -> dict:
@@ -439,7 +453,10 @@ def main() -> None:
     )
     parser.add_argument("--quantized", action="store_true")
     parser.add_argument("--data-root", default="/")
-    parser.add_argument("--engine-missing", action="store_true", help="the engine is still to be installed (its disk counts)")
+    parser.add_argument(
+        "--engine-at", default="", help="check: a path there once the engine is installed (until then its disk counts)"
+    )
+    parser.add_argument("--marker", default="", help="check: the role's record of the last download, to say it back")
     parser.add_argument(
         "--verify", action="store_true", help="check: verify every cached file of the revision against its Hub hash"
     )
