@@ -352,16 +352,20 @@ def gib(n: int | float) -> str:
 
 def explain_no_fit(offers: list[Offer], need_bytes: int, *, gpu_count: int | None, max_price: float | None,
                    gpu_type: str | None) -> str:  # fmt: skip
-    """Why nothing fits, and the nearest thing that would."""
+    """Why nothing fits, and the nearest thing that would: a suggestion above the price cap says so
+    (the cap is `up --max-price` and the stack's maxPricePerHour, one setting)."""
     limits = dict(gpu_count=gpu_count, gpu_type=gpu_type)
+    cap = f"the price cap of ${max_price:.2f}/h (--max-price, maxPricePerHour)" if max_price is not None else ""
     need = gib(need_bytes)
     big_enough = fitting(offers, need_bytes, with_capacity=False, **limits)
     if not big_enough:
         more_gpus = fitting(offers, need_bytes, with_capacity=False, gpu_type=gpu_type)
         if gpu_count and more_gpus:
             o = more_gpus[0]
+            over = f", above {cap}" if cap and o.price_per_hour > max_price else ""
             return (f"needs {need} of GPU memory, more than any {gpu_count}-GPU offer gives; the cheapest that fits is "
-                    f"{o.gpu_name} ×{o.gpu_count} at ${o.price_per_hour:.2f}/h: --gpus {o.gpu_count} (gpuCount), or quantize, or a shorter --context")  # fmt: skip
+                    f"{o.gpu_name} ×{o.gpu_count} at ${o.price_per_hour:.2f}/h{over}: --gpus {o.gpu_count} (gpuCount), or quantize, "
+                    "or a shorter --context")  # fmt: skip
         allowed = [
             o
             for o in offers
@@ -378,6 +382,6 @@ def explain_no_fit(offers: list[Offer], need_bytes: int, *, gpu_count: int | Non
     in_budget = [o for o in big_enough if max_price is None or o.price_per_hour <= max_price]
     if not in_budget:
         o = big_enough[0]
-        return f"needs {need}; the cheapest that fits is {o.gpu_name} ×{o.gpu_count} at ${o.price_per_hour:.2f}/h, above maxPricePerHour ${max_price:.2f}"
+        return f"needs {need}; the cheapest that fits is {o.gpu_name} ×{o.gpu_count} at ${o.price_per_hour:.2f}/h, above {cap}"
     names = ", ".join(sorted({f"{o.gpu_name} ×{o.gpu_count}" for o in in_budget}))
     return f"needs {need}; {names} would fit but have no capacity now: try another region or cloud, or later"

@@ -221,11 +221,13 @@ RUNPOD_DATA_CENTER = "EU-RO-1"
 def _cached_session(backend: str, cloud: str, say) -> dict:
     """One session on the cache (up, then down): its up → ready and the converge's phases and
     cache facts (configured.json)."""
+    events = []
     start = time.monotonic()
     try:  # a failed up too: down ends what it made, so the cache is no longer in use and can go
         up.up(UpOptions(MODEL, cloud=cloud, backend=backend, hours=1, stack=STACK), confirm=lambda plan: True, say=say,
-              on_event=lambda _: None)  # fmt: skip
+              on_event=events.append)  # fmt: skip
         up_s = time.monotonic() - start
+        took = {e.type: e.seconds for e in events if e.kind == "done" and e.op == "create"}
         configured = json.loads((stack_dir(STACK) / "configured.json").read_text())
     except BaseException:
         _end_after_failure(say)
@@ -233,6 +235,7 @@ def _cached_session(backend: str, cloud: str, say) -> dict:
     down.down(STACK, say=say, on_event=lambda _: None)
     return {
         "up_to_ready_s": round(up_s, 1),
+        "provision_s": round(took.get("GpuInstance", 0) + took.get("LambdaSshKey", 0), 1),
         "converge_s": configured["seconds"],
         **configured["phases"],
         "cache": configured.get("cache") or {},
@@ -276,9 +279,11 @@ def run_cache(backend: str = "transformers", cloud: str = "lambda", say=print) -
         "first_cache": "engine {engine}, weights {weights}".format(**{"engine": "?", "weights": "?", **first["cache"]}),
         "second_cache": "engine {engine}, weights {weights}".format(**{"engine": "?", "weights": "?", **second["cache"]}),
         "second_up_outside_server_start_s": round(second["up_to_ready_s"] - second["server_start"], 1),
-        # Where those seconds went: before the converge (the engine, the instance's boot, SSH) and in
-        # it outside the server's start, with the converge's slowest tasks.
+        # Where those seconds went: before the converge (the instance: its key, launch, boot and SSH;
+        # the rest: the plan and the Pulumi engine) and in it outside the server's start, with the
+        # converge's slowest tasks.
         "second_before_converge_s": round(second["up_to_ready_s"] - second["converge_s"], 1),
+        "second_provision_s": second["provision_s"],
         "second_converge_outside_server_start_s": round(second["converge_s"] - second["server_start"], 1),
         "second_slowest_tasks_outside_server_start": ", ".join(
             f"{task} {s} s" for task, s in [ts for ts in second["slowest"].items() if ts[0] not in PHASES["server_start"]][:4]

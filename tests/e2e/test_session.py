@@ -384,12 +384,13 @@ def _wait(what, timeout=120):
     raise AssertionError("timed out")
 
 
-@pytest.mark.parametrize("point", ["booting", "configuring"])
+@pytest.mark.parametrize("point", ["booting", "configuring", "configuring-under-mitogen"])
 def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, point):
     """up and its engine killed outright (a crash, a closed laptop) while the machine boots or while
     it is configured: the state is left locked with a pending create. While booting, the next `up`
     adopts the machine (one instance, never two); `down` then ends it. While configuring, `down`
-    scrubs the host before it ends it."""
+    scrubs the host before it ends it. Under Mitogen's strategy (ANSIBLE_STRATEGY=mitogen_linear),
+    killed once its interpreter runs on the host: that interpreter ends with the connection."""
     stack = f"kill-{point}"
     state = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "pulumi" / ".pulumi" / "stacks" / "gpu-session" / f"{stack}.json"
     up = [
@@ -405,9 +406,14 @@ def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, poi
         stack,
         "--yes",
     ]
-    proc = subprocess.Popen(up, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    mitogen = {"ANSIBLE_STRATEGY": "mitogen_linear"} if point.endswith("mitogen") else {}
+    proc = subprocess.Popen(
+        up, cwd=ROOT, env=env() | mitogen, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     pending = "GpuInstance" if point == "booting" else "Configure"
     _wait(lambda: state.exists() and f"gpu_session:{pending}" in state.read_text() and alive(sim, stack), timeout=180)
+    if mitogen:  # the play has reached the host: Mitogen's interpreter runs there
+        _wait(lambda: mitogen_processes(), timeout=180)
     time.sleep(0.5 if point == "booting" else 3)
     if point == "booting":
         os.killpg(proc.pid, signal.SIGKILL)  # everything at once, as a closed laptop does
@@ -416,9 +422,10 @@ def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, poi
             os.kill(pid, signal.SIGKILL)
     proc.wait()
     try:
-        _wait(lambda: not engine_processes(), timeout=60)  # language host, providers, converge, ansible
+        # language host, providers, converge, ansible; and on the host, Mitogen's interpreters
+        _wait(lambda: not engine_processes() and not mitogen_processes(), timeout=60)
     except AssertionError:
-        raise AssertionError(f"still running after the kill: {engine_processes()}") from None
+        raise AssertionError(f"still running after the kill: {engine_processes()} {mitogen_processes()}") from None
     [launched] = alive(sim, stack)
     recorded = json.loads(state.read_text())["checkpoint"]["latest"]
     assert [op["resource"]["type"].rsplit(":", 1)[-1] for op in recorded["pending_operations"]] == [pending]
@@ -433,12 +440,26 @@ def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, poi
         assert [i["id"] for i in alive(sim, stack)] == [launched["id"]]  # adopted, not launched twice
     down = invoke("down", "--stack", stack)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
-    if point == "configuring":
+    if point != "booting":
         assert (
             f"up was killed while it configured {launched['id']}: scrubbing it" in down.stderr
             and f"scrubbed {launched['id']}: " in down.stderr
         )
     assert not alive(sim, stack) and not keys(sim, stack)
+
+
+def mitogen_processes() -> list[str]:
+    """Mitogen's interpreters on this machine, the simulator's hosts included (their PID namespaces
+    are children of ours): Mitogen execs each as `python(mitogen:<context>)` (mitogen/parent.py)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv0 = cmdline.read_bytes().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if b"(mitogen:" in argv0:
+            found.append(argv0.decode(errors="replace"))
+    return found
 
 
 def children(pid: int, name: str) -> list[int]:
@@ -506,7 +527,7 @@ def test_a_capacity_error_fails_over_to_the_next_offer(sim, sim_env):
         ),
         (["--model", "meta-llama/Llama-3.1-70B-Instruct"], "more than any 1-GPU offer gives; the cheapest that fits is"),
         (["--model", "gpu-session/tiny-chat", "--gpu", "TPU v9"], "no GPU type 'TPU v9' here; `invoke available` lists them"),
-        (["--model", "gpu-session/tiny-chat", "--max-price", "0.01"], "above maxPricePerHour $0.01"),
+        (["--model", "gpu-session/tiny-chat", "--max-price", "0.01"], "above the price cap of $0.01/h (--max-price"),
         (
             ["--model", "gpu-session/tiny-chat", "--backend", "tensorrt"],
             "--backend takes auto or vllm or transformers (got 'tensorrt')",

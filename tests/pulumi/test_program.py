@@ -283,7 +283,10 @@ def test_a_second_create_adopts_the_instance_a_crashed_one_launched(stack, sim, 
         ({"model": "lmsys/vicuna-13b-v1.5"}, "has no chat template"),
         ({"model": "meta-llama/Llama-3.1-70B-Instruct", "gpuCount": "2", "diskGb": "100"}, "gpu-session:diskGb 100 is too small"),
         ({"model": "gpu-session/tiny-chat", "context": "4096"}, "served with at most 2,048 tokens of context"),
-        ({"model": "meta-llama/Llama-3.1-70B-Instruct", "gpuCount": "8", "maxPricePerHour": "1"}, "above maxPricePerHour"),
+        (
+            {"model": "meta-llama/Llama-3.1-70B-Instruct", "gpuCount": "8", "maxPricePerHour": "1"},
+            "above the price cap of $1.00/h",
+        ),
     ],
 )
 def test_bad_config_is_refused_before_anything_is_launched(stack, sim, config, says):

@@ -1,15 +1,19 @@
 """The cache volume (gpu_session_cache_root), on a simulator host through site.yml and scrub.yml:
 a folder of the host's own /var stands in for the volume (the role sees only a path). The first
 converge installs the engine and downloads the weights into it; scrub wipes the session and keeps
-them (the receipt says what and why, no canary is on the volume); a fresh converge reuses both. A
+them (the receipt says what and why, no canary is on the volume); a fresh converge reuses both, and
+takes uv from the volume when it is the controller's (a planted one is replaced, never run). A
 cached venv whose lock copy was tampered with is rebuilt, a corrupted weight blob downloaded again,
 a full volume refused before any download, and a gated model (model_server_cache_weights false)
 downloaded into the data root, not the volume. The tests run in order, on one host."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from conftest import on, ssh
@@ -22,6 +26,9 @@ VOLUME = "/var/lib/gpu-session-test-volume"
 CACHE = f"{VOLUME}/gpu-session"
 MODEL_DIR = f"{CACHE}/hub/models--gpu-session--tiny-chat"
 ENGINE = "transformers-cpu"
+# The uv host_base copies: the one beside the Python that runs Ansible (host_base_uv_binary).
+CONTROLLER_UV = Path(sys.executable).with_name("uv")
+TAKE_UV = "Read the installed uv's version, or take uv from the cache volume"
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +95,22 @@ def test_the_first_converge_installs_and_downloads_into_the_cache(site, keypair)
     assert sh(target, keypair, "ls /opt/gpu-session/hf/hub 2>/dev/null | grep models-- || echo none").strip() == "none"
     env = sh(target, keypair, "cat /opt/gpu-session/bin/gpu-session-env")
     assert f"HF_HUB_CACHE={CACHE}/hub" in env and f"VLLM_CACHE_ROOT={CACHE}/vllm" in env
+    # The controller's uv, copied over SSH, is kept on the volume for the next host (root's, 0755).
+    assert said(events, TAKE_UV) == ["missing"] and ran(events, "Copy uv from the controller")
+    assert said(events, "Keep uv on the cache volume") == ["kept"]
+    assert sh(target, keypair, f'stat -c "%U %a %n" {CACHE}/bin/*').split() == ["root", "755", cached_uv()]
+    assert sh(target, keypair, f"sha256sum < {cached_uv()}").split()[0] == controller_uv_sha256()
+
+
+def cached_uv() -> str:
+    import subprocess
+
+    version = subprocess.run([CONTROLLER_UV, "--version"], capture_output=True, text=True, check=True).stdout.split()[1]
+    return f"{CACHE}/bin/uv-{version}"
+
+
+def controller_uv_sha256() -> str:
+    return hashlib.sha256(CONTROLLER_UV.read_bytes()).hexdigest()
 
 
 def test_scrub_keeps_the_cache_proves_no_canary_on_it_and_a_fresh_converge_reuses_both(site, keypair):
@@ -104,6 +127,7 @@ def test_scrub_keeps_the_cache_proves_no_canary_on_it_and_a_fresh_converge_reuse
     assert {p.rsplit("/", 1)[1].rsplit("-", 1)[0] for p in venvs} == {"hub", ENGINE}
     assert all(kept[p] == "engine venv, keyed by its lock's digest" for p in venvs)
     assert "checked against its Hub hash" in kept[MODEL_DIR] and "not hashed again" in kept[f"{CACHE}/verified"]
+    assert "checked against the controller's uv" in kept[cached_uv()]
     assert VOLUME in receipt["verified"]["searched"] and receipt["cache"]["search"]["sealed_blobs_skipped"] >= 1
     # Checked again from outside: no canary on the volume, the cache whole, the data root gone.
     print("cache search:", receipt["cache"]["search"])
@@ -112,9 +136,13 @@ def test_scrub_keeps_the_cache_proves_no_canary_on_it_and_a_fresh_converge_reuse
     assert sh(target, keypair, "test -e /opt/gpu-session || echo gone").strip() == "gone"
     # The lock files stay, empty (unlinking one a session holds would let two sessions write at once).
     assert sh(target, keypair, f"find {CACHE}/locks -type f ! -empty; ls -d {CACHE}/hub/.locks 2>/dev/null; true").strip() == ""
-    # A fresh converge on the scrubbed host: nothing installed, nothing downloaded.
+    # A fresh converge on the scrubbed host, without uv as a new host is: nothing installed, nothing
+    # downloaded, uv taken from the volume rather than copied from the controller.
+    sh(target, keypair, "rm /usr/local/bin/uv")
     events = []
     result = converge(events)
+    assert said(events, TAKE_UV) == ["cached"] and not ran(events, "Copy uv from the controller")
+    assert sh(target, keypair, "sha256sum < /usr/local/bin/uv").split()[0] == controller_uv_sha256()
     assert result.facts["model_server_cache"] == {"root": VOLUME, "engine": "reused", "weights": "reused"}
     assert said(events, f"Install {ENGINE}") == ["reused linked"] and said(events, "Install hub") == ["reused linked"]
     assert not ran(events, "Start the download") and not ran(events, "Wait for the download")
@@ -146,6 +174,17 @@ def test_scrub_leaves_a_download_another_session_runs_on_the_volume(site, keypai
     assert sh(target, keypair, f"ls {partial} {hub_lock} 2>/dev/null; true").strip() == ""
     assert sh(target, keypair, f"test -f {lock} && echo kept").strip() == "kept"
     converge()  # the host as the next test expects it: served, from the cache
+
+
+def test_a_uv_on_the_volume_that_is_not_the_controllers_is_replaced_never_run(site, keypair):
+    target, converge = site
+    sh(target, keypair, f'rm /usr/local/bin/uv; printf "#!/bin/sh\\necho planted\\n" > {cached_uv()}')
+    events = []
+    converge(events)
+    assert said(events, TAKE_UV) == ["missing"] and ran(events, "Copy uv from the controller")
+    assert said(events, "Keep uv on the cache volume") == ["kept"]
+    for path in ("/usr/local/bin/uv", cached_uv()):
+        assert sh(target, keypair, f"sha256sum < {path}").split()[0] == controller_uv_sha256(), path
 
 
 def test_a_cached_venv_whose_lock_copy_was_tampered_with_is_rebuilt(site, keypair):
