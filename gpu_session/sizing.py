@@ -362,10 +362,11 @@ def explain_no_fit(offers: list[Offer], need_bytes: int, *, gpu_count: int | Non
         more_gpus = fitting(offers, need_bytes, with_capacity=False, gpu_type=gpu_type)
         if gpu_count and more_gpus:
             o = more_gpus[0]
-            over = f", above {cap}" if cap and o.price_per_hour > max_price else ""
+            over = cap and o.price_per_hour > max_price
             return (f"needs {need} of GPU memory, more than any {gpu_count}-GPU offer gives; the cheapest that fits is "
-                    f"{o.gpu_name} ×{o.gpu_count} at ${o.price_per_hour:.2f}/h{over}: --gpus {o.gpu_count} (gpuCount), or quantize, "
-                    "or a shorter --context")  # fmt: skip
+                    f"{o.gpu_name} ×{o.gpu_count} at ${o.price_per_hour:.2f}/h" + (f", above {cap}" if over else "")
+                    + f": --gpus {o.gpu_count} (gpuCount)" + (" with a higher --max-price" if over else "")
+                    + ", or quantize, or a shorter --context")  # fmt: skip
         allowed = [
             o
             for o in offers

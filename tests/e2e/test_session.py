@@ -407,6 +407,8 @@ def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, poi
         "--yes",
     ]
     mitogen = {"ANSIBLE_STRATEGY": "mitogen_linear"} if point.endswith("mitogen") else {}
+    # No Mitogen interpreter outlives its run: one here now would be a leak (and would let the wait below pass early).
+    assert not (mitogen and mitogen_processes()), mitogen_processes()
     proc = subprocess.Popen(
         up, cwd=ROOT, env=env() | mitogen, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

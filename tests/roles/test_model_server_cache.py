@@ -178,13 +178,33 @@ def test_scrub_leaves_a_download_another_session_runs_on_the_volume(site, keypai
 
 def test_a_uv_on_the_volume_that_is_not_the_controllers_is_replaced_never_run(site, keypair):
     target, converge = site
-    sh(target, keypair, f'rm /usr/local/bin/uv; printf "#!/bin/sh\\necho planted\\n" > {cached_uv()}')
+    planted = "/var/tmp/planted-uv-ran"
+    sh(target, keypair, f'rm -f /usr/local/bin/uv {planted}; printf "#!/bin/sh\\ntouch {planted}\\n" > {cached_uv()}')
     events = []
     converge(events)
     assert said(events, TAKE_UV) == ["missing"] and ran(events, "Copy uv from the controller")
     assert said(events, "Keep uv on the cache volume") == ["kept"]
     for path in ("/usr/local/bin/uv", cached_uv()):
         assert sh(target, keypair, f"sha256sum < {path}").split()[0] == controller_uv_sha256(), path
+    assert sh(target, keypair, f"test -e {planted} && echo ran || echo never").strip() == "never"
+
+
+def test_a_bin_folder_made_a_link_elsewhere_is_neither_read_nor_written(site, keypair):
+    """bin/ swapped for a link to a folder of the host's: root neither takes uv from it nor writes into
+    it (nor changes its mode); the session copies uv from the controller as without a volume."""
+    target, converge = site
+    elsewhere = "/var/tmp/elsewhere"
+    sh(target, keypair, f"rm -rf {elsewhere} {CACHE}/bin /usr/local/bin/uv; mkdir -m 0700 {elsewhere}; "
+                        f"ln -s {elsewhere} {CACHE}/bin")  # fmt: skip
+    events = []
+    converge(events)
+    assert said(events, TAKE_UV) == ["missing"] and ran(events, "Copy uv from the controller")
+    [kept] = said(events, "Keep uv on the cache volume")
+    assert "is a link or not owned by root" in kept, kept
+    assert sh(target, keypair, f'ls -A {elsewhere}; stat -c "%a" {elsewhere}').split() == ["700"]
+    sh(target, keypair, f"rm {CACHE}/bin /usr/local/bin/uv; rm -rf {elsewhere}")
+    converge()  # the host as the next test expects it, uv kept on the volume again
+    assert sh(target, keypair, f"sha256sum < {cached_uv()}").split()[0] == controller_uv_sha256()
 
 
 def test_a_cached_venv_whose_lock_copy_was_tampered_with_is_rebuilt(site, keypair):

@@ -75,8 +75,9 @@ def test_why_nothing_fits_names_the_way_out():
     assert "the largest offer here gives 140.4 GiB" in explain_no_fit(
         OFFERS, 500 * GIB, gpu_count=None, max_price=None, gpu_type=None
     )
-    assert "H100 ×2 at $6.38/h, above the price cap of $5.00/h (--max-price, maxPricePerHour): --gpus 2" in explain_no_fit(
-        OFFERS, 100 * GIB, gpu_count=1, max_price=5.0, gpu_type=None
+    assert (
+        "H100 ×2 at $6.38/h, above the price cap of $5.00/h (--max-price, maxPricePerHour): --gpus 2 (gpuCount) with a higher --max-price"
+        in explain_no_fit(OFFERS, 100 * GIB, gpu_count=1, max_price=5.0, gpu_type=None)
     )
     assert "the cheapest that fits is A6000 ×1 at $0.80/h, above the price cap of $0.70/h (--max-price" in explain_no_fit(
         OFFERS, 30 * GIB, gpu_count=None, max_price=0.7, gpu_type=None
