@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -134,11 +135,36 @@ def _message(result: dict) -> str:
 
 def remove_orphaned_runs() -> None:
     """A run killed outright (kill -9, a crash) leaves its folder, extra vars and all: remove those
-    whose process is gone. Every run does this first, and so does `down`."""
+    whose process is gone, and end what Ansible left running of them (end_run_processes). Every run
+    does this first, and so does `down`."""
     for folder in (state_dir() / "runs").glob("ansible-*-*"):
         pid = folder.name.split("-")[1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            end_run_processes(folder)
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def end_run_processes(private: Path) -> list[int]:
+    """SIGKILL every process of the run whose private folder is `private` (its command line names
+    it: ansible-playbook's -i and -e), with its process group; the pids ended. ansible-runner ends a
+    cancelled run by killing ansible-playbook's process group, but each of Ansible's workers calls
+    setsid (ansible/executor/process/worker.py, _detach): a worker that outlives its playbook then
+    blocks for ever writing its result into a queue nobody reads. Linux only (/proc); elsewhere none."""
+    mark = f"{private}{os.sep}".encode()
+    ended = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            pid = int(cmdline.parent.name)
+            if pid == os.getpid() or mark not in cmdline.read_bytes():
+                continue
+            if os.getpgid(pid) == pid:  # a worker leads its own group: what it started goes with it
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+            ended.append(pid)
+        except (OSError, ValueError):  # gone meanwhile, or not ours to signal
+            continue
+    return ended
 
 
 def run(
@@ -241,6 +267,7 @@ def run(
         if not result.ok and not failures:
             failures.append(Event("failed", "ansible", " ".join(said[-3:]) or f"ansible-playbook exited {r.rc}"))
     finally:
+        end_run_processes(private)  # a cancelled run's workers (see there); none after a run that ended
         shutil.rmtree(private, ignore_errors=True)
         shutil.rmtree(control, ignore_errors=True)
     if not result.ok:
