@@ -88,6 +88,9 @@ def test_a_cache_makes_the_second_session_skip_install_and_download_and_keeps_no
         # The second session took both from the volume: no install, no download.
         assert second["cache"]["engine"] == "reused" and second["cache"]["weights"] == "reused", second
         assert second["phases"]["download_wait"] == 0, second
+        # Its slowest tasks that added to the wall clock: none of those run while the engine loaded.
+        loaded = {"Ask for one token", "Write the lease", "Plant the session's canaries"}
+        assert second["slowest_outside_load"] and not loaded & set(second["slowest_outside_load"]), second
         # and its phases say so, as the person running `up` sees them
         reused = "reused from the cache volume"
         assert second["notes"]["engine"] == second["notes"]["download"] == reused, second["notes"]

@@ -8,6 +8,7 @@ and transformers, converge, idempotence with every task run, testinfra.)"""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import secrets
@@ -129,6 +130,24 @@ def test_an_unchanged_converge_ends_early_and_a_changed_one_runs_in_full(site, k
     }
     expected = {task for task in named if not task.startswith("Install ") or task in ("Install hub", "Install transformers-cpu")}
     assert expected <= {e.task for e in events if e.kind == "task"}, expected - {e.task for e in events}
+    # A new API key (the secrets' task, whose result no_log hides, changed included) restarts the
+    # running server: stopped, then started anew.
+    pid = on(target, keypair, "sudo cat /run/gpu-session/gpu-session-model-server.pid").strip()
+    events, key = [], secrets.token_urlsafe(32)
+    converge(events, model_server_backend="transformers", lease_check_interval_s=7, model_server_api_key=key)
+    # The key is in the secrets file and nowhere else a converge writes (Ansible's temporary files,
+    # logs). Looked for with the file's own key, on grep's stdin: never on a command line.
+    found = on(
+        target,
+        keypair,
+        """sudo bash -c 'k=$(sed -n "s/^GPU_SESSION_API_KEY=//p" /opt/gpu-session/model-server.env)
+        printf %s "$k" | sha256sum; grep -rlF -f <(printf "%s\\n" "$k") /tmp /var/log /root /home /opt/gpu-session 2>/dev/null; true'""",
+    )
+    assert found.split()[0] == hashlib.sha256(key.encode()).hexdigest()  # the new key is the file's
+    assert found.split()[2:] == ["/opt/gpu-session/model-server.env"], found
+    changed = {e.task for e in events if e.kind == "changed"}
+    assert {"Stop the session's daemons", "Start the model server as a daemon"} <= changed, changed
+    assert on(target, keypair, "sudo cat /run/gpu-session/gpu-session-model-server.pid").strip() != pid
     # A server that stopped answering is a reason to run everything too.
     on(target, keypair, "sudo sh -c 'kill $(cat /run/gpu-session/gpu-session-model-server.pid)'")
     events = []

@@ -100,6 +100,8 @@ def test_the_first_converge_installs_and_downloads_into_the_cache(site, keypair)
     assert said(events, "Keep uv on the cache volume") == ["kept"]
     assert sh(target, keypair, f'stat -c "%U %a %n" {CACHE}/bin/*').split() == ["root", "755", cached_uv()]
     assert sh(target, keypair, f"sha256sum < {cached_uv()}").split()[0] == controller_uv_sha256()
+    # A fresh host has no server to stop before the first start (configure.yml created its bin).
+    assert not ran(events, "Stop the session's daemons") and ran(events, "Start the model server as a daemon")
 
 
 def cached_uv() -> str:
@@ -142,6 +144,7 @@ def test_scrub_keeps_the_cache_proves_no_canary_on_it_and_a_fresh_converge_reuse
     events = []
     result = converge(events)
     assert said(events, TAKE_UV) == ["cached"] and not ran(events, "Copy uv from the controller")
+    assert not ran(events, "Stop the session's daemons")  # scrubbed: no server, and no bin, is left
     assert sh(target, keypair, "sha256sum < /usr/local/bin/uv").split()[0] == controller_uv_sha256()
     assert result.facts["model_server_cache"] == {"root": VOLUME, "engine": "reused", "weights": "reused"}
     assert said(events, f"Install {ENGINE}") == ["reused linked"] and said(events, "Install hub") == ["reused linked"]

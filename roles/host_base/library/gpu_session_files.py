@@ -17,7 +17,11 @@ description:
   - A symbolic link in the place of a folder or file it makes, or a folder where a file goes (or a
     file where a folder goes), is refused and never followed; nothing after it is changed. Links in
     the folders above them are followed, as the file, copy and template modules follow them.
-  - Not for secrets (the contents are the module's arguments); use a template task with no_log.
+  - One secret file goes in O(secret_dest) and O(secret_content), a parameter of its own because
+    AnsibleModule logs a list's items as their repr, where an item's no_log content (its newlines
+    escaped) would not be masked, into the host's journal or syslog; O(secret_content) is logged as
+    C(NOT_LOGGING_PARAMETER) and masked in results. Set the task's C(no_log) too, which keeps its
+    result out of the controller's output and events and the module from logging at all.
 options:
   owner: {description: The owner's user name., type: str, required: true}
   group: {description: The owner's group name., type: str, required: true}
@@ -31,10 +35,14 @@ options:
     type: list
     elements: dict
     default: []
+  secret_dest: {description: Where the secret file goes (written after O(files))., type: path}
+  secret_content: {description: The secret file's content (text)., type: str}
+  secret_mode: {description: The secret file's mode (octal string)., type: raw, default: "0600"}
 """
 
 RETURN = r"""
 made: {description: The folders made or put right., type: list, returned: always}
+created: {description: The folders of those that were not there before (made, not put right)., type: list, returned: always}
 written: {description: The files written or put right., type: list, returned: always}
 """
 
@@ -73,11 +81,11 @@ def _right(st, uid: int, gid: int, mode: int) -> bool:
     return st.st_uid == uid and st.st_gid == gid and stat.S_IMODE(st.st_mode) == mode
 
 
-def make_directory(path: str, uid: int, gid: int, mode: int, check: bool) -> bool:
-    """Whether the folder was made or put right."""
+def make_directory(path: str, uid: int, gid: int, mode: int, check: bool) -> str:
+    """What was done: "created", "put right" or "" (it was right)."""
     st = _existing(path, stat.S_IFDIR)
     if st is not None and _right(st, uid, gid, mode):
-        return False
+        return ""
     if not check:
         if st is None:
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)  # missing parents root's, as mkdir -p makes them
@@ -88,7 +96,7 @@ def make_directory(path: str, uid: int, gid: int, mode: int, check: bool) -> boo
             os.fchmod(fd, mode)
         finally:
             os.close(fd)
-    return True
+    return "created" if st is None else "put right"
 
 
 def _same_content(dest: str, st, content: bytes) -> bool:
@@ -155,7 +163,11 @@ def main() -> None:
                     **OWNED,
                 },
             },
+            "secret_dest": {"type": "path"},
+            "secret_content": {"type": "str", "no_log": True},
+            "secret_mode": {"type": "raw", "default": "0600"},
         },
+        required_together=[("secret_dest", "secret_content")],
         supports_check_mode=True,
     )
     p = module.params
@@ -169,17 +181,23 @@ def main() -> None:
     # Every owner and mode checked before anything changes: bad input changes nothing.
     directories = [(d["path"], *ids(d), _mode(module, d["mode"])) for d in p["directories"]]
     files = [(f["dest"], f["content"].encode(), *ids(f), _mode(module, f["mode"])) for f in p["files"]]
-    made, written = [], []
+    if p["secret_dest"]:
+        uid, gid = ids({"owner": None, "group": None})  # the module's
+        files.append((p["secret_dest"], p["secret_content"].encode(), uid, gid, _mode(module, p["secret_mode"])))
+    made, created, written = [], [], []
     try:
         for path, uid, gid, mode in directories:
-            if make_directory(path, uid, gid, mode, module.check_mode):
+            done = make_directory(path, uid, gid, mode, module.check_mode)
+            if done:
                 made.append(path)
+            if done == "created":
+                created.append(path)
         for dest, content, uid, gid, mode in files:
             if write_file(dest, content, uid, gid, mode, module.check_mode):
                 written.append(dest)
     except (Refused, OSError) as e:
-        module.fail_json(msg=str(e), made=made, written=written)
-    module.exit_json(changed=bool(made or written), made=made, written=written)
+        module.fail_json(msg=str(e), made=made, created=created, written=written)
+    module.exit_json(changed=bool(made or written), made=made, created=created, written=written)
 
 
 if __name__ == "__main__":
