@@ -238,7 +238,7 @@ def _cached_session(backend: str, cloud: str, say) -> dict:
         "converge_s": configured["seconds"],
         **configured["phases"],
         "cache": configured.get("cache") or {},
-        "slowest": configured.get("slowest_outside_load") or {},
+        "slowest_outside_load": configured.get("slowest_outside_load") or {},
         "strategy": configured.get("strategy") or "linear",
     }
 
@@ -278,14 +278,15 @@ def run_cache(backend: str = "transformers", cloud: str = "lambda", say=print) -
         "first_cache": "engine {engine}, weights {weights}".format(**{"engine": "?", "weights": "?", **first["cache"]}),
         "second_cache": "engine {engine}, weights {weights}".format(**{"engine": "?", "weights": "?", **second["cache"]}),
         "second_up_outside_server_start_s": round(second["up_to_ready_s"] - second["server_start"], 1),
-        # Where those seconds went: before the converge (the instance: its key, launch, boot and SSH;
-        # the rest: the plan and the Pulumi engine) and in it outside the server's start, with the
-        # converge's slowest tasks of those not run while the engine loaded (the lease's are).
+        # Where those seconds went: outside the converge (the instance: its key, launch, boot and SSH;
+        # the rest: the plan and the Pulumi engine, and after it the outputs, ledger and tunnel) and
+        # in it outside the server's start, with the converge's slowest tasks of those not run while
+        # the engine loaded (the lease's are).
         "second_before_converge_s": round(second["up_to_ready_s"] - second["converge_s"], 1),
         "second_provision_s": second["provision_s"],
         "second_converge_outside_server_start_s": round(second["converge_s"] - second["server_start"], 1),
         "second_slowest_tasks_outside_server_start": ", ".join(
-            f"{task} {s} s" for task, s in list(second["slowest"].items())[:4]
+            f"{task} {s} s" for task, s in list(second["slowest_outside_load"].items())[:4]
         ),
         "second_over_first_up": round(second["up_to_ready_s"] / first["up_to_ready_s"], 2),
     }
