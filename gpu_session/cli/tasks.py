@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 
-from invoke import Collection, Exit, task
+from invoke import Collection, Exit, Task, task
 
 from gpu_session.errors import GpuSessionError
 
@@ -24,6 +24,16 @@ STACK_HELP = "the session's name; default dev"
 
 class UsageError(GpuSessionError):
     """An option's value is wrong; the message names the option and what it takes."""
+
+
+class _Task(Task):
+    """Invoke's Task, less the short flag `-`: Invoke's automatic short flags take an option's
+    first free character, which for `--cache-gated` (every letter taken) was its dash (`--`)."""
+
+    def arg_opts(self, name, default, taken_names):
+        opts = super().arg_opts(name, default, taken_names)
+        opts["names"] = [n for n in opts["names"] if n != "-"]
+        return opts
 
 
 def command(*args, **kwargs):
@@ -40,7 +50,7 @@ def command(*args, **kwargs):
                     _failed_summary(str(e), one_object=one_object, **e.summary)
                 raise Exit(f"error: {e}", code=1) from None
 
-        return task(*args, **kwargs)(run)
+        return task(*args, klass=_Task, **kwargs)(run)
 
     if len(args) == 1 and callable(args[0]) and not kwargs:  # bare @command
         body, args = args[0], ()
@@ -878,7 +888,8 @@ def _cache_start(json: bool, sim: bool):
     name="create",
     help={
         **CACHE_HELP,
-        "size": "GB: a RunPod volume's size (10-4000, default 50); on Lambda, whose filesystems grow, a soft cap",
+        "size": "GB: a RunPod volume's size (22-4000, default 50: the engine's install takes 21.5 GB, the weights "
+        "the rest); on Lambda, whose filesystems grow, a soft cap",
     },
 )
 def cache_create(c, cloud="", region="", size=None, json=False, sim=False):

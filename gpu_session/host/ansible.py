@@ -47,7 +47,7 @@ class Event:
 @dataclass
 class RunResult:
     ok: bool
-    changed: int
+    changed: int  # the tasks that changed something, as the play's recap counts them (no_log tasks too)
     facts: dict = field(default_factory=dict)
     failures: list[Event] = field(default_factory=list)
     strategy: str = "linear"  # the play's Ansible strategy (ANSIBLE_STRATEGY): mitogen_linear, …
@@ -208,16 +208,19 @@ def run(
             said.append(re.sub(r"\x1b\[[0-9;]*m", "", event["stdout"]).strip())
         elif kind == "runner_retry" and not (data.get("res") or {}).get("_ansible_no_log"):
             emit(Event("retry", task, str((data.get("res") or {}).get("stdout") or "")))  # what the try printed
+        elif kind == "playbook_on_stats":
+            # The play's count: a no_log task's result reaches us censored, without its "changed".
+            changed = sum((data.get("changed") or {}).values())
         elif kind == "runner_on_skipped":
             emit(Event("skipped", task))  # a phase whose first task is skipped has nothing to do (converge)
         elif kind == "runner_on_ok":
             res = data.get("res") or {}
             if data.get("task_action", "").endswith("set_fact") and not res.get("_ansible_no_log"):
                 facts.update(res.get("ansible_facts") or {})
-            if res.get("changed"):
-                changed += 1
             printed = "" if res.get("_ansible_no_log") else str(res.get("stdout") or "")  # a command's output, for converge
-            emit(Event("changed" if res.get("changed") else "ok", task, printed, seconds=float(data.get("duration") or 0)))
+            emit(
+                Event("changed" if res.get("changed") else "ok", task, printed, seconds=float(data.get("duration") or 0))
+            )  # a no_log task's: "ok"
         return False  # keep nothing in the artifacts: they may hold task results
 
     def emit(event: Event) -> None:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 
 import yaml
 
+from gpu_session import fit
 from gpu_session.clouds import (
     API_BASE_ENV,
     API_BASE_ENVS,
@@ -41,6 +42,9 @@ from gpu_session.stack import cache_config, names
 from gpu_session.stack.automation import OnEvent, StackError, StackNotFound, engine, workspaces
 from gpu_session.stack.config import NAMESPACE, ConfigError
 
+# The smallest cache worth making (GB): the cloud's smallest volume, or room for an engine's install
+# (a session plans without a cache that cannot hold its engine and weights: plan.with_caches).
+MIN_GB = max(cache_config.MIN_GB, -(-fit.cache_need(0) // GB))
 Say = Callable[[str], None]  # as plan.Say (plan imports this module: not the other way)
 HOURS_PER_MONTH = 730  # the clouds' month (365 × 24 / 12)
 ENVIRONMENT_FILE = "environment.json"  # beside a cache stack's workspace: where its cloud was (the simulator's address)
@@ -141,9 +145,10 @@ def check(cloud: str, region: str, size_gb=None, *, creating: bool = True) -> in
     text = str(size_gb)
     if isinstance(size_gb, float) and size_gb.is_integer():
         text = str(int(size_gb))
-    if not text.isdigit() or not cache_config.MIN_GB <= int(text) <= cache_config.MAX_GB:
+    if not text.isdigit() or not MIN_GB <= int(text) <= cache_config.MAX_GB:
         raise CacheError(
-            f"--size takes a whole number of GB from {cache_config.MIN_GB} to {cache_config.MAX_GB} (got {size_gb!r})"
+            f"--size takes a whole number of GB from {MIN_GB} to {cache_config.MAX_GB} (got {size_gb!r}): a cache holds the "
+            f"engine, whose install needs {fit.ENGINE_DISK_GIB} GiB ({fit.cache_need(0) / GB:.1f} GB), and the weights beside it"
         )
     return int(text)
 

@@ -5,6 +5,7 @@ start from them."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -62,6 +63,7 @@ class Plan:
     budget: float | None = None  # USD: the watch ends the session when it is spent
     context: int = 0  # tokens this offer serves (the most its KV cache holds, capped at the model's own); 0: the engine's
     weights_gb: float = 0.0  # GiB of weights the engine loads (the host downloads these and the small files)
+    weights_bytes: int = 0  # the same, exact: what a cache volume must hold of them
     disk_gb: int = 0  # GiB
     backend: str = "vllm"
     cpu_capped: bool = False  # the host serves on the CPU (the simulator's), whose KV cache space holds less than the GPU would
@@ -172,7 +174,7 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     backend = info.backend(device) if opts.backend == "auto" else opts.backend
     found = [
         Plan(o, r, info.need_gb(context, opts.quantize), opts.hours, opts.budget, context=info.context_on(o, opts.quantize, device),
-             weights_gb=round(info.weights_bytes / sizing.GIB, 1), disk_gb=disk, backend=backend,
+             weights_gb=round(info.weights_bytes / sizing.GIB, 1), weights_bytes=info.weights_bytes, disk_gb=disk, backend=backend,
              cache_weights=info.may_cache(opts.cache_gated),
              cpu_capped=info.context_on(o, opts.quantize, device) < info.context_on(o, opts.quantize))
         for o in sizing.fitting(offers, need, **limits) for r in o.launch_regions()
@@ -196,8 +198,13 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
         return bool(c.endpoint) == bool(os.environ.get(API_BASE_ENV[c.cloud]))
 
     ready = [c for c in caches() if c.cloud in clouds and c.volume is not None and here_api(c)]
+    # The model is the same in every plan: a cache whose size (RunPod's, or a Lambda soft cap) could
+    # not hold its engine's install and its weights even empty would fail on the host, after launch.
+    need = fit.cache_need(found[0].weights_bytes if found[0].cache_weights else 0)
+    small = [c for c in ready if c.size_gb is not None and c.size_gb * fit.GB < need]
+    ready = [c for c in ready if c not in small]
     if not ready:
-        return found
+        return [replace(found[0], cache_note="no cache: " + _too_small(small, need, found[0])), *found[1:]] if small else found
     order = {id(p.offer): n for n, p in enumerate(found)}
     out = []
     for plan in found:
@@ -214,8 +221,21 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
         why += [f"{c.cloud} {c.region} is on another cloud than this plan's"
                 + (f" (`--cloud {c.cloud}` plans there)" if any(p.cache is c for p in out) else ", where no offer fits")
                 for c in elsewhere]  # fmt: skip
+        why += [_too_small(small, need, out[0])] if small else []
         out[0] = replace(out[0], cache_note="no cache: " + "; ".join(why))
     return out
+
+
+def _too_small(small: list[CacheInfo], need: int, plan: Plan) -> str:
+    """Why the caches in `small` go unused, and how to get one that holds `need` bytes."""
+    size = math.ceil(need / fit.GB / 10) * 10
+    held = f"the engine's install ({fit.ENGINE_DISK_GIB} GiB)" + (
+        f" and {plan.weights_gb} GiB of weights" if plan.cache_weights else ""
+    )
+    how = [f"`gpu-session cache create --cloud lambda --region {c.region} --size {size}` raises its soft cap" if c.cloud == "lambda"
+           else f"`gpu-session cache rm --cloud {c.cloud} --region {c.region}`, then `cache create` with --size {size}" for c in small]  # fmt: skip
+    return (f"too small for this model: {', '.join(f'{c.cloud} {c.region} ({c.size_gb} GB)' for c in small)}, which must have room "
+            f"for {held}, {need / fit.GB:.1f} GB: " + "; ".join(how))  # fmt: skip
 
 
 def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:

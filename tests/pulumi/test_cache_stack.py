@@ -62,7 +62,7 @@ def clean(sim, sim_env):
 def test_create_adopts_on_the_second_and_rm_leaves_nothing(sim, clean, cloud):
     region = WHERE[cloud]
     said = []
-    made = cache.create(cloud, region, 20, say=said.append, on_event=quiet)
+    made = cache.create(cloud, region, 25, say=said.append, on_event=quiet)
     [vol] = volumes(sim, cloud)
     assert (
         made.volume.id == vol["id"]
@@ -70,26 +70,26 @@ def test_create_adopts_on_the_second_and_rm_leaves_nothing(sim, clean, cloud):
         and made.stack == names.cache_stack(cloud, region)
     )
     assert stack_exists(made.stack) and (workspaces(names.CACHE_PROJECT) / made.stack).is_dir()
-    if cloud == "lambda":  # a filesystem has no size: the 20 GB is a soft cap, and said so
-        assert made.size_gb == 20 and any("soft cap" in s for s in said) and vol.get("size_gb") in (None, 0)
+    if cloud == "lambda":  # a filesystem has no size: the 25 GB is a soft cap, and said so
+        assert made.size_gb == 25 and any("soft cap" in s for s in said) and vol.get("size_gb") in (None, 0)
     else:
-        assert made.size_gb == 20 and made.monthly_usd == round(20 * made.price_per_gb_month, 2) > 0
+        assert made.size_gb == 25 and made.monthly_usd == round(25 * made.price_per_gb_month, 2) > 0
 
     said_again = []
-    again = cache.create(cloud, region, 20, say=said_again.append, on_event=quiet)
+    again = cache.create(cloud, region, 25, say=said_again.append, on_event=quiet)
     assert again.volume.id == made.volume.id and len(volumes(sim, cloud)) == 1  # adopted, not made twice
     assert f"cache {cloud} {region} was already here: nothing changed" in said_again, said_again
     if cloud == "lambda":  # the one thing again can change: the soft cap, and it says so
         capped = []
-        cache.create(cloud, region, 30, say=capped.append, on_event=quiet)
-        assert f"cache {cloud} {region} was already here: its soft cap is now 30 GB" in capped, capped
-        cache.create(cloud, region, 20, say=quiet, on_event=quiet)
+        cache.create(cloud, region, 35, say=capped.append, on_event=quiet)
+        assert f"cache {cloud} {region} was already here: its soft cap is now 35 GB" in capped, capped
+        cache.create(cloud, region, 25, say=quiet, on_event=quiet)
         unsized = []  # again without --size: the soft cap stays as it was
         cache.create(cloud, region, None, say=unsized.append, on_event=quiet)
-        assert f"cache {cloud} {region} was already here: nothing changed" in unsized and cache.find(cloud, region).size_gb == 20
+        assert f"cache {cloud} {region} was already here: nothing changed" in unsized and cache.find(cloud, region).size_gb == 25
 
     [listed] = [c for c in cache.caches() if c.cloud == cloud]
-    assert listed.region == region and listed.size_gb == 20 and not listed.in_use and listed.note == ""
+    assert listed.region == region and listed.size_gb == 25 and not listed.in_use and listed.note == ""
     assert cache.find(cloud, region).volume_id == made.volume.id and cache.find(cloud, NOWHERE[cloud]) is None
 
     removed = cache.rm(cloud, region, say=said.append, on_event=quiet)
@@ -241,7 +241,7 @@ def test_the_commands(sim, clean):
         return subprocess.run([*argv, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
     bad = run(invoke, "cache.create", "--cloud", "runpod", "--region", "EU-RO-1", "--size", "5")
-    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --size takes a whole number of GB from 10 to 4000")
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --size takes a whole number of GB from 22 to 4000")
     missing = run(invoke, "cache.rm", "--cloud", "runpod", "--region", "EU-RO-1")  # none yet: said, not "pass --yes"
     assert (
         missing.returncode == 1
@@ -252,10 +252,10 @@ def test_the_commands(sim, clean):
     assert refused.returncode == 1 and "Traceback" not in refused.stderr and len(lines) <= 3, refused.stderr
     assert lines[-1].startswith("error: pulumi up failed on stack runpod-mars-1: InvalidRequest:") and "MARS-1" in lines[-1]
     assert sim.volumes() == []
-    made = run(invoke, "cache.create", "--cloud", "runpod", "--region", "EU-RO-1", "--size", "20", "--json")
+    made = run(invoke, "cache.create", "--cloud", "runpod", "--region", "EU-RO-1", "--size", "25", "--json")
     assert made.returncode == 0, made.stderr[-2000:]
     result = [json.loads(line) for line in made.stdout.splitlines() if line.startswith("{")][-1]
-    assert result["event"] == "summary" and result["cache"]["size_gb"] == 20 and result["cache"]["monthly_usd"] == 1.4
+    assert result["event"] == "summary" and result["cache"]["size_gb"] == 25 and result["cache"]["monthly_usd"] == 1.75
 
     listed = run(script, "cache", "list", "--json")
     assert listed.returncode == 0, listed.stderr[-2000:]
@@ -263,18 +263,18 @@ def test_the_commands(sim, clean):
     assert (row["cloud"], row["region"], row["size_gb"], row["monthly_usd"], row["in_use_by"]) == (
         "runpod",
         "EU-RO-1",
-        20,
-        1.4,
+        25,
+        1.75,
         [],
     )
     table = run(invoke, "cache.list")
-    assert "EU-RO-1" in table.stdout and "1.40 USD/month" in table.stdout, table.stdout + table.stderr
+    assert "EU-RO-1" in table.stdout and "1.75 USD/month" in table.stdout, table.stdout + table.stderr
 
     asked = run(invoke, "cache.rm", "--cloud", "runpod", "--region", "EU-RO-1")  # no terminal to ask: refused
     assert asked.returncode == 1 and "pass --yes" in asked.stderr and len(volumes(sim, "runpod")) == 1
     removed = run(script, "cache", "rm", "--cloud", "runpod", "--region", "EU-RO-1", "--yes")
     assert removed.returncode == 0, removed.stderr[-2000:]
-    assert "$1.40/month stops" in removed.stderr and volumes(sim, "runpod") == []
+    assert "$1.75/month stops" in removed.stderr and volumes(sim, "runpod") == []
     # `cost` still counts what it cost while it was kept.
     costs = run(invoke, "cost", "--json")
     gone = [d for d in json.loads(costs.stdout)["deleted_caches"] if d["volume_id"] == result["cache"]["volume_id"]]

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from gpu_session import fit
 from gpu_session.clouds import NotFound, Volume, VolumeInUse
 from gpu_session.providers.volume import CacheVolumeProvider, VolumeStillUsed
 from gpu_session.session import cache
@@ -49,8 +50,15 @@ def test_monthly_cost_runpod_bills_the_size_lambda_what_it_holds():
         ("runpod", "EU RO 1", None, "a data center id like EU-RO-1"),
         ("lambda", "US-EAST-1", None, "--region us-east-1"),
         ("runpod", "eu-ro-1", None, "RunPod data centers are uppercase: --region EU-RO-1"),
-        ("runpod", "EU-RO-1", 9, "from 10 to 4000"),
-        ("runpod", "EU-RO-1", 4001, "from 10 to 4000"),
+        ("runpod", "EU-RO-1", 9, "from 22 to 4000"),
+        (
+            "runpod",
+            "EU-RO-1",
+            21,
+            r"from 22 to 4000 \(got 21\): a cache holds the engine, whose install needs 20 GiB \(21.5 GB\)",
+        ),
+        ("lambda", "us-east-1", 21, "from 22 to 4000"),  # a soft cap below an engine's install: the same
+        ("runpod", "EU-RO-1", 4001, "from 22 to 4000"),
         ("runpod", "EU-RO-1", "1e2", "whole number"),
         ("runpod", "EU-RO-1", -20, "whole number"),
         ("runpod", "EU-RO-1", 20.5, "whole number"),
@@ -65,8 +73,15 @@ def test_bad_input_says_what_to_do(cloud, region, size, says):
 
 
 def test_good_input():
-    assert cache.check("runpod", "EU-RO-1", "20") == 20 and cache.check("runpod", "EU-RO-1", 20.0) == 20
+    assert cache.check("runpod", "EU-RO-1", "22") == 22 and cache.check("runpod", "EU-RO-1", 30.0) == 30
     assert cache.check("lambda", "us-east-1") is None and cache.check("lambda", "us-east-1", 100) == 100
+
+
+def test_cache_create_help_says_the_sizes_check_takes():
+    from gpu_session.cli import tasks
+
+    assert f"({cache.MIN_GB}-{cache_config.MAX_GB}, default {cache_config.DEFAULT_RUNPOD_GB}:" in tasks.cache_create.help["size"]
+    assert f"{fit.cache_need(0) / fit.GB:.1f} GB" in tasks.cache_create.help["size"]
 
 
 def test_cache_config():

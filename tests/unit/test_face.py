@@ -3,6 +3,7 @@ stderr that says what to do, exit code 1, no traceback, and nothing changed."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -85,6 +86,21 @@ def test_a_refused_purge_deletes_nothing():
     assert len(history.ids()) == 1
     purged = invoke("history.purge", "--stack", "kept", "--yes")
     assert purged.returncode == 0 and history.ids() == []
+
+
+def test_every_option_has_a_name_a_person_can_type():
+    """Invoke's automatic short flags gave `--cache-gated` the dash as its short flag (`--`)."""
+    from gpu_session.cli.tasks import ns
+
+    def tasks(collection):
+        yield from collection.tasks.values()
+        for sub in collection.collections.values():
+            yield from tasks(sub)
+
+    for task in tasks(ns):
+        for argument in copy.deepcopy(task).get_arguments():  # a copy: get_arguments pops the task's help
+            assert all(name.replace("-", "").isalnum() for name in argument.names), (task.name, argument.names)
+    assert "  --cache-gated  " in invoke("--help", "up").stdout
 
 
 def test_sub_actions_are_tasks_and_reporting_commands_take_json():

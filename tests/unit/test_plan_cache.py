@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from gpu_session import fit
 from gpu_session.clouds import API_BASE_ENVS, Offer, Volume
 from gpu_session.session import cache, plan
 from gpu_session.session.plan import Plan, with_caches
@@ -18,10 +19,12 @@ def offer(cloud: str, name: str, price: float, regions: tuple[str, ...]) -> Offe
     return Offer(cloud, name, name, 1, 24, price, regions)
 
 
-def a_cache(cloud: str, region: str, volume: bool = True, endpoint: str = ""):
-    vol = Volume(f"v-{region}", f"gpu-session-cache-{region}", cloud, region, 50, 0, False, "/mnt") if volume else None
+def a_cache(cloud: str, region: str, volume: bool = True, endpoint: str = "", size_gb: int | None = None):
+    """A cache as cache.caches() gives it: a RunPod volume's size is 50 GB unless said, a Lambda filesystem has no cap."""
+    size_gb = size_gb or (50 if cloud == "runpod" else None)
+    vol = Volume(f"v-{region}", f"gpu-session-cache-{region}", cloud, region, size_gb, 0, False, "/mnt") if volume else None
     return SimpleNamespace(cloud=cloud, region=region, volume=vol, monthly_usd=3.5, stack=f"{cloud}-{region}", endpoint=endpoint,
-                           cloud_sized=cloud == "runpod", price_per_gb_month=0.2)  # fmt: skip
+                           cloud_sized=cloud == "runpod", price_per_gb_month=0.2, size_gb=size_gb)  # fmt: skip
 
 
 @pytest.fixture
@@ -150,3 +153,36 @@ def test_the_plan_prices_a_cache_as_its_cloud_bills_it(caches):
     runpod = SimpleNamespace(**{**vars(caches[1])})
     line = replace(with_caches(plans(A10), ["lambda"])[0], cache=runpod).cache_line()
     assert "(it costs $3.50/month whether used or not)" in line, line
+
+
+def test_a_cache_too_small_for_the_engine_and_the_weights_goes_unused_and_the_plan_says_how_to_fix_it(caches):
+    """On the host the role would refuse it (the model helper's check: fit.cache_need), after the
+    launch: the size is known before, so the plan goes without it."""
+    weights = replace(plans(RTX)[0], weights_gb=14.9, weights_bytes=16_000_000_000)  # an 8B model's 16 GB
+    caches.append(a_cache("runpod", "EU-RO-1", size_gb=30))  # 30 GB < 21.5 GB of the engine's install + 16 GB
+    got = with_caches([weights], ["runpod"])
+    assert [p.cache for p in got] == [None]
+    assert got[0].cache_line() == (
+        "no cache: too small for this model: runpod EU-RO-1 (30 GB), which must have room for the engine's install "
+        "(20 GiB) and 14.9 GiB of weights, 37.5 GB: `gpu-session cache rm --cloud runpod --region EU-RO-1`, then "
+        "`cache create` with --size 40"
+    )
+    assert with_caches([replace(weights, cache_weights=False)], ["runpod"])[0].cache is caches[0]  # the engine alone fits
+    caches.append(a_cache("runpod", "US-KS-2", size_gb=38))  # one that holds it: used, and no note
+    got = with_caches([weights], ["runpod"])
+    assert [(p.region, bool(p.cache)) for p in got] == [("US-KS-2", True), (None, False)] and got[0].cache_line().startswith(
+        "cache"
+    )
+
+
+def test_a_lambda_cache_under_its_soft_cap_goes_unused_the_plan_says_raise_it(caches):
+    caches += [a_cache("lambda", "us-east-1", size_gb=22), a_cache("lambda", "us-west-1", size_gb=None)]
+    big = [replace(p, weights_gb=2.0, weights_bytes=2 * fit.GIB) for p in plans(A10)]
+    got = with_caches(big, ["lambda"])
+    assert [(p.region, bool(p.cache)) for p in got] == [("us-west-1", True), ("us-east-1", False)]  # no cap: used
+    caches.pop()
+    got = with_caches(big, ["lambda"])
+    assert [p.cache for p in got] == [None, None]
+    assert (
+        got[0].cache_line().endswith("`gpu-session cache create --cloud lambda --region us-east-1 --size 30` raises its soft cap")
+    ), got[0].cache_line()

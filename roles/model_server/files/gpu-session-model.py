@@ -383,7 +383,7 @@ def check(args) -> dict:
     engine_missing = bool(args.engine_at) and not os.path.exists(args.engine_at)
     engine_need = fit.ENGINE_DISK_GIB * fit.GIB if engine_missing else 0
     if args.cache_root:
-        on_cache = engine_need + (weights_need if args.weights_in_cache else 0)
+        on_cache = fit.cache_need(weights_need if args.weights_in_cache else 0, engine_missing)
         free = cache_free(args.cache_root, args.cache_size_gb)
         if on_cache > free:
             fail(f"{args.model}: " + full_cache_message(args.cache_root, free, on_cache,
