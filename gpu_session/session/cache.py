@@ -242,7 +242,7 @@ def _info(stack: str, live: dict[str, list[Volume] | str], users: dict[str, list
         st = engine(stack, create=False, project=names.CACHE_PROJECT)
     except StackNotFound:
         return None
-    config, outputs = st.config(), st.outputs()
+    config, outputs = st.config(), st.outputs(secrets=False)  # a cache's outputs are all plain
     cloud, region = config.get("cloud") or outputs.get("cloud", ""), config.get("region") or outputs.get("region", "")
     if cloud not in CLOUDS:
         return CacheInfo(cloud, region, stack, None, note="the stack names no cloud: `pulumi destroy` it in its workspace")

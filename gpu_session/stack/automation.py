@@ -363,7 +363,10 @@ class PulumiEngine:
         a secret's most: it derives the passphrase's key): a key already holding its value, as a secret
         when it is one, is left as it is."""
         wanted = namespaced(values)
-        current = self._stack.get_all_config()  # secrets decrypted: compared here, never shown
+        # Secrets decrypted: compared here, never shown. A stack whose config file holds none (a new
+        # one: a session's, after the last one's `down`) is not asked (a CLI process that derives
+        # the passphrase's key).
+        current = self._stack.get_all_config() if self._has_config() else {}
         stale = [k for k in current if k.startswith(f"{NAMESPACE}:") and k not in wanted]
         if stale:
             self._stack.remove_all_config(stale)
@@ -379,6 +382,18 @@ class PulumiEngine:
             if secret(key):
                 self._cli("config", "set", "--secret", key, stdin=value)
         self._make_private()
+
+    def _has_config(self) -> bool:
+        """Whether the stack's config file (Pulumi.<stack>.yaml in its workspace, where the local
+        workspace keeps it) holds any key; True when it cannot be read as YAML (the CLI then says)."""
+        import yaml
+
+        try:
+            return bool((yaml.safe_load((self.folder / f"Pulumi.{self.stack}.yaml").read_text()) or {}).get("config"))
+        except FileNotFoundError:
+            return False
+        except (OSError, yaml.YAMLError, AttributeError):
+            return True
 
     def _cli(self, *args: str, stdin: str = "") -> str:
         """The `pulumi` CLI on this stack, in its workspace, with the engine's environment: its output."""

@@ -102,13 +102,13 @@ def test_create_adopts_on_the_second_and_rm_leaves_nothing(sim, clean, cloud):
 
 def test_a_volume_made_outside_the_stack_is_adopted(sim, sim_env, clean):
     client = get_cloud("runpod", api_key=sim_env["RUNPOD_API_KEY"])
-    outside = client.create_volume(names.volume_name("EU-RO-1"), "EU-RO-1", 30)
-    with pytest.raises(cache.CacheError, match="already exists at runpod with 30 GB, not 20") as e:
-        cache.create("runpod", "EU-RO-1", 20, say=quiet, on_event=quiet)
-    assert "--size 30" in str(e.value) and not stack_exists("runpod-eu-ro-1")
+    outside = client.create_volume(names.volume_name("EU-RO-1"), "EU-RO-1", 40)
+    with pytest.raises(cache.CacheError, match="already exists at runpod with 40 GB, not 30") as e:
+        cache.create("runpod", "EU-RO-1", 30, say=quiet, on_event=quiet)
+    assert "--size 40" in str(e.value) and not stack_exists("runpod-eu-ro-1")
     said = []
     made = cache.create("runpod", "EU-RO-1", None, say=said.append, on_event=quiet)  # no size: as it is
-    assert made.volume.id == outside.id and made.size_gb == 30 and any("adopts it" in s for s in said)
+    assert made.volume.id == outside.id and made.size_gb == 40 and any("adopts it" in s for s in said)
     assert len(volumes(sim, "runpod")) == 1
 
 
@@ -118,10 +118,11 @@ def test_a_volume_made_outside_the_stack_is_adopted(sim, sim_env, clean):
         ("aws", "us-east-1", None, "unknown cloud 'aws'"),
         ("lambda", "us east", None, "invalid region 'us east'"),
         ("lambda", "US-EAST-1", None, "Lambda regions are lowercase"),
-        ("runpod", "EU-RO-1", 5, "from 10 to 4000"),
+        ("runpod", "EU-RO-1", 5, "from 22 to 4000"),
+        ("runpod", "EU-RO-1", 21, "from 22 to 4000"),  # RunPod's smallest (10) holds no engine
         ("runpod", "EU-RO-1", 12.5, "whole number"),
         ("runpod", "EU-RO-1", "lots", "whole number"),
-        ("lambda", "us-east-1", 0, "from 10 to 4000"),
+        ("lambda", "us-east-1", 0, "from 22 to 4000"),
     ],
 )
 def test_bad_input_is_refused_and_changes_nothing(sim, clean, cloud, region, size, says):
@@ -189,7 +190,7 @@ def test_sweep_finds_an_orphan_volume_and_not_a_caches(sim, sim_env, clean):
 
 
 def test_down_reports_the_caches_that_remain(sim, clean):
-    made = cache.create("runpod", "EU-RO-1", 20, say=quiet, on_event=quiet)
+    made = cache.create("runpod", "EU-RO-1", 25, say=quiet, on_event=quiet)
     summary = down.down("no-such-session", say=quiet, on_event=quiet)
     [kept] = summary["caches"]
     assert kept["cloud"] == "runpod" and kept["region"] == "EU-RO-1" and kept["volume_id"] == made.volume.id
@@ -198,7 +199,7 @@ def test_down_reports_the_caches_that_remain(sim, clean):
 
     lines = _down_summary(summary)
     assert any(
-        line.startswith("cache runpod EU-RO-1 kept: 20 GB, $")
+        line.startswith("cache runpod EU-RO-1 kept: 25 GB, $")
         and "`gpu-session cache rm --cloud runpod --region EU-RO-1` deletes it" in line
         for line in lines
     ), lines
@@ -290,7 +291,7 @@ def test_a_volume_an_instance_has_attached_is_never_deleted(sim, sim_env, clean,
 
     from gpu_session.clouds import LaunchSpec
 
-    made = cache.create("runpod", "EU-RO-1", 10, say=quiet, on_event=quiet)
+    made = cache.create("runpod", "EU-RO-1", 25, say=quiet, on_event=quiet)
     client = get_cloud("runpod", api_key=sim_env["RUNPOD_API_KEY"])
     pod = client.launch(
         LaunchSpec(name=f"{name}-pod", instance_type="NVIDIA GeForce RTX 4090", ssh_public_key=keypair.public, volume=made.volume)
