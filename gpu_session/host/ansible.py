@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpu_session.errors import GpuSessionError
-from gpu_session.paths import ASSETS, private_dir, state_dir
+from gpu_session.paths import ASSETS, private_dir, state_dir, write_private
 
 
 @dataclass
@@ -72,6 +73,43 @@ def strategy_plugins() -> str | None:
     except ImportError:
         return None
     return str(Path(ansible_mitogen.__file__).parent / "plugins" / "strategy")
+
+
+def controller_uv(binary: Path | None = None) -> list[str]:
+    """The controller's uv as host_base's "Read the controller's uv" looks it up: the lines of
+    `uname -sm`, `uv --version`, `sha256sum < uv` and `wc -c < uv` (["Linux x86_64"] alone when
+    there is no uv; `binary`: the uv beside this Python, host_base_uv_binary's default). Computed
+    once per binary: the version, hash and size are kept in the state dir under the file's path,
+    size, mtime and inode, so a converge does not read 38 MB again (a second or more where the page
+    cache lost it: a host's model load evicts it)."""
+    import hashlib
+    import platform
+
+    binary = binary or Path(sys.executable).with_name("uv")
+    system = f"{platform.system()} {platform.machine()}"
+    try:
+        st = binary.stat()
+    except OSError:
+        return [system]
+    key = [str(binary), st.st_size, st.st_mtime_ns, st.st_ino]
+    kept = state_dir() / "controller-uv.json"
+    try:
+        known = json.loads(kept.read_text())
+        if known["key"] == key:
+            return [system, *known["lines"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        with binary.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except (OSError, subprocess.SubprocessError):
+        return [system]
+    if not version:
+        return [system]
+    lines = [version, f"{digest}  -", str(st.st_size)]
+    write_private(kept, json.dumps({"key": key, "lines": lines}))
+    return [system, *lines]
 
 
 def check_strategy(environ: dict[str, str] | None = None) -> None:
@@ -254,7 +292,11 @@ def run(
             cancel_callback=lambda: os.getppid() != parent,
             private_data_dir=str(private),
             inventory=json.dumps(_inventory(target)),
-            extravars=extravars or {},
+            # The controller's uv, as host_base would look it up (kept between runs: controller_uv).
+            extravars={
+                **({} if "host_base_uv_binary" in (extravars or {}) else {"host_base_controller_uv": controller_uv()}),
+                **(extravars or {}),
+            },  # fmt: skip
             envvars=env,
             event_handler=handle,
             quiet=True,
