@@ -132,9 +132,14 @@ class ModelInfo:
             return "vllm"
         return "transformers"
 
+    @property
+    def download_bytes(self) -> int:
+        """What the host downloads of the repo (gpu_session.fit.downloads): the weights and the small files."""
+        return sum(self.files[f] for f in fit.downloads(self.files, self.weights))
+
     def disk_gb(self) -> int:
         """The disk (GiB) a session of it needs: what the host downloads and the engine (gpu_session.fit.disk_gib)."""
-        return fit.disk_gib(sum(self.files[f] for f in fit.downloads(self.files, self.weights)))
+        return fit.disk_gib(self.download_bytes)
 
     def check_disk(self, disk_gb: int | None, *, option: str = "--disk") -> int:
         """The disk (GiB) to give the session: disk_gb() unless `disk_gb` is larger; SizingError

@@ -7,6 +7,7 @@ a 0700 folder under the state dir that is deleted when the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -87,28 +88,26 @@ def controller_uv(binary: Path | None = None) -> list[str]:
 
     binary = binary or Path(sys.executable).with_name("uv")
     system = f"{platform.system()} {platform.machine()}"
-    try:
-        st = binary.stat()
-    except OSError:
-        return [system]
-    key = [str(binary), st.st_size, st.st_mtime_ns, st.st_ino]
     kept = state_dir() / "controller-uv.json"
     try:
-        known = json.loads(kept.read_text())
-        if known["key"] == key:
-            return [system, *known["lines"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
         with binary.open("rb") as f:
+            st = os.fstat(f.fileno())  # the key, the size and the hash: all of the file opened
+            key = [str(binary), st.st_size, st.st_mtime_ns, st.st_ino]
+            try:
+                known = json.loads(kept.read_text())
+                if known["key"] == key:
+                    return [system, *known["lines"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
             digest = hashlib.file_digest(f, "sha256").hexdigest()
+        version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return [system]
     if not version:
         return [system]
     lines = [version, f"{digest}  -", str(st.st_size)]
-    write_private(kept, json.dumps({"key": key, "lines": lines}))
+    with contextlib.suppress(OSError):  # not kept (a full disk): hashed again next time
+        write_private(kept, json.dumps({"key": key, "lines": lines}))
     return [system, *lines]
 
 

@@ -318,7 +318,8 @@ def create(cloud: str, region: str, size_gb: int | None = None, *, say: Say, on_
         if existing is not None and size is not None and existing.size_gb not in (None, size):
             raise CacheError(
                 f"{name} ({existing.id}) already exists at {cloud} with {existing.size_gb} GB, not {size}: "
-                f"--size {existing.size_gb} takes it as it is, or `gpu-session cache rm --cloud {cloud} --region {region}` first"
+                f"{'no --size' if existing.size_gb < MIN_GB else f'--size {existing.size_gb}'} takes it as it is, "
+                f"or `gpu-session cache rm --cloud {cloud} --region {region}` first"
             )
         size = size or (existing.size_gb if existing else cache_config.DEFAULT_RUNPOD_GB)
     stack_name = names.cache_stack(cloud, region)

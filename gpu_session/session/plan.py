@@ -63,12 +63,12 @@ class Plan:
     budget: float | None = None  # USD: the watch ends the session when it is spent
     context: int = 0  # tokens this offer serves (the most its KV cache holds, capped at the model's own); 0: the engine's
     weights_gb: float = 0.0  # GiB of weights the engine loads (the host downloads these and the small files)
-    weights_bytes: int = 0  # the same, exact: what a cache volume must hold of them
+    download_bytes: int = 0  # what the host downloads (the weights and the small files): what a cache volume holds of the model
     disk_gb: int = 0  # GiB
     backend: str = "vllm"
     cpu_capped: bool = False  # the host serves on the CPU (the simulator's), whose KV cache space holds less than the GPU would
     cache: CacheInfo | None = None  # the cache volume the session attaches (gpu_session.session.cache)
-    cache_note: str = ""  # why a cache there is goes unused, when one does
+    cache_note: str = ""  # why a cache there is goes unused, when one does; or what may go wrong with the one used
     cache_weights: bool = True  # the weights may go on the cache too (sizing.ModelInfo.may_cache); else the engine only
 
     def cache_line(self) -> str:
@@ -88,11 +88,12 @@ class Plan:
             f"${up_to:.2f} once this session's {kept} on it)"
         )
         weights = f"{self.weights_gb} GiB of weights" if self.weights_gb >= 0.1 else "weights (under 0.1 GiB)"
+        warning = f"; {self.cache_note}" if self.cache_note else ""
         if not self.cache_weights:
             return (f"cache {c.cloud} {c.region}: the engine is kept on it, and taken from it where an earlier session left it; "
-                    f"this gated or private model's {weights} are not (--cache-gated keeps them) {cost}")  # fmt: skip
+                    f"this gated or private model's {weights} are not (--cache-gated keeps them) {cost}{warning}")  # fmt: skip
         return (f"cache {c.cloud} {c.region}: the engine and the {weights} are kept on it, and taken "
-                f"from it where an earlier session left them {cost}")  # fmt: skip
+                f"from it where an earlier session left them {cost}{warning}")  # fmt: skip
 
     @property
     def estimate(self) -> float:
@@ -174,7 +175,7 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     backend = info.backend(device) if opts.backend == "auto" else opts.backend
     found = [
         Plan(o, r, info.need_gb(context, opts.quantize), opts.hours, opts.budget, context=info.context_on(o, opts.quantize, device),
-             weights_gb=round(info.weights_bytes / sizing.GIB, 1), weights_bytes=info.weights_bytes, disk_gb=disk, backend=backend,
+             weights_gb=round(info.weights_bytes / sizing.GIB, 1), download_bytes=info.download_bytes, disk_gb=disk, backend=backend,
              cache_weights=info.may_cache(opts.cache_gated),
              cpu_capped=info.context_on(o, opts.quantize, device) < info.context_on(o, opts.quantize))
         for o in sizing.fitting(offers, need, **limits) for r in o.launch_regions()
@@ -198,13 +199,22 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
         return bool(c.endpoint) == bool(os.environ.get(API_BASE_ENV[c.cloud]))
 
     ready = [c for c in caches() if c.cloud in clouds and c.volume is not None and here_api(c)]
-    # The model is the same in every plan: a cache whose size (RunPod's, or a Lambda soft cap) could
-    # not hold its engine's install and its weights even empty would fail on the host, after launch.
-    need = fit.cache_need(found[0].weights_bytes if found[0].cache_weights else 0)
-    small = [c for c in ready if c.size_gb is not None and c.size_gb * fit.GB < need]
+    # The model is the same in every plan. A cache whose size (RunPod's, or the soft cap a Lambda
+    # filesystem was given) is less than this session keeps on it, its engine and its model, can
+    # never hold them: left out. One that holds them, but not the room an engine's install takes
+    # besides, serves where an earlier session built the engine; on an empty RunPod volume the host
+    # stops before it downloads (its size is enforced there; a Lambda soft cap is not): the plan says so.
+    model = found[0].download_bytes if found[0].cache_weights else 0
+    kept, build = fit.ENGINE_VENV_GIB * fit.GIB + model, fit.cache_need(model)
+    small = [c for c in ready if c.size_gb is not None and c.size_gb * fit.GB < kept]
+    tight = [c for c in ready if c.cloud_sized and c.size_gb is not None and kept <= c.size_gb * fit.GB < build]
     ready = [c for c in ready if c not in small]
     if not ready:
-        return [replace(found[0], cache_note="no cache: " + _too_small(small, need, found[0])), *found[1:]] if small else found
+        return (
+            [replace(found[0], cache_note="no cache: " + _too_small(small, kept, build, found[0])), *found[1:]]
+            if small
+            else found
+        )
     order = {id(p.offer): n for n, p in enumerate(found)}
     out = []
     for plan in found:
@@ -221,21 +231,27 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
         why += [f"{c.cloud} {c.region} is on another cloud than this plan's"
                 + (f" (`--cloud {c.cloud}` plans there)" if any(p.cache is c for p in out) else ", where no offer fits")
                 for c in elsewhere]  # fmt: skip
-        why += [_too_small(small, need, out[0])] if small else []
+        why += [_too_small(small, kept, build, out[0])] if small else []
         out[0] = replace(out[0], cache_note="no cache: " + "; ".join(why))
+    elif out[0].cache in tight:
+        out[0] = replace(out[0], cache_note=f"{out[0].cache.size_gb} GB hold this model and its engine (about "
+                         f"{kept / fit.GB:.0f} GB) but not the room to install the engine ({build / fit.GB:.1f} GB): "
+                         "if no earlier session left the engine on it, the host stops before it downloads")  # fmt: skip
     return out
 
 
-def _too_small(small: list[CacheInfo], need: int, plan: Plan) -> str:
-    """Why the caches in `small` go unused, and how to get one that holds `need` bytes."""
-    size = math.ceil(need / fit.GB / 10) * 10
-    held = f"the engine's install ({fit.ENGINE_DISK_GIB} GiB)" + (
+def _too_small(small: list[CacheInfo], kept: int, build: int, plan: Plan) -> str:
+    """Why the caches in `small` go unused (they cannot hold `kept` bytes), and the size that would
+    do (room for `build` bytes and 1 GB to spare, in tens of GB)."""
+    size = math.ceil((build / fit.GB + 1) / 10) * 10
+    held = f"the engine (about {fit.ENGINE_VENV_GIB} GiB)" + (
         f" and {plan.weights_gb} GiB of weights" if plan.cache_weights else ""
     )
     how = [f"`gpu-session cache create --cloud lambda --region {c.region} --size {size}` raises its soft cap" if c.cloud == "lambda"
-           else f"`gpu-session cache rm --cloud {c.cloud} --region {c.region}`, then `cache create` with --size {size}" for c in small]  # fmt: skip
-    return (f"too small for this model: {', '.join(f'{c.cloud} {c.region} ({c.size_gb} GB)' for c in small)}, which must have room "
-            f"for {held}, {need / fit.GB:.1f} GB: " + "; ".join(how))  # fmt: skip
+           else f"one of {size} GB would (`gpu-session cache rm --cloud {c.cloud} --region {c.region}`, then `cache create "
+                f"--size {size}`: what this one holds goes)" for c in small]  # fmt: skip
+    return (f"too small for this model: {', '.join(f'{c.cloud} {c.region} ({c.size_gb} GB)' for c in small)}, which must hold "
+            f"{held}, {kept / fit.GB:.1f} GB: " + "; ".join(how))  # fmt: skip
 
 
 def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:

@@ -184,7 +184,7 @@ def test_a_uv_on_the_volume_that_is_not_the_controllers_is_replaced_never_run(si
     planted = "/var/tmp/planted-uv-ran"
     sh(target, keypair, f'rm -f /usr/local/bin/uv {planted}; printf "#!/bin/sh\\ntouch {planted}\\n" > {cached_uv()}')
     events = []
-    converge(events)
+    converge(events, host_base_controller_uv=[])  # the role's own lookup of the controller's uv, as without gpu-session
     assert said(events, TAKE_UV) == ["missing"] and ran(events, "Copy uv from the controller")
     assert said(events, "Keep uv on the cache volume") == ["kept"]
     for path in ("/usr/local/bin/uv", cached_uv()):

@@ -155,34 +155,54 @@ def test_the_plan_prices_a_cache_as_its_cloud_bills_it(caches):
     assert "(it costs $3.50/month whether used or not)" in line, line
 
 
-def test_a_cache_too_small_for_the_engine_and_the_weights_goes_unused_and_the_plan_says_how_to_fix_it(caches):
-    """On the host the role would refuse it (the model helper's check: fit.cache_need), after the
-    launch: the size is known before, so the plan goes without it."""
-    weights = replace(plans(RTX)[0], weights_gb=14.9, weights_bytes=16_000_000_000)  # an 8B model's 16 GB
-    caches.append(a_cache("runpod", "EU-RO-1", size_gb=30))  # 30 GB < 21.5 GB of the engine's install + 16 GB
+def test_a_cache_too_small_for_the_engine_and_the_model_goes_unused_and_the_plan_says_what_would_do(caches):
+    """Its size known before launch: a cache that can never hold this session's engine and model is
+    left out, and the plan says the size that would do, and that making it loses what the old one holds."""
+    weights = replace(plans(RTX)[0], weights_gb=14.9, download_bytes=16_000_000_000)  # an 8B model's 16 GB
+    caches.append(a_cache("runpod", "EU-RO-1", size_gb=26))  # < 10 GiB of engine (10.7 GB) + 16 GB
     got = with_caches([weights], ["runpod"])
     assert [p.cache for p in got] == [None]
     assert got[0].cache_line() == (
-        "no cache: too small for this model: runpod EU-RO-1 (30 GB), which must have room for the engine's install "
-        "(20 GiB) and 14.9 GiB of weights, 37.5 GB: `gpu-session cache rm --cloud runpod --region EU-RO-1`, then "
-        "`cache create` with --size 40"
+        "no cache: too small for this model: runpod EU-RO-1 (26 GB), which must hold the engine (about 10 GiB) and "
+        "14.9 GiB of weights, 26.7 GB: one of 40 GB would (`gpu-session cache rm --cloud runpod --region EU-RO-1`, "
+        "then `cache create --size 40`: what this one holds goes)"
     )
     assert with_caches([replace(weights, cache_weights=False)], ["runpod"])[0].cache is caches[0]  # the engine alone fits
-    caches.append(a_cache("runpod", "US-KS-2", size_gb=38))  # one that holds it: used, and no note
+    caches.append(a_cache("runpod", "US-KS-2", size_gb=38))  # one that holds it: used, and no word of the other
     got = with_caches([weights], ["runpod"])
-    assert [(p.region, bool(p.cache)) for p in got] == [("US-KS-2", True), (None, False)] and got[0].cache_line().startswith(
-        "cache"
+    assert [(p.region, bool(p.cache)) for p in got] == [("US-KS-2", True), (None, False)]
+    assert "too small" not in got[0].cache_line() and "stops" not in got[0].cache_line()
+    caches.insert(0, a_cache("runpod", "CA-MTL-1", size_gb=22))  # two too small: both named
+    caches.pop()
+    assert (
+        "too small for this model: runpod CA-MTL-1 (22 GB), runpod EU-RO-1 (26 GB)"
+        in with_caches([weights], ["runpod"])[0].cache_line()
     )
+
+
+def test_a_cache_that_holds_the_model_but_not_an_engines_install_is_used_with_a_warning(caches):
+    """A warm cache (an earlier session built the engine) serves; only an empty one would stop the
+    host before its download: the plan cannot tell which (RunPod does not report a volume's use)."""
+    weights = replace(plans(RTX)[0], weights_gb=14.9, download_bytes=16_000_000_000)
+    caches.append(a_cache("runpod", "EU-RO-1", size_gb=30))  # 26.7 GB kept <= 30 GB < 37.5 GB to install
+    [used, own] = with_caches([weights], ["runpod"])
+    assert used.cache is caches[0] and own.cache is None
+    assert used.cache_line().endswith(
+        "; 30 GB hold this model and its engine (about 27 GB) but not the room to install the engine (37.5 GB): "
+        "if no earlier session left the engine on it, the host stops before it downloads"
+    ), used.cache_line()
 
 
 def test_a_lambda_cache_under_its_soft_cap_goes_unused_the_plan_says_raise_it(caches):
     caches += [a_cache("lambda", "us-east-1", size_gb=22), a_cache("lambda", "us-west-1", size_gb=None)]
-    big = [replace(p, weights_gb=2.0, weights_bytes=2 * fit.GIB) for p in plans(A10)]
+    big = [replace(p, weights_gb=12.0, download_bytes=12 * fit.GIB) for p in plans(A10)]
     got = with_caches(big, ["lambda"])
     assert [(p.region, bool(p.cache)) for p in got] == [("us-west-1", True), ("us-east-1", False)]  # no cap: used
     caches.pop()
     got = with_caches(big, ["lambda"])
     assert [p.cache for p in got] == [None, None]
     assert (
-        got[0].cache_line().endswith("`gpu-session cache create --cloud lambda --region us-east-1 --size 30` raises its soft cap")
+        got[0].cache_line().endswith("`gpu-session cache create --cloud lambda --region us-east-1 --size 40` raises its soft cap")
     ), got[0].cache_line()
+    small = [replace(p, weights_gb=2.0, download_bytes=2 * fit.GIB) for p in plans(A10)]  # 12.9 GB: under the cap
+    assert with_caches(small, ["lambda"])[0].cache is caches[0] and "stops" not in with_caches(small, ["lambda"])[0].cache_line()
