@@ -204,9 +204,10 @@ def disk_gib(download_bytes: int) -> int:
     return int(math.ceil((download_bytes / GIB * 1.1 + ENGINE_DISK_GIB) / 10) * 10)
 
 
-def cache_need(weights_bytes: int, engine_missing: bool = True) -> int:
+def cache_need(model_bytes: int, engine_missing: bool = True) -> int:
     """Bytes a cache volume must have free for a session: room to install the engine
-    (ENGINE_DISK_GIB, while it is not on the volume) and `weights_bytes`, the weights it downloads
-    onto the volume (0 when they stay off it). The host checks it before downloading (the model
-    helper's `check`); the plan leaves out a cache whose size could not hold it even empty."""
-    return (ENGINE_DISK_GIB * GIB if engine_missing else 0) + weights_bytes
+    (ENGINE_DISK_GIB, while it is not on the volume) and `model_bytes`, the model's files it
+    downloads onto the volume (0 when they stay off it). The host checks it before downloading (the
+    model helper's `check`); the plan warns where a RunPod volume's size is under it, and
+    `cache create` refuses a size under an engine's install."""
+    return (ENGINE_DISK_GIB * GIB if engine_missing else 0) + model_bytes

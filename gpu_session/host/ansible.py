@@ -257,7 +257,7 @@ def run(
             printed = "" if res.get("_ansible_no_log") else str(res.get("stdout") or "")  # a command's output, for converge
             emit(
                 Event("changed" if res.get("changed") else "ok", task, printed, seconds=float(data.get("duration") or 0))
-            )  # a no_log task's: "ok"
+            )  # a no_log task's result comes censored: reported "ok" (the recap counts it changed)
         return False  # keep nothing in the artifacts: they may hold task results
 
     def emit(event: Event) -> None:
