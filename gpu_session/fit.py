@@ -39,6 +39,7 @@ QUANTIZED_SHARE = 0.3
 # An engine's venv: CUDA torch and its libraries (vLLM's CUDA build's, measured: about 10 GiB).
 ENGINE_VENV_GIB = 10
 # Disk beside the weights: the engine's venv, the Hub download tool, logs and the OS's own use.
+# model_server's vars/main.yml reads this line with a regex (one line, `NAME = <whole number>`).
 ENGINE_DISK_GIB = 20
 # Hub files that are never the weights an engine loads: other formats and original checkpoints.
 NOT_WEIGHTS = ("original/*", "*.pth", "*.gguf", "*.onnx", "*.msgpack", "*.h5", "*.tflite", "*.ot")

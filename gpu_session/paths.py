@@ -7,6 +7,7 @@ State (XDG_STATE_HOME, default ~/.local/state/gpu-session): the Pulumi backend, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -52,11 +53,13 @@ def make_private(tree: Path) -> None:
     """Every folder under `tree` 0700 and every file 0600 (symlinks left alone): for what another
     program wrote there with its own modes (the Pulumi file backend: 0755 and 0644)."""
     for folder, _, files in os.walk(tree):
-        os.chmod(folder, 0o700)
+        with contextlib.suppress(FileNotFoundError):  # gone since the walk listed it: another process's temporary file
+            os.chmod(folder, 0o700)
         for name in files:
             path = os.path.join(folder, name)
             if not os.path.islink(path):
-                os.chmod(path, 0o600)
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(path, 0o600)
 
 
 def checked_stack_name(stack: str) -> str:
@@ -73,11 +76,26 @@ def stack_dir(stack: str, *, create: bool = True) -> Path:
     return private_dir(path) if create else path
 
 
-def write_private(path: Path, data: str | bytes) -> Path:
-    """Write atomically with mode 0600 from the first byte (no window where another user could read)."""
+def write_private(path: Path, data: str | bytes, *, replace: bool = True) -> Path:
+    """Write atomically with mode 0600 from the first byte (no window where another user could read).
+    replace=False: only where `path` does not exist yet; of two processes writing it at once, the
+    first one's file stays whole (a hard link, which never replaces; where the filesystem has none,
+    a replace when the file is still missing)."""
     private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: 0600
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    if replace:
+        os.replace(tmp, path)
+        return path
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a filesystem without hard links: replace, unless the file came meanwhile
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return path

@@ -309,6 +309,8 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
        verbose=False, dry_run=False, cache=True, cache_gated=False):  # fmt: skip
     """Bring a private model server up on the cheapest GPU that fits: plan, ask, launch, configure."""
 
+    import json as jsonlib
+
     from gpu_session.host.ansible import check_strategy
     from gpu_session.paths import checked_stack_name
     from gpu_session.session.plan import SessionError, UpOptions
@@ -366,12 +368,30 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     say = plain_say
     if not outputs:
         say("nothing launched")
-        return
-    say(f"{outputs['model']} is up on {outputs['cloud']} {outputs['gpu']} at ${float(outputs['price_per_hour']):.2f}/h; "
-        f"lease ends {outputs['lease_expires_at']}. End it: invoke down --stack {stack}")  # fmt: skip
+    else:
+        say(f"{outputs['model']} is up on {outputs['cloud']} {outputs['gpu']} at ${float(outputs['price_per_hour']):.2f}/h; "
+            f"lease ends {outputs['lease_expires_at']}. End it: invoke down --stack {stack}")  # fmt: skip
     if outputs.get("tunnel_port"):
         say(f"OpenAI-compatible endpoint: http://127.0.0.1:{outputs['tunnel_port']}/v1 (model {outputs['served_model_name']}; "
             f"API key in {outputs['session_dir']}/api_key)")  # fmt: skip
+    if json:  # the last line, which a script reads (as down's): what it needs to reach the model
+        print(jsonlib.dumps({"event": "summary", "ok": True, **_up_summary(stack, outputs)}), flush=True)
+
+
+def _up_summary(stack: str, outputs: dict) -> dict:
+    """`up --json`'s summary: the stack's plain outputs (infra/__main__.py's; none is a secret), and
+    the endpoint and the file holding its API key when the tunnel is up; {"launched": false} if declined."""
+    if not outputs:
+        return {"stack": stack, "launched": False}
+    shown = ("instance_id", "cloud", "gpu", "gpu_count", "price_per_hour", "model", "backend", "served_model_name",
+             "lease_expires_at", "host", "port", "user", "session_dir", "tunnel_port")  # fmt: skip
+    summary = {"stack": stack, "launched": True, **{k: outputs[k] for k in shown if k in outputs}}
+    if outputs.get("tunnel_port"):
+        summary |= {
+            "endpoint": f"http://127.0.0.1:{outputs['tunnel_port']}/v1",
+            "api_key_file": f"{outputs['session_dir']}/api_key",
+        }
+    return summary
 
 
 def _say_plan(plan, say) -> None:
@@ -588,11 +608,13 @@ def _down_summary(s: dict) -> list[str]:
 
 def _caches_kept(caches: list[dict]) -> list[str]:
     """The cache volumes that remain after `down`, and what each bills a month."""
+    from gpu_session.session.cache import monthly_text
+
     lines = []
     for c in caches:
         what = _cache_size(c) if c["exists"] else c.get("note") or "gone at the cloud"  # or: the cloud did not answer
         lines.append(
-            f"cache {c['cloud']} {c['region']} kept: {what}, ${c['monthly_usd']:.2f}/month — "
+            f"cache {c['cloud']} {c['region']} kept: {what}, {monthly_text(c['monthly_usd'])} — "
             f"`gpu-session cache rm --cloud {c['cloud']} --region {c['region']}` deletes it"
         )
     return lines
@@ -918,7 +940,7 @@ def cache_list(c, json=False, sim=False):
     from rich.console import Console
     from rich.table import Table
 
-    from gpu_session.session.cache import GB, caches
+    from gpu_session.session.cache import GB, caches, total_text
 
     _cache_start(False, sim)
     found = caches()
@@ -933,11 +955,13 @@ def cache_list(c, json=False, sim=False):
         size = f"{i.size_gb} GB" if i.cloud_sized else (f"cap {i.size_gb} GB" if i.size_gb else "grows")
         used = f"{i.bytes_used / GB:.1f} GB" if i.bytes_used is not None else "not reported"  # RunPod's API does not say
         users = ", ".join(i.in_use_by) or ("an instance" if i.in_use else "")
-        table.add_row(
-            i.cloud, i.region, size, used, f"{i.monthly_usd:.2f}", users, i.volume_id + (f" ({i.note})" if i.note else "")
-        )
+        usd = "unknown" if i.monthly_usd is None else f"{i.monthly_usd:.2f}"
+        table.add_row(i.cloud, i.region, size, used, usd, users, i.volume_id)
     Console().print(table)
-    print(f"in all: {sum(i.monthly_usd for i in found):.2f} USD/month, whether a session runs or not")
+    for i in found:  # below the table, whole: a column would cut what to do
+        if i.note:
+            print(f"{i.cloud} {i.region}: {i.note}")
+    print(f"in all: {total_text([i.monthly_usd for i in found])}, whether a session runs or not")
 
 
 @command(name="rm", help={**CACHE_HELP, "yes": "do not ask"})
@@ -955,6 +979,7 @@ def cache_rm(c, cloud="", region="", yes=False, json=False, sim=False):
         info = cache.find(cloud, region)  # a cache that is not here is said first: --yes would not help
         if info is None:
             raise cache.CacheError(f"no cache {cloud} {region} here: `gpu-session cache list` shows them")
+        cache.check_deletable(info)  # said before asking: --yes would not change it
         if not sys.stdin.isatty():
             raise UsageError("no terminal to ask whether to delete the cache: pass --yes")
         if not _ask(f"Delete cache {info.describe()} and everything on it?", default=False):
@@ -1001,6 +1026,7 @@ def cost(c, json=False):
 
     from gpu_session.local.ledger import Ledger
     from gpu_session.session.cache import caches as cache_volumes
+    from gpu_session.session.cache import monthly_text, total_text
 
     _user_config()
     ledger = Ledger()
@@ -1010,12 +1036,13 @@ def cost(c, json=False):
         kept, unknown = [], str(e)
     else:
         unknown = ""
-    monthly = round(sum(c["monthly_usd"] for c in kept), 2)
+    monthly = round(sum(c["monthly_usd"] or 0 for c in kept), 2)
+    uncounted = sum(c["monthly_usd"] is None for c in kept)
     deleted = ledger.deleted_caches()
     if json:
         sessions = [vars(s) | {"hours": s.hours, "cost": s.cost} for s in ledger.sessions()]
         print(jsonlib.dumps({"sessions": sessions, "by_month": ledger.by_month(), "total": ledger.total(),
-                             "caches": kept, "caches_monthly_usd": monthly, "deleted_caches": deleted,
+                             "caches": kept, "caches_monthly_usd": None if uncounted else monthly, "deleted_caches": deleted,
                              **({"caches_error": unknown} if unknown else {})}, indent=2))  # fmt: skip
         return
     table = Table("stack", "cloud", "GPU", "model", "hours", "USD", "state")
@@ -1030,9 +1057,9 @@ def cost(c, json=False):
     for c in kept:
         so_far = f", ≈ ${c['so_far_usd']:.2f} so far since {c['created_at'][:10]}" if c.get("so_far_usd") is not None else ""
         print(f"cache {c['cloud']} {c['region']}: {_cache_size(c) if c['exists'] else c.get('note') or 'gone at the cloud'}, "
-              f"${c['monthly_usd']:.2f}/month{so_far}")  # fmt: skip
+              f"{monthly_text(c['monthly_usd'])}{so_far}")  # fmt: skip
     if kept:
-        print(f"caches: {monthly:.2f} USD/month, whether a session runs or not")
+        print(f"caches: {total_text([c['monthly_usd'] for c in kept])}, whether a session runs or not")
     if deleted:
         spent = sum(d["cost"] or 0 for d in deleted)
         print(f"deleted caches: {len(deleted)}, ≈ ${spent:.2f} in all while they were kept")

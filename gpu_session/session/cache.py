@@ -64,7 +64,9 @@ class CacheInfo:
     volume: Volume | None  # the cloud's live view; None: not at the cloud (gone, or never made), or the cloud did not answer
     volume_id: str = ""  # as the stack records it
     size_gb: int | None = None  # RunPod: the volume's size; Lambda: the soft cap given at create (None: none)
-    monthly_usd: float = 0.0  # what it bills a month now (RunPod: size × price; Lambda: GB used × price)
+    monthly_usd: float | None = (
+        0.0  # what it bills a month now (RunPod: size × price; Lambda: GB used × price); None: unknown (its cloud did not answer)
+    )
     price_per_gb_month: float = 0.0  # USD
     in_use_by: list[str] = field(default_factory=list)  # session stacks here that attach it (their outputs or config)
     created_at: str = ""  # when it began to bill (ISO, UTC)
@@ -83,7 +85,7 @@ class CacheInfo:
     def so_far_usd(self, now: datetime | None = None) -> float | None:
         """What it has cost since it was made, at today's monthly rate (an estimate on Lambda, where
         the bytes held change); None when its start is unknown."""
-        if not self.created_at:
+        if not self.created_at or self.monthly_usd is None:
             return None
         started = datetime.fromisoformat(self.created_at)
         hours = max(0.0, ((now or datetime.now(UTC)) - started).total_seconds() / 3600)
@@ -93,7 +95,7 @@ class CacheInfo:
         """One line: `lambda us-east-1: 12.3 GB used, $2.46/month`."""
         used = f"{self.bytes_used / GB:.1f} GB used" if self.bytes_used is not None else "use not reported"
         size = f"{self.size_gb} GB" if self.cloud_sized else (f"soft cap {self.size_gb} GB" if self.size_gb else "grows with use")
-        return f"{self.cloud} {self.region}: {size}, {used}, ${self.monthly_usd:.2f}/month" + (
+        return f"{self.cloud} {self.region}: {size}, {used}, {monthly_text(self.monthly_usd)}" + (
             f" ({self.note})" if self.note else ""
         )
 
@@ -114,6 +116,21 @@ class CacheInfo:
             "in_use_by": self.in_use_by, "monthly_usd": self.monthly_usd, "price_per_gb_month": self.price_per_gb_month,
             "so_far_usd": self.so_far_usd(), "created_at": self.created_at or None, "note": self.note or None,
         }  # fmt: skip
+
+
+def monthly_text(usd: float | None) -> str:
+    """A monthly bill as the commands say it: "$2.46/month", or "cost unknown" (CacheInfo.monthly_usd None)."""
+    return "cost unknown" if usd is None else f"${usd:.2f}/month"
+
+
+def total_text(monthly: list[float | None]) -> str:
+    """The caches' monthly bills in all, as the commands say it: "3.50 USD/month", or with a cache
+    whose cost is unknown (None), "at least 3.50 USD/month (1 cache's cost unknown: …)"."""
+    known, unknown = sum(m for m in monthly if m is not None), sum(m is None for m in monthly)
+    if not unknown:
+        return f"{known:.2f} USD/month"
+    whose = "1 cache's cost unknown: its cloud" if unknown == 1 else f"{unknown} caches' costs unknown: their clouds"
+    return f"at least {known:.2f} USD/month ({whose} did not answer)"
 
 
 def monthly_usd(cloud: str, size_gb: int | None, bytes_used: int | None, price_per_gb_month: float) -> float:
@@ -258,11 +275,14 @@ def _info(stack: str, live: dict[str, list[Volume] | str], users: dict[str, list
     seen = live[cloud, endpoint]
     volume = next((v for v in seen if v.id == volume_id), None) if volume_id and not isinstance(seen, str) else None
     note = seen if isinstance(seen, str) else "" if volume else ("gone at the cloud" if volume_id else "not created")
+    if isinstance(seen, str) and recorded.get(API_BASE_ENV[cloud]):  # made at the simulator, which may just not run now
+        note += " (it was made at the simulator: `--sim` starts one)"
     price = cloud_class(cloud).volume_price_per_gb_month
     size = volume.size_gb if volume and volume.size_gb is not None else _int(outputs.get("size_gb") or config.get("sizeGb"))
     return CacheInfo(
         cloud=cloud, region=region, stack=stack, volume=volume, volume_id=volume_id, size_gb=size,
-        monthly_usd=monthly_usd(cloud, size, volume.bytes_used, price) if volume else 0.0,  # gone: it bills nothing
+        # Gone: it bills nothing. Unknown when its cloud did not answer: it may bill as before, never said to be $0.
+        monthly_usd=monthly_usd(cloud, size, volume.bytes_used, price) if volume else None if isinstance(seen, str) else 0.0,
         price_per_gb_month=price, in_use_by=users.get(volume_id, []) if volume_id else [],
         created_at=outputs.get("created_at") or "", note=note, endpoint=recorded.get(API_BASE_ENV[cloud], ""),
     )  # fmt: skip
@@ -359,13 +379,10 @@ def create(cloud: str, region: str, size_gb: int | None = None, *, say: Say, on_
     return info
 
 
-def rm(cloud: str, region: str, *, say: Say, on_event: OnEvent) -> CacheInfo:
-    """Delete the cache of `cloud` in `region`: refused while a session uses it (naming the session's
-    stack) or while the cloud says an instance has it attached; then destroy and forget its stack,
-    then ask the cloud that the volume is gone. What was deleted (its monthly cost is what stops)."""
-    info = find(cloud, region)
-    if info is None:
-        raise CacheError(f"no cache {cloud} {region} here: `gpu-session cache list` shows them")
+def check_deletable(info: CacheInfo) -> None:
+    """CacheError, saying what to do, when the cache may not be deleted now: a session here uses it
+    (named), an instance has it attached, or its cloud did not answer. Asks the cloud nothing more."""
+    cloud, region = info.cloud, info.region
     if info.in_use_by:
         users = ", ".join(info.in_use_by)
         raise CacheError(
@@ -379,6 +396,16 @@ def rm(cloud: str, region: str, *, say: Say, on_event: OnEvent) -> CacheInfo:
         )
     if info.volume is None and "did not answer" in info.note:
         raise CacheError(f"cannot delete the cache {cloud} {region}: {info.note}")
+
+
+def rm(cloud: str, region: str, *, say: Say, on_event: OnEvent) -> CacheInfo:
+    """Delete the cache of `cloud` in `region`: refused while a session uses it (naming the session's
+    stack) or while the cloud says an instance has it attached; then destroy and forget its stack,
+    then ask the cloud that the volume is gone. What was deleted (its monthly cost is what stops)."""
+    info = find(cloud, region)
+    if info is None:
+        raise CacheError(f"no cache {cloud} {region} here: `gpu-session cache list` shows them")
+    check_deletable(info)
     stack = engine(info.stack, create=False, project=names.CACHE_PROJECT)
     config = stack.config()
     with _in_cache(info.stack, cloud):
@@ -391,7 +418,7 @@ def rm(cloud: str, region: str, *, say: Say, on_event: OnEvent) -> CacheInfo:
         )
     Ledger().cache_deleted(cloud, region, info.volume_id, info.created_at, info.so_far_usd())  # `cost` still counts it
     say(f"deleted cache {cloud} {region}" + (f" (volume {info.volume_id})" if info.volume_id else "")
-        + f": ${info.monthly_usd:.2f}/month stops")  # fmt: skip
+        + f": {monthly_text(info.monthly_usd)} stops")  # fmt: skip
     return info
 
 

@@ -70,6 +70,7 @@ class Plan:
     cache: CacheInfo | None = None  # the cache volume the session attaches (gpu_session.session.cache)
     cache_note: str = ""  # why a cache there is goes unused, when one does; or what may go wrong with the one used
     cache_weights: bool = True  # the weights may go on the cache too (sizing.ModelInfo.may_cache); else the engine only
+    needs_token: bool = False  # the model is gated or private: the host downloads it with the HF token, and gets it only then
 
     def cache_line(self) -> str:
         """What the plan does about caches, in a line ("" when there are none)."""
@@ -176,7 +177,7 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     found = [
         Plan(o, r, info.need_gb(context, opts.quantize), opts.hours, opts.budget, context=info.context_on(o, opts.quantize, device),
              weights_gb=round(info.weights_bytes / sizing.GIB, 1), download_bytes=info.download_bytes, disk_gb=disk, backend=backend,
-             cache_weights=info.may_cache(opts.cache_gated),
+             cache_weights=info.may_cache(opts.cache_gated), needs_token=bool(info.gated or info.private),
              cpu_capped=info.context_on(o, opts.quantize, device) < info.context_on(o, opts.quantize))
         for o in sizing.fitting(offers, need, **limits) for r in o.launch_regions()
     ]  # fmt: skip
@@ -256,7 +257,9 @@ def _too_small(small: list[CacheInfo], kept: int, build: int, plan: Plan) -> str
 
 def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:
     """The stack's config for `plan` (gpu_session.stack.config's keys, as text). The stack holds its
-    own credentials (as secrets), so `down` works from any shell."""
+    own credentials (as secrets), so `down` works from any shell; the HF token only for a gated or
+    private model (Plan.needs_token): a rented host never holds a token it does not need, and a
+    secret fewer is a CLI process fewer (each derives the passphrase's key, about 0.5 s)."""
     config = {
         "model": opts.model, "cloud": plan.offer.cloud, "gpu": plan.offer.instance_type, "gpuCount": str(plan.offer.gpu_count),
         "region": plan.region or "auto", "hours": str(opts.hours), "diskGb": str(plan.disk_gb),
@@ -274,7 +277,7 @@ def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:
     for cloud, key in API_KEY_CONFIG.items():
         if os.environ.get(KEY_ENV[cloud]):
             config[key] = os.environ[KEY_ENV[cloud]]
-    if os.environ.get("HF_TOKEN"):
+    if plan.needs_token and os.environ.get("HF_TOKEN"):
         config["hfToken"] = os.environ["HF_TOKEN"]
     return config
 

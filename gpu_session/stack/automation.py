@@ -197,8 +197,8 @@ def passphrase_env() -> dict[str, str]:
     if os.environ.get("PULUMI_CONFIG_PASSPHRASE") or os.environ.get("PULUMI_CONFIG_PASSPHRASE_FILE"):
         return {}
     path = config_dir() / "pulumi-passphrase"
-    if not path.exists():
-        write_private(path, secrets.token_urlsafe(32))
+    if not path.exists():  # never replaced: two first runs at once agree on the first one's
+        write_private(path, secrets.token_urlsafe(32), replace=False)
     return {"PULUMI_CONFIG_PASSPHRASE_FILE": str(path)}
 
 

@@ -216,6 +216,9 @@ def test_a_model_whose_full_context_does_not_fit_is_served_at_the_planned_contex
         session_dir = Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "stacks" / stack
         port = json.loads((session_dir / "tunnel.json").read_text())["port"]
         api_key = (session_dir / "api_key").read_text().strip()
+        summary = events(up.stdout)[-1]
+        assert summary["event"] == "summary" and summary["endpoint"] == f"http://127.0.0.1:{port}/v1", summary
+        assert summary["api_key_file"] == str(session_dir / "api_key") and api_key not in up.stdout
         served = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
         [model] = served.json()["data"]
         assert model["id"] == TINY_LONG and model["max_model_len"] == plan["context"], model
@@ -512,6 +515,10 @@ def test_a_capacity_error_fails_over_to_the_next_offer(sim, sim_env):
     second = gpu_and_region(failover.split("trying lambda: ")[1])
     [inst] = alive(sim, "failover")
     assert second != (gpu, region) and inst["region"] == second[1]
+    summary = events(up.stdout)[-1]  # the last line, what a script reads: the instance that was launched
+    assert summary["event"] == "summary" and summary["ok"] and summary["launched"], summary
+    assert (summary["stack"], summary["instance_id"], summary["cloud"]) == ("failover", inst["id"], "lambda")
+    assert "endpoint" not in summary  # --no-configure: no server, no tunnel
     assert invoke("down", "--stack", "failover").returncode == 0 and not alive(sim, "failover")
 
 

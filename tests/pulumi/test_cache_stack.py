@@ -110,6 +110,11 @@ def test_a_volume_made_outside_the_stack_is_adopted(sim, sim_env, clean):
     made = cache.create("runpod", "EU-RO-1", None, say=said.append, on_event=quiet)  # no size: as it is
     assert made.volume.id == outside.id and made.size_gb == 40 and any("adopts it" in s for s in said)
     assert len(volumes(sim, "runpod")) == 1
+    small = client.create_volume(names.volume_name("EU-SE-1"), "EU-SE-1", 10)  # RunPod sells from 10 GB; create, from 22
+    with pytest.raises(cache.CacheError, match="already exists at runpod with 10 GB, not 30") as e:
+        cache.create("runpod", "EU-SE-1", 30, say=quiet, on_event=quiet)
+    assert "no --size takes it as it is" in str(e.value) and "--size 10" not in str(e.value), e.value
+    assert not stack_exists("runpod-eu-se-1") and [v.size_gb for v in client.volumes() if v.id == small.id] == [10]
 
 
 @pytest.mark.parametrize(
@@ -271,6 +276,15 @@ def test_the_commands(sim, clean):
     table = run(invoke, "cache.list")
     assert "EU-RO-1" in table.stdout and "1.75 USD/month" in table.stdout, table.stdout + table.stderr
 
+    outputs = {"cloud": "runpod", "instance_id": "p-fake", "host": "10.0.0.9", "port": 22, "user": "root", "price_per_hour": 0.69,
+               "model": "gpu-session/tiny-chat", "backend": "vllm", "served_model_name": "gpu-session/tiny-chat",
+               "cache_volume_id": result["cache"]["volume_id"]}  # fmt: skip
+    record.save("holds-it", outputs, {})  # a live session on it: said first, not "pass --yes", which would not help
+    try:
+        used = run(invoke, "cache.rm", "--cloud", "runpod", "--region", "EU-RO-1")
+        assert used.returncode == 1 and "in use by session stack holds-it" in used.stderr and "--yes" not in used.stderr
+    finally:
+        (state_dir() / "stacks" / "holds-it" / record.FILE).unlink()
     asked = run(invoke, "cache.rm", "--cloud", "runpod", "--region", "EU-RO-1")  # no terminal to ask: refused
     assert asked.returncode == 1 and "pass --yes" in asked.stderr and len(volumes(sim, "runpod")) == 1
     removed = run(script, "cache", "rm", "--cloud", "runpod", "--region", "EU-RO-1", "--yes")

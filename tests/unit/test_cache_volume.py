@@ -41,6 +41,35 @@ def test_monthly_cost_runpod_bills_the_size_lambda_what_it_holds():
     assert cache.CacheInfo("lambda", "us-east-1", "lambda-us-east-1", None).so_far_usd() is None
 
 
+@pytest.mark.parametrize("cloud", ["lambda", "runpod"])
+def test_a_cache_whose_cloud_does_not_answer_costs_unknown_never_nothing(cloud, monkeypatch, tmp_path):
+    """A volume still bills while its cloud (or the simulator it was made at) does not answer: its
+    cost is unknown, never $0.00, and the sum says so; a simulator's cache says how to start one."""
+    from types import SimpleNamespace
+
+    from gpu_session.clouds import API_BASE_ENV, CloudError
+
+    monkeypatch.setattr(cache, "workspaces", lambda project: tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / cache.ENVIRONMENT_FILE).write_text(json.dumps({API_BASE_ENV[cloud]: "http://127.0.0.1:9/api"}))
+    stack = SimpleNamespace(config=lambda: {"cloud": cloud, "region": "r-1", "sizeGb": "30"},
+                            outputs=lambda secrets=True: {"volume_id": "v1", "size_gb": 30, "created_at": "2026-11-01T00:00:00+00:00"})  # fmt: skip
+    monkeypatch.setattr(cache, "engine", lambda *a, **k: stack)
+
+    def no_answer(*a, **k):
+        raise CloudError("ConnectionError")
+
+    monkeypatch.setattr(cache, "_client", lambda *a: SimpleNamespace(volumes=no_answer))
+    info = cache._info("c", {}, {})
+    assert info.monthly_usd is None and info.so_far_usd() is None and info.volume is None
+    assert info.note == f"{cloud} did not answer: ConnectionError (it was made at the simulator: `--sim` starts one)"
+    assert "cost unknown" in info.describe() and info.as_json()["monthly_usd"] is None
+    assert cache.total_text([1.5, None, 2.0]) == "at least 3.50 USD/month (1 cache's cost unknown: its cloud did not answer)"
+    assert cache.total_text([1.5, 2.0]) == "3.50 USD/month" and cache.monthly_text(None) == "cost unknown"
+    (tmp_path / "c" / cache.ENVIRONMENT_FILE).write_text("{}")  # made at the real API: no word of the simulator
+    assert cache._info("c", {}, {}).note == f"{cloud} did not answer: ConnectionError"
+
+
 @pytest.mark.parametrize(
     "cloud, region, size, says",
     [

@@ -122,3 +122,15 @@ def test_sub_actions_are_tasks_and_reporting_commands_take_json():
     assert invoke("tunnel", "start").returncode != 0  # the old spelling is not half-accepted
     alone = invoke("cache")  # a group's name alone is its look-only task: the list
     assert alone.returncode == 0 and "no cache volume" in alone.stdout + alone.stderr, alone.stderr
+
+
+def test_up_json_ends_with_a_summary_of_plain_outputs_and_the_endpoint():
+    from gpu_session.cli.tasks import _up_summary
+
+    assert _up_summary("dev", {}) == {"stack": "dev", "launched": False}  # declined
+    outputs = {"instance_id": "i-1", "cloud": "lambda", "model": "m", "session_dir": "/s", "tunnel_port": 4242,
+               "hf_token": "hf_secret", "something_new": "x"}  # fmt: skip
+    summary = _up_summary("dev", outputs)
+    assert summary == {"stack": "dev", "launched": True, "instance_id": "i-1", "cloud": "lambda", "model": "m",
+                       "session_dir": "/s", "tunnel_port": 4242, "endpoint": "http://127.0.0.1:4242/v1",
+                       "api_key_file": "/s/api_key"}  # fmt: skip

@@ -128,3 +128,20 @@ def test_the_context_held_is_the_kv_room_capped_at_the_models_own():
 def test_the_disk_holds_the_weights_and_the_engine():
     assert fit.disk_gib(141_107_412_992) == 170  # Llama-3.1-70B: 131.4 GiB of weights
     assert fit.disk_gib(1_000_000) == 30
+
+
+def test_the_model_server_role_reads_the_engines_disk_need_from_this_module():
+    """The role's room check before an engine's install on a cache volume takes ENGINE_DISK_GIB from
+    the shipped fit.py with a regex: it must find this module's one value, a whole number."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    vars_text = (root / "roles/model_server/vars/main.yml").read_text()
+    [pattern] = re.findall(r"regex_search\('([^']*ENGINE_DISK_GIB[^']*)'", vars_text)
+    found = re.findall(pattern, Path(fit.__file__).read_text(), re.MULTILINE)
+    assert found == [str(fit.ENGINE_DISK_GIB)] and type(fit.ENGINE_DISK_GIB) is int
+    assert (
+        "NEED_GIB: \"{{ 1 if _model_server_install_lock == 'hub' else _model_server_engine_disk_gib }}\""
+        in (root / "roles/model_server/tasks/venv.yml").read_text()
+    )

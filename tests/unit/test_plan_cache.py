@@ -206,3 +206,23 @@ def test_a_lambda_cache_under_its_soft_cap_goes_unused_the_plan_says_raise_it(ca
     ), got[0].cache_line()
     small = [replace(p, weights_gb=2.0, download_bytes=2 * fit.GIB) for p in plans(A10)]  # 12.9 GB: under the cap
     assert with_caches(small, ["lambda"])[0].cache is caches[0] and "stops" not in with_caches(small, ["lambda"])[0].cache_line()
+
+
+def test_the_hf_token_goes_in_the_stack_only_for_a_gated_or_private_model(caches, monkeypatch):
+    """A rented host never holds a token it does not need: the stack (whose Configure hands it to
+    the host) gets HF_TOKEN only where the Hub needs it for the model's files."""
+    from gpu_session.sizing import ModelInfo
+
+    monkeypatch.setenv("HF_TOKEN", "hf_user_token")
+    monkeypatch.setattr(plan, "clouds_for", lambda cloud: ["lambda"])
+    monkeypatch.setattr(plan, "cloud_client", lambda cloud: SimpleNamespace(offers=lambda: [A10]))
+    opts = plan.UpOptions("o/m", cloud="lambda", backend="transformers")
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1,
+              "num_key_value_heads": 1, "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}  # fmt: skip
+    for kind, needs in (({}, False), ({"gated": True}, True), ({"private": True}, True)):
+        info = ModelInfo("o/m", {"model.safetensors": 1_000_000}, vision=False, config=config, **{"gated": False, **kind})
+        first = plan.plans(opts, info)[0]
+        assert first.needs_token is needs
+        assert plan.stack_settings(opts, first).get("hfToken") == ("hf_user_token" if needs else None), kind
+    monkeypatch.delenv("HF_TOKEN")
+    assert "hfToken" not in plan.stack_settings(opts, first)  # gated, but no token here: none in the stack

@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 from pulumi.automation import events
@@ -82,6 +83,20 @@ def test_the_engine_environment(monkeypatch):
     monkeypatch.setenv("PULUMI_BACKEND_URL", "s3://bucket")
     env = stack.pulumi_env()
     assert "PULUMI_CONFIG_PASSPHRASE_FILE" not in env and env["PULUMI_BACKEND_URL"] == "s3://bucket"
+
+
+def test_the_generated_passphrase_is_never_replaced(monkeypatch, tmp_path):
+    """Two first runs at once (two commands) may both find no passphrase and make one: a stack
+    encrypted with the first one's could never be read if the second one's replaced it."""
+    for var in ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    path = Path(stack.passphrase_env()["PULUMI_CONFIG_PASSPHRASE_FILE"])
+    first = path.read_text()
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # the second run looked before the first one wrote
+    assert stack.passphrase_env()["PULUMI_CONFIG_PASSPHRASE_FILE"] == str(path) and path.read_text() == first
+    assert len(first) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
 
 
 def test_the_first_ctrl_c_lets_operations_finish_and_the_second_stops(monkeypatch):
