@@ -66,12 +66,15 @@ def test_status_extend_and_expiry_that_wipes_a_host_that_cannot_end_itself(hosts
     same = {"lease_expires_at": datetime.fromtimestamp(s["expires_at"], UTC).isoformat(), "lease_check_interval_s": 1}
     assert run(t, role="lease", extravars=same).changed == 0
 
-    # Shorten it to a few seconds: the running watchdog picks it up and expires. The one change, the
-    # lease's file, is a no_log task's: counted all the same (its result reaches us censored).
-    shortened = run(t, playbook="lease.yml", extravars={"lease_expires_at": in_seconds(3), "lease_check_interval_s": 1})
+    # Shorten it to seconds: the running watchdog picks it up and expires. The one change, the
+    # lease's file, is a no_log task's: counted all the same (its result reaches us censored). The
+    # lease must outlast the playbook's run (host_base's tasks come first, several seconds on a slow
+    # machine): one that ended before its "Run the watchdog" task let the watchdog expire and exit,
+    # and that task started another (2 changes, another pid), as CI saw on a 2-core machine.
+    shortened = run(t, playbook="lease.yml", extravars={"lease_expires_at": in_seconds(20), "lease_check_interval_s": 1})
     assert shortened.changed == 1
     assert on(t, keypair, "sudo cat /run/gpu-session/gpu-session-lease.pid") == pid
-    s = wait_for_state(t, keypair, "expired")
+    s = wait_for_state(t, keypair, "expired", timeout=60)
     assert s["wiped"] is True and s["server"] == "stopped"
     left = on(t, keypair, "sudo sh -c 'ls /opt/gpu-session /dev/shm/gpu-session 2>&1; pgrep -u gpu-session; "
                           "curl -s -o /dev/null -w %{http_code} http://127.0.0.1:8000/health; true'")  # fmt: skip
