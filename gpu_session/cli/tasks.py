@@ -1036,13 +1036,13 @@ def cost(c, json=False):
         kept, unknown = [], str(e)
     else:
         unknown = ""
-    monthly = round(sum(c["monthly_usd"] or 0 for c in kept), 2)
-    uncounted = sum(c["monthly_usd"] is None for c in kept)
+    bills = [c["monthly_usd"] for c in kept]
+    monthly = None if None in bills else round(sum(bills), 2)  # unknown when a cache's cloud did not answer
     deleted = ledger.deleted_caches()
     if json:
         sessions = [vars(s) | {"hours": s.hours, "cost": s.cost} for s in ledger.sessions()]
         print(jsonlib.dumps({"sessions": sessions, "by_month": ledger.by_month(), "total": ledger.total(),
-                             "caches": kept, "caches_monthly_usd": None if uncounted else monthly, "deleted_caches": deleted,
+                             "caches": kept, "caches_monthly_usd": monthly, "deleted_caches": deleted,
                              **({"caches_error": unknown} if unknown else {})}, indent=2))  # fmt: skip
         return
     table = Table("stack", "cloud", "GPU", "model", "hours", "USD", "state")
@@ -1059,7 +1059,7 @@ def cost(c, json=False):
         print(f"cache {c['cloud']} {c['region']}: {_cache_size(c) if c['exists'] else c.get('note') or 'gone at the cloud'}, "
               f"{monthly_text(c['monthly_usd'])}{so_far}")  # fmt: skip
     if kept:
-        print(f"caches: {total_text([c['monthly_usd'] for c in kept])}, whether a session runs or not")
+        print(f"caches: {total_text(bills)}, whether a session runs or not")
     if deleted:
         spent = sum(d["cost"] or 0 for d in deleted)
         print(f"deleted caches: {len(deleted)}, ≈ ${spent:.2f} in all while they were kept")

@@ -64,9 +64,8 @@ class CacheInfo:
     volume: Volume | None  # the cloud's live view; None: not at the cloud (gone, or never made), or the cloud did not answer
     volume_id: str = ""  # as the stack records it
     size_gb: int | None = None  # RunPod: the volume's size; Lambda: the soft cap given at create (None: none)
-    monthly_usd: float | None = (
-        0.0  # what it bills a month now (RunPod: size × price; Lambda: GB used × price); None: unknown (its cloud did not answer)
-    )
+    # What it bills a month now (RunPod: size × price; Lambda: GB used × price); None: unknown (its cloud did not answer).
+    monthly_usd: float | None = 0.0
     price_per_gb_month: float = 0.0  # USD
     in_use_by: list[str] = field(default_factory=list)  # session stacks here that attach it (their outputs or config)
     created_at: str = ""  # when it began to bill (ISO, UTC)
