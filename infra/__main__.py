@@ -90,8 +90,9 @@ if cfg.configure:
         roles_digest=roles_digest,
         cache_root=instance.cache_path.apply(lambda p: p or ""),
         cache_size_gb=instance.cache_size_gb.apply(lambda n: str(int(n or 0))),
-        # A gated or private model's weights stay off a volume that outlives the session unless the user said so.
-        cache_weights=str(model.may_cache(cfg.cacheGated)).lower(),
+        # A gated or private model's weights stay off a volume that outlives the session unless the
+        # user said so; any model's stay off one that holds the engine alone.
+        cache_weights=str(cfg.cacheWeights and model.may_cache(cfg.cacheGated)).lower(),
         hf_token=pulumi.Output.secret(cfg.hfToken) if cfg.hfToken else None,
         opts=pulumi.ResourceOptions(depends_on=[instance]),
     )

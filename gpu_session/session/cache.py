@@ -43,7 +43,8 @@ from gpu_session.stack.automation import OnEvent, StackError, StackNotFound, eng
 from gpu_session.stack.config import NAMESPACE, ConfigError
 
 # The smallest cache worth making (GB): the cloud's smallest volume, or room for an engine's install
-# (a session plans without a cache that cannot hold its engine and weights: plan.with_caches).
+# (a session keeps the engine alone on a cache that cannot hold its weights too, and plans without
+# one too small to install an engine on: plan.with_caches).
 MIN_GB = max(cache_config.MIN_GB, -(-fit.cache_need(0) // GB))
 Say = Callable[[str], None]  # as plan.Say (plan imports this module: not the other way)
 HOURS_PER_MONTH = 730  # the clouds' month (365 × 24 / 12)

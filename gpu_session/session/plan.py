@@ -69,8 +69,22 @@ class Plan:
     cpu_capped: bool = False  # the host serves on the CPU (the simulator's), whose KV cache space holds less than the GPU would
     cache: CacheInfo | None = None  # the cache volume the session attaches (gpu_session.session.cache)
     cache_note: str = ""  # why a cache there is goes unused, when one does; or what may go wrong with the one used
-    cache_weights: bool = True  # the weights may go on the cache too (sizing.ModelInfo.may_cache); else the engine only
+    cache_weights: bool = True  # the weights may go on a cache (sizing.ModelInfo.may_cache: public, or --cache-gated)
+    # Why the attached cache keeps the engine alone though the weights may go on one: it cannot hold
+    # them beside the engine ("" where it can). The stack's cacheWeights is false then.
+    room_note: str = ""
     needs_token: bool = False  # the model is gated or private: the host downloads it with the HF token, and gets it only then
+
+    @property
+    def weights_cached(self) -> bool:
+        """The weights go on the attached cache: they may, and it has room for them."""
+        return self.cache is not None and self.cache_weights and not self.room_note
+
+    def weights_off(self) -> str:
+        """Why the weights stay off the attached cache ("" where they go on it, or there is none)."""
+        if self.cache is None or self.weights_cached:
+            return ""
+        return self.room_note or "this model is gated or private: --cache-gated keeps them"
 
     def cache_line(self) -> str:
         """What the plan does about caches, in a line ("" when there are none)."""
@@ -79,9 +93,9 @@ class Plan:
         c = self.cache
         # Lambda bills what a filesystem holds: an empty one's $0.00 would mislead, so the most this
         # session can add is said too (the engine's venv and the weights, when neither is there yet).
-        kept_gib = fit.ENGINE_VENV_GIB + (self.weights_gb if self.cache_weights else 0)
+        kept_gib = fit.ENGINE_VENV_GIB + (self.weights_gb if self.weights_cached else 0)
         up_to = c.monthly_usd + c.price_per_gb_month * kept_gib * fit.GIB / 1e9
-        kept = f"engine (about {fit.ENGINE_VENV_GIB} GiB)" + (" and weights are" if self.cache_weights else " is")
+        kept = f"engine (about {fit.ENGINE_VENV_GIB} GiB)" + (" and weights are" if self.weights_cached else " is")
         cost = (
             f"(it costs ${c.monthly_usd:.2f}/month whether used or not)"
             if c.cloud_sized
@@ -90,9 +104,9 @@ class Plan:
         )
         weights = f"{self.weights_gb} GiB of weights" if self.weights_gb >= 0.1 else "weights (under 0.1 GiB)"
         warning = f"; {self.cache_note}" if self.cache_note else ""
-        if not self.cache_weights:
-            return (f"cache {c.cloud} {c.region}: the engine is kept on it, and taken from it where an earlier session left it; "
-                    f"this gated or private model's {weights} are not (--cache-gated keeps them) {cost}{warning}")  # fmt: skip
+        if not self.weights_cached:
+            return (f"cache {c.cloud} {c.region}: the engine is kept on it, and taken from it where an earlier session left it "
+                    f"{cost}; the {weights} are not: {self.weights_off()}{warning}")  # fmt: skip
         return (f"cache {c.cloud} {c.region}: the engine and the {weights} are kept on it, and taken "
                 f"from it where an earlier session left them {cost}{warning}")  # fmt: skip
 
@@ -120,7 +134,7 @@ class Plan:
                 "weights_gb": self.weights_gb, "need_gb": self.need_gb, "context": self.context, "disk_gb": self.disk_gb,
                 "backend": self.backend,
                 "cache": {"cloud": self.cache.cloud, "region": self.cache.region, "volume_id": self.cache.volume.id,
-                          "weights": self.cache_weights}
+                          "weights": self.weights_cached, "weights_note": self.weights_off() or None}
                 if self.cache else None, "cache_note": self.cache_note or None}  # fmt: skip
 
 
@@ -201,18 +215,25 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
 
     ready = [c for c in caches() if c.cloud in clouds and c.volume is not None and here_api(c)]
     # The model is the same in every plan. A cache whose size (RunPod's, or the soft cap a Lambda
-    # filesystem was given) is less than this session keeps on it, its engine and its model, can
-    # never hold them: left out. One that holds them, but not the room an engine's install takes
-    # besides, serves where an earlier session built the engine; on an empty RunPod volume the host
-    # stops before it downloads (its size is enforced there; a Lambda soft cap is not): the plan says so.
-    model = found[0].download_bytes if found[0].cache_weights else 0
-    kept, build = fit.ENGINE_VENV_GIB * fit.GIB + model, fit.cache_need(model)
-    small = [c for c in ready if c.size_gb is not None and c.size_gb * fit.GB < kept]
-    tight = [c for c in ready if c.cloud_sized and c.size_gb is not None and kept <= c.size_gb * fit.GB < build]
+    # filesystem was given) is less than the engine and the model keeps the engine alone (the weights
+    # download to the host, as without a cache). One too small to build even the engine on (RunPod's
+    # size is enforced: the host stops before it installs) or to hold it (a Lambda soft cap) goes
+    # unused. One that holds both, but not the room an engine's install takes besides, serves where an
+    # earlier session built the engine; on an empty RunPod volume the host stops before it downloads:
+    # the plan says so.
+    engine, weights = fit.ENGINE_VENV_GIB * fit.GIB, found[0].download_bytes
+    model = weights if found[0].cache_weights else 0
+    kept, build = engine + model, fit.cache_need(model)
+
+    def holds(c, size: int) -> bool:
+        return c.size_gb is None or c.size_gb * fit.GB >= size
+
+    small = [c for c in ready if not holds(c, fit.cache_need(0) if c.cloud_sized else engine)]
     ready = [c for c in ready if c not in small]
+    tight = [c for c in ready if c.cloud_sized and model and holds(c, kept) and not holds(c, build)]
     if not ready:
         return (
-            [replace(found[0], cache_note="no cache: " + _too_small(small, kept, build, found[0])), *found[1:]]
+            [replace(found[0], cache_note="no cache: " + _too_small(small, fit.cache_need(weights))), *found[1:]]
             if small
             else found
         )
@@ -220,10 +241,12 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
     out = []
     for plan in found:
         here = [c for c in ready if c.cloud == plan.offer.cloud and plan.region in (None, c.region)]
-        out += [replace(plan, region=c.region, cache=c) for c in here]
+        out += [replace(plan, region=c.region, cache=c, room_note="" if holds(c, engine + weights) else _no_room(c, plan))
+                for c in here]  # fmt: skip
         if plan.region is None or not here:
             out.append(plan)
-    out.sort(key=lambda p: (order[id(p.offer)], p.cache is None))
+    # For each offer (cheapest first): a cache that keeps the weights too, one that keeps the engine alone, none.
+    out.sort(key=lambda p: (order[id(p.offer)], p.cache is None, bool(p.room_note)))
     if out[0].cache is None:
         offer = out[0].offer
         here = [c.region for c in ready if c.cloud == offer.cloud]
@@ -232,7 +255,7 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
         why += [f"{c.cloud} {c.region} is on another cloud than this plan's"
                 + (f" (`--cloud {c.cloud}` plans there)" if any(p.cache is c for p in out) else ", where no offer fits")
                 for c in elsewhere]  # fmt: skip
-        why += [_too_small(small, kept, build, out[0])] if small else []
+        why += [_too_small(small, fit.cache_need(weights))] if small else []
         out[0] = replace(out[0], cache_note="no cache: " + "; ".join(why))
     elif out[0].cache in tight:
         out[0] = replace(out[0], cache_note=f"{out[0].cache.size_gb} GB hold this model and its engine (about "
@@ -241,18 +264,33 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
     return out
 
 
-def _too_small(small: list[CacheInfo], kept: int, build: int, plan: Plan) -> str:
-    """Why the caches in `small` go unused (they cannot hold `kept` bytes), and the size that would
-    do (room for `build` bytes and 1 GB to spare, in tens of GB)."""
-    size = math.ceil((build / fit.GB + 1) / 10) * 10
-    held = f"the engine (about {fit.ENGINE_VENV_GIB} GiB)" + (
-        f" and {plan.weights_gb} GiB of weights" if plan.cache_weights else ""
-    )
-    how = [f"`gpu-session cache create --cloud lambda --region {c.region} --size {size}` raises its soft cap" if c.cloud == "lambda"
-           else f"one of {size} GB would (`gpu-session cache rm --cloud {c.cloud} --region {c.region}`, then `cache create "
-                f"--size {size}`: what this one holds goes)" for c in small]  # fmt: skip
-    return (f"too small for this model: {', '.join(f'{c.cloud} {c.region} ({c.size_gb} GB)' for c in small)}, which must hold "
-            f"{held}, {kept / fit.GB:.1f} GB: " + "; ".join(how))  # fmt: skip
+def _size(c: CacheInfo) -> str:
+    return f"{c.size_gb} GB" if c.cloud_sized else f"soft cap of {c.size_gb} GB"
+
+
+def _no_room(c: CacheInfo, plan: Plan) -> str:
+    """Why cache `c` keeps the engine alone (it cannot hold the plan's model beside it), and how
+    to have one that keeps both."""
+    both = fit.ENGINE_VENV_GIB * fit.GIB + plan.download_bytes
+    return (f"its {_size(c)} cannot hold them beside the engine ({both / fit.GB:.1f} GB together), so the host downloads "
+            f"them as without a cache; to keep both, {_bigger(c, fit.cache_need(plan.download_bytes))}")  # fmt: skip
+
+
+def _too_small(small: list[CacheInfo], need: int) -> str:
+    """Why the caches in `small` go unused (too small to build an engine on, or for a Lambda soft
+    cap to hold one), and how to have ones with room for `need` bytes, the engine's install and the model."""
+    return (f"too small for an engine: {', '.join(f'{c.cloud} {c.region} ({c.size_gb} GB)' for c in small)}, where an engine "
+            f"takes {fit.ENGINE_VENV_GIB * fit.GIB / fit.GB:.1f} GB (and {fit.cache_need(0) / fit.GB:.1f} GB free to install it); "
+            "to keep it and this model: " + "; ".join(_bigger(c, need) for c in small))  # fmt: skip
+
+
+def _bigger(c: CacheInfo, need: int) -> str:
+    """How to have a cache like `c` with room for `need` bytes and 1 GB to spare (in tens of GB)."""
+    size = math.ceil((need / fit.GB + 1) / 10) * 10
+    if c.cloud == "lambda":
+        return f"`gpu-session cache create --cloud lambda --region {c.region} --size {size}` raises its soft cap"
+    return (f"one of {size} GB would (`gpu-session cache rm --cloud {c.cloud} --region {c.region}`, then `gpu-session cache "
+            f"create --cloud {c.cloud} --region {c.region} --size {size}`: what this one holds goes)")  # fmt: skip
 
 
 def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:
@@ -274,6 +312,7 @@ def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:
     if plan.cache is not None:
         config["cacheVolume"] = plan.cache.volume.id
         config["cacheGated"] = str(opts.cache_gated).lower()
+        config["cacheWeights"] = "false" if plan.room_note else "true"  # the volume holds the engine alone
     for cloud, key in API_KEY_CONFIG.items():
         if os.environ.get(KEY_ENV[cloud]):
             config[key] = os.environ[KEY_ENV[cloud]]

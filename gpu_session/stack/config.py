@@ -39,6 +39,8 @@ class StackConfig:
     # instance is launched in the volume's region.
     cacheVolume: str | None = None  # noqa: N815
     cacheGated: bool = False  # noqa: N815 (a gated or private model's weights may go on the cache volume too)
+    # The weights may go on the cache volume (false: the engine alone; `up` sets it where the volume cannot hold them).
+    cacheWeights: bool = True  # noqa: N815
     quantize: bool = False
     backend: str = "auto"
     image: str | None = None  # RunPod only; None: the client's default (clouds.runpod.DEFAULT_IMAGE)
@@ -123,6 +125,7 @@ PARSERS = {
     "trustRemoteCode": _bool,
     "cacheVolume": _text,
     "cacheGated": _bool,
+    "cacheWeights": _bool,
     "quantize": _bool,
     "backend": _choice("auto", "vllm", "transformers"),
     "image": _text,

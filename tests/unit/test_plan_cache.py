@@ -155,29 +155,56 @@ def test_the_plan_prices_a_cache_as_its_cloud_bills_it(caches):
     assert "(it costs $3.50/month whether used or not)" in line, line
 
 
-def test_a_cache_too_small_for_the_engine_and_the_model_goes_unused_and_the_plan_says_what_would_do(caches):
-    """Its size known before launch: a cache that can never hold this session's engine and model is
-    left out, and the plan says the size that would do, and that making it loses what the old one holds."""
+def test_a_cache_too_small_for_the_engine_and_the_model_keeps_the_engine_and_the_plan_says_what_would_keep_both(caches):
+    """Its size known before launch: a cache that can never hold this session's engine and model
+    keeps the engine alone (the weights download to the host, as without a cache; the stack says so
+    to the host), and the plan says the size that would keep both, and that making it loses what the
+    old one holds. A gated model's plan says the same, not that --cache-gated would keep them."""
     weights = replace(plans(RTX)[0], weights_gb=14.9, download_bytes=16_000_000_000)  # an 8B model's 16 GB
     caches.append(a_cache("runpod", "EU-RO-1", size_gb=26))  # < 10 GiB of engine (10.7 GB) + 16 GB
+    [used, own] = with_caches([weights], ["runpod"])
+    assert (used.cache, used.weights_cached, own.cache) == (caches[0], False, None)
+    assert used.cache_line() == (
+        "cache runpod EU-RO-1: the engine is kept on it, and taken from it where an earlier session left it (it costs "
+        "$3.50/month whether used or not); the 14.9 GiB of weights are not: its 26 GB cannot hold them beside the engine "
+        "(26.7 GB together), so the host downloads them as without a cache; to keep both, one of 40 GB would (`gpu-session "
+        "cache rm --cloud runpod --region EU-RO-1`, then `gpu-session cache create --cloud runpod --region EU-RO-1 --size "
+        "40`: what this one holds goes)"
+    ), used.cache_line()
+    assert used.summary("o/m")["cache"]["weights"] is False and "cannot hold" in used.summary("o/m")["cache"]["weights_note"]
+    opts = plan.UpOptions("o/m", cache_gated=True)
+    assert plan.stack_settings(opts, used)["cacheWeights"] == "false"
+    [gated, _] = with_caches([replace(weights, cache_weights=False)], ["runpod"])
+    assert gated.cache is caches[0] and "cannot hold them beside the engine" in gated.cache_line()
+    assert "--cache-gated" not in gated.cache_line()  # it would not keep them either
+    caches.append(a_cache("runpod", "US-KS-2", size_gb=38))  # one that holds both: before it, and no word of the other
+    got = with_caches([weights], ["runpod"])
+    assert [(p.region, p.weights_cached, bool(p.cache)) for p in got] == [
+        ("US-KS-2", True, True), ("EU-RO-1", False, True), (None, False, False)]  # fmt: skip
+    assert "too small" not in got[0].cache_line() and "stops" not in got[0].cache_line()
+    assert plan.stack_settings(opts, got[0])["cacheWeights"] == "true"
+    # A gated model (no --cache-gated) on a cache that has room: the stack keeps cacheWeights true,
+    # so `pulumi config set gpu-session:cacheGated true` alone lets them on.
+    [room, *_] = with_caches([replace(weights, cache_weights=False)], ["runpod"])
+    assert room.region == "US-KS-2" and not room.weights_cached and plan.stack_settings(opts, room)["cacheWeights"] == "true"
+    assert room.weights_off() == "this model is gated or private: --cache-gated keeps them"
+
+
+def test_a_cache_too_small_to_build_an_engine_on_goes_unused_and_the_plan_says_what_would_do(caches):
+    """RunPod enforces a volume's size and the host stops before an install it has no room for (21.5
+    GB): an adopted volume under that (RunPod sells them from 10 GB; `cache create` makes none) is
+    of no use, named, each with the size that would do."""
+    weights = replace(plans(RTX)[0], weights_gb=14.9, download_bytes=16_000_000_000)
+    caches[:] = [a_cache("runpod", "CA-MTL-1", size_gb=15), a_cache("runpod", "EU-RO-1", size_gb=10)]
     got = with_caches([weights], ["runpod"])
     assert [p.cache for p in got] == [None]
     assert got[0].cache_line() == (
-        "no cache: too small for this model: runpod EU-RO-1 (26 GB), which must hold the engine (about 10 GiB) and "
-        "14.9 GiB of weights, 26.7 GB: one of 40 GB would (`gpu-session cache rm --cloud runpod --region EU-RO-1`, "
-        "then `cache create --size 40`: what this one holds goes)"
-    )
-    assert with_caches([replace(weights, cache_weights=False)], ["runpod"])[0].cache is caches[0]  # the engine alone fits
-    caches.append(a_cache("runpod", "US-KS-2", size_gb=38))  # one that holds it: used, and no word of the other
-    got = with_caches([weights], ["runpod"])
-    assert [(p.region, bool(p.cache)) for p in got] == [("US-KS-2", True), (None, False)]
-    assert "too small" not in got[0].cache_line() and "stops" not in got[0].cache_line()
-    caches.insert(0, a_cache("runpod", "CA-MTL-1", size_gb=22))  # two too small: both named
-    caches.pop()
-    assert (
-        "too small for this model: runpod CA-MTL-1 (22 GB), runpod EU-RO-1 (26 GB)"
-        in with_caches([weights], ["runpod"])[0].cache_line()
-    )
+        "no cache: too small for an engine: runpod CA-MTL-1 (15 GB), runpod EU-RO-1 (10 GB), where an engine takes 10.7 GB "
+        "(and 21.5 GB free to install it); to keep it and this model: one of 40 GB would (`gpu-session cache rm --cloud "
+        "runpod --region CA-MTL-1`, then `gpu-session cache create --cloud runpod --region CA-MTL-1 --size 40`: what this one "
+        "holds goes); one of 40 GB would (`gpu-session cache rm --cloud runpod --region EU-RO-1`, then `gpu-session cache "
+        "create --cloud runpod --region EU-RO-1 --size 40`: what this one holds goes)"
+    ), got[0].cache_line()
 
 
 def test_a_cache_that_holds_the_model_but_not_an_engines_install_is_used_with_a_warning(caches):
@@ -193,17 +220,24 @@ def test_a_cache_that_holds_the_model_but_not_an_engines_install_is_used_with_a_
     ), used.cache_line()
 
 
-def test_a_lambda_cache_under_its_soft_cap_goes_unused_the_plan_says_raise_it(caches):
+def test_a_lambda_cache_under_its_soft_cap_keeps_the_engine_the_plan_says_raise_it(caches):
     caches += [a_cache("lambda", "us-east-1", size_gb=22), a_cache("lambda", "us-west-1", size_gb=None)]
     big = [replace(p, weights_gb=12.0, download_bytes=12 * fit.GIB) for p in plans(A10)]
     got = with_caches(big, ["lambda"])
-    assert [(p.region, bool(p.cache)) for p in got] == [("us-west-1", True), ("us-east-1", False)]  # no cap: used
+    # no cap: both, first; under the cap: the engine alone
+    assert [(p.region, bool(p.cache), p.weights_cached) for p in got] == [("us-west-1", True, True), ("us-east-1", True, False)]
     caches.pop()
     got = with_caches(big, ["lambda"])
-    assert [p.cache for p in got] == [None, None]
+    assert [(p.region, bool(p.cache), p.weights_cached) for p in got] == [("us-east-1", True, False), ("us-west-1", False, False)]
     assert (
-        got[0].cache_line().endswith("`gpu-session cache create --cloud lambda --region us-east-1 --size 40` raises its soft cap")
+        got[0]
+        .cache_line()
+        .endswith(
+            "its soft cap of 22 GB cannot hold them beside the engine (23.6 GB together), so the host downloads them as without "
+            "a cache; to keep both, `gpu-session cache create --cloud lambda --region us-east-1 --size 40` raises its soft cap"
+        )
     ), got[0].cache_line()
+    assert "up to $5.65 once this session's engine (about 10 GiB) is on it" in got[0].cache_line()  # the weights are not
     small = [replace(p, weights_gb=2.0, download_bytes=2 * fit.GIB) for p in plans(A10)]  # 12.9 GB: under the cap
     assert with_caches(small, ["lambda"])[0].cache is caches[0] and "stops" not in with_caches(small, ["lambda"])[0].cache_line()
 
