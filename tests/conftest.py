@@ -42,6 +42,28 @@ from gpu_session.sim import SimConfig, Simulator  # noqa: E402
 FAST_RETRY = RetryPolicy(attempts=5, base=0.05, cap=0.4)
 
 
+# The slowest modules (CI's --durations, minutes on a 2-core machine), run first: two pytest-xdist
+# workers take modules whole, each the next in line when it is free, so a long one started last
+# would leave one worker running it alone.
+SLOWEST_FIRST = [
+    "tests/e2e/test_session.py",
+    "tests/e2e/test_cache.py",
+    "tests/roles/test_molecule.py",
+    "tests/roles/test_model_server.py",
+    "tests/pulumi/test_program.py",
+    "tests/pulumi/test_cache_stack.py",
+    "tests/roles/test_model_server_cache.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules of SLOWEST_FIRST first, in its order; the rest as collected. Under pytest-xdist's
+    `--dist loadfile --no-loadscope-reorder` (as `invoke test` runs it) each module's tests run on
+    one worker, in order, so a module-scoped fixture (a model server, a site's converge) starts once."""
+    rank = {m: n for n, m in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
 @pytest.fixture(scope="session")
 def sim(tmp_path_factory, wheelhouse):
     """One simulator for the session. After the engines' wheelhouse and prebuilt venvs (built here when

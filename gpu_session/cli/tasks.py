@@ -102,12 +102,16 @@ def _ask(question: str, default: bool) -> bool:
     help={
         "args": "extra pytest arguments, e.g. '-k lambda -x'",
         "fast": "only the tests that need no simulator hosts (unit tests)",
+        "workers": "pytest-xdist worker processes, each taking whole test modules (0: one process)",
     }
 )
-def test(c, args="", fast=False):
-    """Run the test suite (what CI runs)."""
+def test(c, args="", fast=False, workers=2):
+    """Run the test suite (what CI runs). Its end-to-end and role tests mostly wait on SSH, the
+    Pulumi engine and the simulator's hosts: two workers, each taking whole modules (their
+    module-scoped fixtures start once), the slowest first (tests/conftest.py)."""
     target = "tests/unit" if fast else ""
-    c.run(f"{shlex.quote(sys.executable)} -m pytest {target} {args}".strip(), pty=False)
+    parallel = f"-n {int(workers)} --dist loadfile --no-loadscope-reorder" if int(workers) > 0 else ""
+    c.run(f"{shlex.quote(sys.executable)} -m pytest {target} {parallel} {args}".strip(), pty=False)
 
 
 @command(

@@ -454,17 +454,27 @@ def test_kill_9_during_up_then_up_or_down_recovers(sim, sim_env, wheelhouse, poi
 
 
 def mitogen_processes() -> list[str]:
-    """Mitogen's interpreters on this machine, the simulator's hosts included (their PID namespaces
-    are children of ours): Mitogen execs each as `python(mitogen:<context>)` (mitogen/parent.py)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    """Mitogen's interpreters that descend from this test process, the simulator's hosts included
+    (their PID namespaces are children of ours; another pytest-xdist worker's are not counted):
+    Mitogen execs each as `python(mitogen:<context>)` (mitogen/parent.py)."""
+    parents, found = {}, []
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            argv0 = cmdline.read_bytes().split(b"\0", 1)[0]
-        except OSError:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0", 1)[0]
+        except (OSError, IndexError, ValueError):
             continue
         if b"(mitogen:" in argv0:
-            found.append(argv0.decode(errors="replace"))
-    return found
+            found.append((int(proc.name), argv0.decode(errors="replace")))
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [argv0 for pid, argv0 in found if ours(pid)]
 
 
 def children(pid: int, name: str) -> list[int]:
