@@ -208,19 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop:
         return stop_running(state_dir)
     if args.cleanup:
-        from .hosts import RUN_DIR, cleanup_network
+        from .hosts import reclaim_networks
 
-        for k in range(50):
-            pidfile = RUN_DIR / f"net{k}.pid"
-            if pidfile.exists():
-                try:
-                    import os
-
-                    os.kill(int(pidfile.read_text()), 0)
-                    continue  # alive: not ours to clean
-                except (ProcessLookupError, ValueError):
-                    pidfile.unlink(missing_ok=True)
-            cleanup_network(k)
+        reclaim_networks()
         print("removed the networks and hosts of simulators that are no longer running", file=sys.stderr)
         return 0
     faults = [parse_fault(f) for f in args.fault]

@@ -13,6 +13,8 @@ and the simulator says so.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
 import json
 import logging
@@ -187,34 +189,24 @@ class Hosts:
         return f"{PREFIX}{self._net_index}br"
 
     def _claim_network(self) -> int:
-        """Pick a free bridge index; reclaim those whose simulator died without cleaning up."""
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
-        for k in range(50):
-            pidfile = RUN_DIR / f"net{k}.pid"
-            try:
-                fd = os.open(pidfile, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            except FileExistsError:
-                try:
-                    owner = int(pidfile.read_text() or "0")
-                except (OSError, ValueError):
-                    owner = 0
-                if owner and _pid_alive(owner):
+        """Pick a free bridge index; reclaim those whose simulator died without cleaning up. Under
+        the networks' lock: another simulator starting at once never reads this one's pidfile
+        before its pid is in it (and takes it for a dead one's)."""
+        with _networks_locked():
+            for k in range(50):
+                pidfile = RUN_DIR / f"net{k}.pid"
+                if _owner_alive(pidfile):
                     continue
-                cleanup_network(k)
                 pidfile.unlink(missing_ok=True)
-                try:
-                    fd = os.open(pidfile, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-                except FileExistsError:
-                    continue
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            cleanup_network(k)  # leftovers with no pidfile at all
-            self._net_index = k
-            br = self._bridge
-            _run("ip", "link", "add", br, "type", "bridge")
-            _run("ip", "addr", "add", f"{self.gateway}/16", "dev", br)
-            _run("ip", "link", "set", br, "up")
-            return k
+                cleanup_network(k)  # a dead simulator's leftovers, or ones with no pidfile at all
+                pidfile.write_text(str(os.getpid()))
+                pidfile.chmod(0o600)
+                self._net_index = k
+                br = self._bridge
+                _run("ip", "link", "add", br, "type", "bridge")
+                _run("ip", "addr", "add", f"{self.gateway}/16", "dev", br)
+                _run("ip", "link", "set", br, "up")
+                return k
         raise HostError("no free simulator network (50 in use): run `invoke sim --cleanup`")
 
     @staticmethod
@@ -523,6 +515,35 @@ def _marked_pids(host_id: str) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+@contextlib.contextmanager
+def _networks_locked():
+    """One simulator at a time claims or reclaims a network (RUN_DIR/networks.lock, an flock)."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RUN_DIR / "networks.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _owner_alive(pidfile: Path) -> bool:
+    """Whether the simulator whose pid `pidfile` holds still runs (False when there is none)."""
+    try:
+        owner = int(pidfile.read_text() or "0")
+    except (OSError, ValueError):
+        return False
+    return bool(owner) and _pid_alive(owner)
+
+
+def reclaim_networks() -> None:
+    """Remove the networks and hosts of simulators that are no longer running (`invoke sim --cleanup`)."""
+    with _networks_locked():
+        for k in range(50):
+            pidfile = RUN_DIR / f"net{k}.pid"
+            if _owner_alive(pidfile):
+                continue
+            pidfile.unlink(missing_ok=True)
+            cleanup_network(k)
 
 
 def cleanup_network(k: int) -> None:

@@ -2,8 +2,9 @@
 with a message that says what to do; then site.yml's early end for a converge that would change
 nothing; the download's progress on each try of its wait, and its job, which scrub ends when an
 interrupted converge left it running; the session's canaries, planted by site.yml and proven gone
-by scrub. (Serving itself is proven by the role's molecule scenarios: vLLM
-and transformers, converge, idempotence with every task run, testinfra.)"""
+by scrub; each engine serving what the simulator taught its models, vLLM on 127.0.0.1 alone and
+only with the key. (transformers serve's privacy and idempotence are proven by the role's molecule
+scenario: converge, idempotence with every task run, testinfra.)"""
 
 from __future__ import annotations
 
@@ -201,6 +202,14 @@ def test_the_small_models_say_what_they_were_taught(site, keypair, model, backen
     weights make the same replies on vLLM's CPU build and on transformers serve."""
     target, good, converge = site
     converge(model_server_model=model, model_server_backend=backend)
+    if backend == "vllm":  # what model_server's molecule scenario proves of transformers serve
+        listeners = on(target, keypair, "ss -Htln 'sport = :8000'").splitlines()
+        assert [line.split()[3] for line in listeners] == ["127.0.0.1:8000"], listeners
+        for key in ("", f"-H 'Authorization: Bearer {'x' * 40}'"):  # none, or not ours: refused
+            assert (
+                on(target, keypair, f"curl -s -o /dev/null -w '%{{http_code}}' {key} http://127.0.0.1:8000/v1/models").strip()
+                == "401"
+            )
 
     def ask(*messages) -> str:
         """curl on the host (the port is reachable nowhere else): the whole reply, which the model ended."""

@@ -216,7 +216,7 @@ def test_a_cached_venv_whose_lock_copy_was_tampered_with_is_rebuilt(site, keypai
     events = []
     converge(events)
     assert said(events, "Install hub") == ["installed"]
-    assert sh(target, keypair, f"cat {CACHE}/venvs/hub-*/.gpu-session-lock") == engines.lock("hub").read_text()
+    assert sh(target, keypair, f"cat {CACHE}/venvs/hub-*/.gpu-session-lock") == (engines.LOCKS / "hub.txt").read_text()
 
 
 def test_a_corrupted_weight_blob_is_downloaded_again(site, keypair):
