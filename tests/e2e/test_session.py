@@ -126,14 +126,17 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
     # status sees it all; extend moves the lease on the host without a restart.
     [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
     assert row["server"] == "healthy" and row["tunnel"] == f"127.0.0.1:{port} connected" and "drift" not in row
-    assert 0.9 < row["lease_left_h"] <= 1 and row["cost_so_far"] >= 0
+    # The 1 h lease, less the time the session has run (minutes; more on a busy machine: not measured here).
+    assert 0 < row["lease_left_h"] <= 1 and row["cost_so_far"] >= 0
+    left = row["lease_left_h"]
     lease = "cat /etc/gpu-session/lease.json 2>/dev/null || sudo -n cat /etc/gpu-session/lease.json"
     before = json.loads(invoke("ssh", "--stack", stack, "--command", lease).stdout)["expires_at"]
     extended = invoke("extend", "1", "--stack", stack)
     assert extended.returncode == 0 and "the lease now ends" in extended.stderr, extended.stderr[-2000:]
     assert json.loads(invoke("ssh", "--stack", stack, "--command", lease).stdout)["expires_at"] == before + 3600
     [row] = [r for r in json.loads(invoke("status", "--json").stdout) if r["stack"] == stack]
-    assert 1.9 < row["lease_left_h"] <= 2 and row["server"] == "healthy"
+    # An hour more than before the extend, less the seconds between the two reads.
+    assert left + 0.9 < row["lease_left_h"] <= left + 1.01 and row["server"] == "healthy"  # status rounds to 0.01 h
 
     # configure runs the playbook again (it changes nothing now); doctor finds everything private.
     reconfigured = invoke("configure", "--stack", stack)
@@ -289,7 +292,7 @@ def interactive_chat(stack: str, backend: str, tmp_path: Path) -> None:
         after(CANARY, "tokens/s")
         after("/model", f"gpu-session/tiny-chat: 2,048 tokens of context, text only, served by {backend} on")
         after("/cost", "so far (")
-        assert "lease ends in 0.9" in screen().rsplit("/cost", 1)[-1]
+        assert "lease ends in 0." in screen().rsplit("/cost", 1)[-1]  # under the hour asked for
         after(f"/image {tmp_path / 'red.png'}", "gpu-session/tiny-chat does not take images")
         after(f"/save {tmp_path / 'chat.md'}", f"saved {tmp_path / 'chat.md'}")
         long = tmp_path / "long.txt"
