@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_rate_limits:
         config.lambda_rate = config.lambda_launch_rate = 0
     sim = Simulator(state_dir, config, port=args.port or _last_port(state_dir))
+    # Before the export lines: whoever read them may stop it at once (a script, a test), and a
+    # SIGTERM before this handler would kill it without removing its hosts and network.
+    signal.signal(signal.SIGTERM, lambda *_: sim.stop_requested.set())
     write_private(state_dir / PORT_FILE, str(sim.server.port))
     for f in faults:
         sim.inject(**f)
@@ -246,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     sim.stoppable = True  # `invoke sim --stop` from another terminal, or from anywhere for a background one
-    signal.signal(signal.SIGTERM, lambda *_: sim.stop_requested.set())
     try:
         sim.stop_requested.wait()
     except KeyboardInterrupt:
