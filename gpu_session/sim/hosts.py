@@ -193,12 +193,7 @@ class Hosts:
         the networks' lock: another simulator starting at once never reads this one's pidfile
         before its pid is in it (and takes it for a dead one's)."""
         with _networks_locked():
-            for k in range(50):
-                pidfile = RUN_DIR / f"net{k}.pid"
-                if _owner_alive(pidfile):
-                    continue
-                pidfile.unlink(missing_ok=True)
-                cleanup_network(k)  # a dead simulator's leftovers, or ones with no pidfile at all
+            for k, pidfile in _unowned_networks():
                 pidfile.write_text(str(os.getpid()))
                 pidfile.chmod(0o600)
                 self._net_index = k
@@ -535,15 +530,23 @@ def _owner_alive(pidfile: Path) -> bool:
     return bool(owner) and _pid_alive(owner)
 
 
+def _unowned_networks():
+    """Each network index no running simulator owns, (k, its pidfile), once its leftovers (a dead
+    simulator's, or ones with no pidfile at all) are removed. Under _networks_locked."""
+    for k in range(50):
+        pidfile = RUN_DIR / f"net{k}.pid"
+        if _owner_alive(pidfile):
+            continue
+        pidfile.unlink(missing_ok=True)
+        cleanup_network(k)
+        yield k, pidfile
+
+
 def reclaim_networks() -> None:
     """Remove the networks and hosts of simulators that are no longer running (`invoke sim --cleanup`)."""
     with _networks_locked():
-        for k in range(50):
-            pidfile = RUN_DIR / f"net{k}.pid"
-            if _owner_alive(pidfile):
-                continue
-            pidfile.unlink(missing_ok=True)
-            cleanup_network(k)
+        for _ in _unowned_networks():
+            pass
 
 
 def cleanup_network(k: int) -> None:
