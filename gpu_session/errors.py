@@ -1,9 +1,30 @@
-"""The one base of the errors a person can act on.
+"""The one base of the errors a person can act on, and how their messages name our commands.
 
 Every typed error of ours derives from GpuSessionError and its message says what went wrong and
 what to do; the face (gpu_session.cli) prints it as one line and exits 1. Anything else reaching the
-face is a bug, and keeps its traceback. Imports nothing.
+face is a bug, and keeps its traceback. Imports nothing of ours.
 """
+
+import os
+
+# Set by the installed `gpu-session` script (gpu_session.cli.main) for itself and its children (the
+# Pulumi program, the providers, the watch, a background simulator): messages then name
+# `gpu-session X`; unset, in a checkout, `invoke X` (the README: the same commands).
+COMMAND_ENV = "GPU_SESSION_COMMAND"
+# Our Invoke collections: `invoke cache.rm` in a checkout is `gpu-session cache rm` installed
+# (gpu_session.cli.tasks.ns's collections; tests/unit/test_face.py keeps the two the same).
+COLLECTIONS = ("cache", "history", "tunnel")
+
+
+def our_command(args: str, quoted: bool = True) -> str:
+    """`args` (a command as the installed script takes it: "cache rm --cloud lambda") as the person
+    runs our commands, in backquotes unless not `quoted`: "`gpu-session cache rm --cloud lambda`"
+    where they ran the installed script, "`invoke cache.rm --cloud lambda`" in a checkout."""
+    program = os.environ.get(COMMAND_ENV) or "invoke"
+    words = args.split(" ", 2)
+    if program == "invoke" and len(words) >= 2 and words[0] in COLLECTIONS:
+        args = " ".join([f"{words[0]}.{words[1]}", *words[2:]])
+    return f"`{program} {args}`" if quoted else f"{program} {args}"
 
 
 class GpuSessionError(Exception):

@@ -115,7 +115,7 @@ class ModelInfo:
 
     def need_gb(self, context: int | None = None, quantize: bool = False) -> float:
         """need_bytes in GiB, up to 0.1."""
-        return -(-self.need_bytes(context, quantize) * 10 // GIB) / 10
+        return gib_up(self.need_bytes(context, quantize))
 
     def context_on(self, offer: Offer, quantize: bool = False, device: str = "cuda") -> int:
         """The longest context `offer` serves (tokens; 0 when unknown: the engine decides): what its
@@ -355,13 +355,18 @@ def gib(n: int | float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def gib_up(n: int) -> float:
+    """n bytes in GiB, rounded up to 0.1: a need is never said smaller than it is (the plan's, and why no offer fits)."""
+    return -(-n * 10 // GIB) / 10
+
+
 def explain_no_fit(offers: list[Offer], need_bytes: int, *, gpu_count: int | None, max_price: float | None,
                    gpu_type: str | None) -> str:  # fmt: skip
     """Why nothing fits, and the nearest thing that would: a suggestion above the price cap says so
     (the cap is `up --max-price` and the stack's maxPricePerHour, one setting)."""
     limits = dict(gpu_count=gpu_count, gpu_type=gpu_type)
     cap = f"the price cap of ${max_price:.2f}/h (--max-price, maxPricePerHour)" if max_price is not None else ""
-    need = gib(need_bytes)
+    need = f"{gib_up(need_bytes)} GiB"
     big_enough = fitting(offers, need_bytes, with_capacity=False, **limits)
     if not big_enough:
         more_gpus = fitting(offers, need_bytes, with_capacity=False, gpu_type=gpu_type)

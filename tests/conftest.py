@@ -30,6 +30,7 @@ for var in (
     "PULUMI_CONFIG_PASSPHRASE",
     "PULUMI_CONFIG_PASSPHRASE_FILE",
     "PULUMI_ACCESS_TOKEN",
+    "GPU_SESSION_COMMAND",  # messages name `invoke X` here unless a test sets it (errors.our_command)
 ):
     os.environ.pop(var, None)
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpu_session.errors import GpuSessionError
+from gpu_session.errors import GpuSessionError, our_command
 from gpu_session.paths import config_dir, private_dir, state_dir, write_private
 
 SERVICE = "gpu-session"
@@ -91,7 +91,9 @@ class History:
 
         path = self.dir / f"{Path(conversation_id).name}.enc"  # an id, never a path
         if not path.exists():
-            raise HistoryError(f"no conversation {conversation_id!r} in stack {self.stack}'s history: `invoke history list`")
+            raise HistoryError(
+                f"no conversation {conversation_id!r} in stack {self.stack}'s history: {our_command('history list')}"
+            )
         try:
             return Conversation(**json.loads(self._fernet().decrypt(path.read_bytes())))
         except InvalidToken:

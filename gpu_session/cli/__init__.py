@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from invoke import Program
 
 from gpu_session import __version__
 from gpu_session.cli import tasks
+from gpu_session.errors import COMMAND_ENV
 
 program = Program(namespace=tasks.ns, version=__version__, name="gpu-session", binary="gpu-session")
 
@@ -21,4 +23,5 @@ def dotted(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    os.environ[COMMAND_ENV] = "gpu-session"  # our messages name `gpu-session X`, in child processes too
     program.run(dotted(sys.argv))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from gpu_session.chat.client import ChatClient
 from gpu_session.chat.repl import streamed_markdown
-from gpu_session.errors import GpuSessionError
+from gpu_session.errors import GpuSessionError, our_command
 from gpu_session.host.ssh import Endpoint, session_keys, ssh_command
 from gpu_session.paths import stack_dir
 from gpu_session.session import down, up
@@ -160,7 +160,7 @@ def _end_after_failure(say) -> None:
     try:
         down.down(STACK, say=say, on_event=lambda _: None)
     except GpuSessionError as e:
-        say(f"the bench's session is left ({e}): `gpu-session down --stack {STACK}` ends it")
+        say(f"the bench's session is left ({e}): {our_command(f'down --stack {STACK}')} ends it")
 
 
 def run(backend: str = "transformers", cloud: str = "lambda", say=print) -> dict:
@@ -263,7 +263,7 @@ def run_cache(backend: str = "transformers", cloud: str = "lambda", say=print) -
         try:
             cache.rm(cloud, region, say=say, on_event=lambda _: None)
         except GpuSessionError as e:
-            say(f"the bench's cache is kept ({e}): `gpu-session cache rm --cloud {cloud} --region {region} --yes` deletes it")
+            say(f"the bench's cache is kept ({e}): {our_command(f'cache rm --cloud {cloud} --region {region} --yes')} deletes it")
         raise
     cache.rm(cloud, region, say=say, on_event=lambda _: None)
     rows = {}

@@ -17,7 +17,7 @@ import sys
 
 from invoke import Collection, Exit, Task, task
 
-from gpu_session.errors import GpuSessionError
+from gpu_session.errors import GpuSessionError, our_command
 
 STACK_HELP = "the session's name; default dev"
 
@@ -275,7 +275,7 @@ def _offer_teardown(stack: str, say, on_event) -> None:
     say(f"up was cancelled; stack {stack} may have created things that bill")
     if sys.stdin.isatty():
         if not _ask("Tear down what exists now?", default=True):
-            say(f"kept: `invoke down --stack {stack}` ends it later")
+            say(f"kept: {our_command(f'down --stack {stack}')} ends it later")
             return
     else:
         say("no terminal to ask: tearing down")
@@ -317,7 +317,7 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
 
     from gpu_session.host.ansible import check_strategy
     from gpu_session.paths import checked_stack_name
-    from gpu_session.session.plan import SessionError, UpOptions
+    from gpu_session.session.plan import UpOptions
     from gpu_session.session.up import up as bring_up
     from gpu_session.stack.automation import StackCancelled, take_sigterm_as_ctrl_c
 
@@ -325,8 +325,6 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     checked_stack_name(stack)  # a bad name is refused before anything is written
     if configure:
         check_strategy()
-    view = None if json or dry_run else _view("up", stack, verbose)  # a dry run leaves no stack folder, no log
-    on_event, say = (view.on_event, view.say) if view else (plain_event, plain_say)
     defaults = _user_config()  # the user's defaults; UpOptions' own fill the rest
     model = model or ("gpu-session/tiny-chat" if sim else defaults.get("model", ""))
     if not model:
@@ -340,6 +338,10 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
     opts = UpOptions(model, **{k: v for k, v in given.items() if v is not None}, quantize=quantize,
                      trust_remote_code=trust_remote_code, stack=stack, configure=configure, cache=cache,
                      cache_gated=cache_gated)  # fmt: skip
+    if not yes and not dry_run and not sys.stdin.isatty():  # after the options, before a simulator starts or a log is opened
+        raise UsageError("no terminal to ask whether to launch: pass --yes to launch without asking (--dry-run shows the plan)")
+    view = None if json or dry_run else _view("up", stack, verbose)  # a dry run leaves no stack folder, no log
+    on_event, say = (view.on_event, view.say) if view else (plain_event, plain_say)
     if sim:  # after the options are checked: a typo starts nothing
         _simulate(_stderr if dry_run and json else plain_say if dry_run else say)
     if dry_run:
@@ -349,8 +351,6 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
 
     def confirm(plan) -> bool:
         _say_plan(plan, say)
-        if not yes and not sys.stdin.isatty():
-            raise SessionError("no terminal to ask whether to launch: pass --yes to launch without asking")
         accepted = yes or _ask("Launch it?", default=False)
         if accepted:
             launching.append(plan)
@@ -374,7 +374,7 @@ def up(c, model="", cloud="", gpu="", gpus=None, hours=None, max_price=None, bud
         say("nothing launched")
     else:
         say(f"{outputs['model']} is up on {outputs['cloud']} {outputs['gpu']} at ${float(outputs['price_per_hour']):.2f}/h; "
-            f"lease ends {outputs['lease_expires_at']}. End it: invoke down --stack {stack}")  # fmt: skip
+            f"lease ends {outputs['lease_expires_at']}. End it: {our_command(f'down --stack {stack}', quoted=False)}")  # fmt: skip
     if outputs.get("tunnel_port"):
         say(f"OpenAI-compatible endpoint: http://127.0.0.1:{outputs['tunnel_port']}/v1 (model {outputs['served_model_name']}; "
             f"API key in {outputs['session_dir']}/api_key)")  # fmt: skip
@@ -425,7 +425,12 @@ def _dry_run(opts, as_json: bool, say) -> None:
     _say_plan(plan, say)
     weights = f"{plan.weights_gb} GiB" if plan.weights_gb >= 0.1 else "under 0.1 GiB"
     say(f"{opts.model}: {weights} of weights, {plan.disk_gb} GiB of disk, served by {plan.backend}")
-    say("dry run: nothing launched (without --dry-run, up would ask to launch this)")
+    from gpu_session.local import record
+
+    if record.find(opts.stack) is not None:  # what up itself refuses (session.up): said, not "would ask"
+        say(f"dry run: nothing launched (stack {opts.stack} is already up, so up would refuse: --stack NAME plans another)")
+    else:
+        say("dry run: nothing launched (without --dry-run, up would ask to launch this)")
 
 
 @command(
@@ -575,9 +580,10 @@ def down(c, stack="dev", json=False, sim=False, yes=False, verbose=False):
         with _view("down", stack, verbose) as view:
             view.begin()
             summary = end(stack, say=view.say, on_event=view.on_event)
-            view.done("verify")
+            if summary["clouds_asked"]:  # with no key and nothing here, no cloud was asked: the summary says so
+                view.done("verify")
     if json:
-        print(jsonlib.dumps({"event": "summary", **summary}), flush=True)
+        print(jsonlib.dumps({"event": "summary", "ok": True, **summary}), flush=True)
         return
     for line in _down_summary(summary):
         say(line)
@@ -619,7 +625,7 @@ def _caches_kept(caches: list[dict]) -> list[str]:
         what = _cache_size(c) if c["exists"] else c.get("note") or "gone at the cloud"  # or: the cloud did not answer
         lines.append(
             f"cache {c['cloud']} {c['region']} kept: {what}, {monthly_text(c['monthly_usd'])} — "
-            f"`gpu-session cache rm --cloud {c['cloud']} --region {c['region']}` deletes it"
+            f"{our_command('cache rm --cloud {cloud} --region {region}'.format(**c))} deletes it"
         )
     return lines
 
@@ -747,14 +753,16 @@ def extend(c, hours, stack="dev", json=False):
     say(f"the lease now ends {move_lease(stack, _number(hours, 'hours'), on_event=on_event)}")
 
 
-@command(help={"json": "as JSON"})
-def doctor(c, json=False):
+@command(help={"json": "as JSON", "sim": "check against the simulator (started in the background when none runs)"})
+def doctor(c, json=False, sim=False):
     """Check this machine: the Pulumi CLI, ssh, the cloud keys (asked of each API), the privacy of config and state files."""
     import json as jsonlib
 
     from gpu_session.cli import doctor as checks
 
     _user_config()
+    if sim:
+        _simulate(_stderr if json else _printer(False)[1])
     results = checks.run()
     if json:
         print(jsonlib.dumps([vars(check) for check in results], indent=2))
@@ -878,16 +886,20 @@ def sweep(c, yes=False, dry_run=False, json=False, sim=False):
         raise failed from e
     kept = [i for i in found["instances"] if i not in ended] + [v for v in found["volumes"] if v not in deleted]
     if json:
-        print(jsonlib.dumps({"event": "summary", "terminated": ended, "deleted_volumes": deleted, "kept": kept}), flush=True)
+        print(
+            jsonlib.dumps({"event": "summary", "ok": True, "terminated": ended, "deleted_volumes": deleted, "kept": kept}),
+            flush=True,
+        )
     else:
         if ended:
             say(f"{len(ended)} orphan(s) terminated")
         if deleted:
             say(f"{len(deleted)} orphan volume(s) deleted")
         if kept:
+            sim_flag = " --sim" if sim else ""
             # Still running or held, billing as before (a Lambda filesystem's may be $0): never "no orphans".
-            say(f"{len(kept)} orphan(s) left as they are, billing as before: `gpu-session sweep --yes` ends them all, "
-                "`gpu-session sweep` asks of each")  # fmt: skip
+            say(f"{len(kept)} orphan(s) left as they are, billing as before: {our_command(f'sweep{sim_flag} --yes')} ends them all, "
+                f"{our_command(f'sweep{sim_flag}')} asks of each")  # fmt: skip
         if not found["instances"] and not found["volumes"]:
             say("no orphans")
 
@@ -930,10 +942,10 @@ def cache_create(c, cloud="", region="", size=None, json=False, sim=False):
     on_event, say = _cache_start(json, sim)
     info = cache.create(cloud, region, size, say=say, on_event=on_event)
     if json:
-        print(jsonlib.dumps({"event": "summary", "cache": info.as_json()}), flush=True)
+        print(jsonlib.dumps({"event": "summary", "ok": True, "cache": info.as_json()}), flush=True)
     else:
         say(f"it bills ${info.monthly_usd:.2f}/month now ({info.price_per_gb_month:.2f} USD per GB-month, "
-            f"{'on its size' if info.cloud_sized else 'on what it holds'}) until `{info.rm_command}`")  # fmt: skip
+            f"{'on its size' if info.cloud_sized else 'on what it holds'}) until {info.rm_command}")  # fmt: skip
 
 
 @command(name="list", help={"json": "as JSON", "sim": CACHE_HELP["sim"]})
@@ -952,7 +964,7 @@ def cache_list(c, json=False, sim=False):
         print(jsonlib.dumps([c.as_json() for c in found], indent=2))
         return
     if not found:
-        print("no cache volume: `gpu-session cache create --cloud C --region R` makes one")
+        print(f"no cache volume: {our_command('cache create --cloud C --region R')} makes one")
         return
     table = Table("cloud", "region", "size", "used", "USD/month", "in use by", "volume")
     for i in found:
@@ -976,13 +988,13 @@ def cache_rm(c, cloud="", region="", yes=False, json=False, sim=False):
     from gpu_session.session import cache
 
     if not cloud or not region:
-        raise UsageError("which cache? --cloud lambda|runpod --region REGION (`gpu-session cache list` shows them)")
+        raise UsageError(f"which cache? --cloud lambda|runpod --region REGION ({our_command('cache list')} shows them)")
     cache.check(cloud, region, creating=False)
     on_event, say = _cache_start(json, sim)
     if not yes:
         info = cache.find(cloud, region)  # a cache that is not here is said first: --yes would not help
         if info is None:
-            raise cache.CacheError(f"no cache {cloud} {region} here: `gpu-session cache list` shows them")
+            raise cache.CacheError(f"no cache {cloud} {region} here: {our_command('cache list')} shows them")
         cache.check_deletable(info)  # said before asking: --yes would not change it
         if not sys.stdin.isatty():
             raise UsageError("no terminal to ask whether to delete the cache: pass --yes")
@@ -991,7 +1003,10 @@ def cache_rm(c, cloud="", region="", yes=False, json=False, sim=False):
             return
     info = cache.rm(cloud, region, say=say, on_event=on_event)
     if json:
-        print(jsonlib.dumps({"event": "summary", "deleted": info.as_json(), "monthly_usd_stopped": info.monthly_usd}), flush=True)
+        print(
+            jsonlib.dumps({"event": "summary", "ok": True, "deleted": info.as_json(), "monthly_usd_stopped": info.monthly_usd}),
+            flush=True,
+        )
 
 
 @command(help={"cloud": "lambda, runpod or auto (every cloud you have a key for)", "json": "as JSON"})

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from gpu_session.clouds import API_BASE_ENV
-from gpu_session.errors import GpuSessionError
+from gpu_session.errors import GpuSessionError, our_command
 from gpu_session.host.ssh import Endpoint
 from gpu_session.paths import stack_dir, write_private
 
@@ -105,7 +105,7 @@ def load(stack: str) -> LiveSession:
     """The stack's live session; NotUp (saying what to do) when there is none on this machine."""
     found = find(stack)
     if found is None:
-        raise NotUp(f"stack {stack} is not up: `invoke up --stack {stack}` first")
+        raise NotUp(f"stack {stack} is not up: {our_command(f'up --stack {stack}')} first")
     return found
 
 

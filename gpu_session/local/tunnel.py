@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from gpu_session.errors import GpuSessionError
+from gpu_session.errors import GpuSessionError, our_command
 from gpu_session.host.ssh import SERVER_PORT, session_keys, ssh_command
 
 from . import daemon, record
@@ -99,7 +99,7 @@ def reconnected(stack: str, port: int, timeout: float = RECONNECT_S) -> TunnelSt
         if time.monotonic() >= deadline:
             raise TunnelError(
                 f"the tunnel did not reconnect within {timeout:.0f} s: its log is {daemon.log_path(stack, NAME)}; "
-                "`invoke tunnel.stop` and chat again to open a new one"
+                f"{our_command('tunnel stop')} and chat again to open a new one"
             )
         time.sleep(0.2)
 

@@ -31,6 +31,7 @@ from pulumi.dynamic import (
 from gpu_session import progress
 from gpu_session.clouds import CLOUDS, CapacityError, CloudError, LaunchSpec, NotFound, Volume, cloud_class
 from gpu_session.clouds.base import validate_name
+from gpu_session.errors import our_command
 from gpu_session.sizing import GIB, SizingError, explain_no_fit, fitting
 
 from .credentials import CloudAccess
@@ -131,8 +132,8 @@ class GpuInstanceProvider(CloudAccess, ResourceProvider):
         found = next((v for v in cloud.volumes() if v.id == props["volume_id"]), None)
         if found is None:
             raise CloudError(
-                f"the cache volume {props['volume_id']} is gone from {cloud.name}: `gpu-session cache list` shows the "
-                "caches there are; `gpu-session up --no-cache` goes without one"
+                f"the cache volume {props['volume_id']} is gone from {cloud.name}: {our_command('cache list')} shows the "
+                f"caches there are; {our_command('up --no-cache')} goes without one"
             )
         return found
 

@@ -27,6 +27,7 @@ from pulumi.dynamic import (
 )
 
 from gpu_session.clouds import API_KEY_CONFIG, CLOUDS, NotFound, VolumeInUse, cloud_class
+from gpu_session.errors import our_command
 
 from .credentials import CloudAccess
 from .lifetime import end_with_engine
@@ -83,8 +84,8 @@ class CacheVolumeProvider(CloudAccess, ResourceProvider):
         if "size_gb" in changed and not replaces and sized(str(news.get("cloud"))):
             raise ValueError(
                 f"the {olds.get('name')} network volume is {whole(olds.get('size_gb'))} GB: its size is not changed here. "
-                f"Delete it and make it again at {whole(news.get('size_gb'))} GB (`gpu-session cache rm`, then `cache create "
-                "--size N`), or keep its size"
+                f"Delete it and make it again at {whole(news.get('size_gb'))} GB ({our_command('cache rm')}, then "
+                f"{our_command('cache create --size N')}), or keep its size"
             )
         return DiffResult(changes=bool(changed), replaces=replaces, delete_before_replace=True)
 
@@ -117,8 +118,8 @@ class CacheVolumeProvider(CloudAccess, ResourceProvider):
         except VolumeInUse as e:
             raise VolumeStillUsed(
                 f"{props['cloud']} volume {props.get('name')} ({id_}) in {props.get('region')} is attached to a running "
-                f"instance, so it was not deleted: end the session that uses it first (`gpu-session down --stack S`; "
-                f"`gpu-session cache list` names it). The cloud said: {e}"
+                f"instance, so it was not deleted: end the session that uses it first ({our_command('down --stack S')}; "
+                f"{our_command('cache list')} names it). The cloud said: {e}"
             ) from None
 
     @staticmethod

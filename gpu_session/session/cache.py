@@ -33,7 +33,7 @@ from gpu_session.clouds import (
     cloud_class,
     get_cloud,
 )
-from gpu_session.errors import GpuSessionError
+from gpu_session.errors import GpuSessionError, our_command
 from gpu_session.fit import GB
 from gpu_session.local import record
 from gpu_session.local.ledger import Ledger
@@ -105,13 +105,18 @@ class CacheInfo:
 
     @property
     def rm_command(self) -> str:
-        return f"gpu-session cache rm --cloud {self.cloud} --region {self.region}"
+        return our_command(f"cache rm --cloud {self.cloud} --region {self.region}")
+
+    @property
+    def exists(self) -> bool | None:
+        """Whether its cloud has the volume; None when the cloud did not answer (its cost is unknown then)."""
+        return True if self.volume is not None else None if self.monthly_usd is None else False
 
     def as_json(self) -> dict:
         return {
             "cloud": self.cloud, "region": self.region, "stack": self.stack, "volume_id": self.volume_id,
             "volume_name": self.volume.name if self.volume else names.volume_name(self.region),
-            "exists": self.volume is not None, "size_gb": self.size_gb, "bytes_used": self.bytes_used,
+            "exists": self.exists, "size_gb": self.size_gb, "bytes_used": self.bytes_used,
             "mount_point": self.volume.mount_point if self.volume else None, "in_use": self.in_use,
             "in_use_by": self.in_use_by, "monthly_usd": self.monthly_usd, "price_per_gb_month": self.price_per_gb_month,
             "so_far_usd": self.so_far_usd(), "created_at": self.created_at or None, "note": self.note or None,
@@ -180,7 +185,7 @@ def _client(cloud: str, config: dict[str, str] | None = None) -> Cloud:
     key = stack_key or env_key
     if not key:
         raise CacheError(
-            f'no {cloud} API key: export {API_KEY_ENV[cloud]}=... (or against the simulator: eval "$(invoke sim --env)")'
+            f'no {cloud} API key: export {API_KEY_ENV[cloud]}=... (or against the simulator: eval "$({our_command("sim --env", quoted=False)})")'
         )
     return get_cloud(cloud, api_key=key)
 
@@ -307,6 +312,30 @@ def caches() -> list[CacheInfo]:
     return [c for c in found if c is not None]
 
 
+def at_this_api(cloud: str, endpoint: str) -> bool:
+    """Whether a cache made at `endpoint` (the simulator's API address; "" for the real cloud's) is
+    at the API this shell points at: the simulator's volumes serve a simulated up, the real clouds'
+    a real one."""
+    return bool(endpoint) == bool(os.environ.get(API_BASE_ENV[cloud]))
+
+
+def named(clouds: list[str]) -> list[str]:
+    """ "cloud region" of each cache of `clouds` on this machine at the API this shell points at, from
+    the cache stacks' own files (no CLI process, no cloud asked): what `up --no-cache` leaves unused."""
+    found = []
+    for stack in _stacks():
+        cloud = stack.split("-", 1)[0]
+        if cloud not in clouds or not at_this_api(cloud, _recorded_environment(stack).get(API_BASE_ENV[cloud], "")):
+            continue
+        try:
+            config = yaml.safe_load((workspaces(names.CACHE_PROJECT) / stack / f"Pulumi.{stack}.yaml").read_text())
+            region = str(config["config"][f"{NAMESPACE}:region"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            region = stack.split("-", 1)[-1]  # the stack's name has it, lower-cased
+        found.append(f"{cloud} {region}")
+    return found
+
+
 def find(cloud: str, region: str) -> CacheInfo | None:
     """The cache of `cloud` in `region` on this machine, or None (bad input: CacheError)."""
     check(cloud, region, creating=False)
@@ -339,7 +368,7 @@ def create(cloud: str, region: str, size_gb: int | None = None, *, say: Say, on_
             raise CacheError(
                 f"{name} ({existing.id}) already exists at {cloud} with {existing.size_gb} GB, not {size}: "
                 f"{'no --size' if existing.size_gb < MIN_GB else f'--size {existing.size_gb}'} takes it as it is, "
-                f"or `gpu-session cache rm --cloud {cloud} --region {region}` first"
+                f"or {our_command(f'cache rm --cloud {cloud} --region {region}')} first"
             )
         size = size or (existing.size_gb if existing else cache_config.DEFAULT_RUNPOD_GB)
     stack_name = names.cache_stack(cloud, region)
@@ -373,7 +402,7 @@ def create(cloud: str, region: str, size_gb: int | None = None, *, say: Say, on_
     info = find(cloud, region)
     if info is None or info.volume is None:
         raise CacheError(
-            f"the {cloud} cache in {region} was made, but {cloud} does not list its volume: `gpu-session cache list`"
+            f"the {cloud} cache in {region} was made, but {cloud} does not list its volume: {our_command('cache list')}"
         )
     say(f"cache {cloud} {region}: volume {info.volume.name} ({info.volume.id}), {info.describe().split(': ', 1)[1]}")
     return info
@@ -386,13 +415,13 @@ def check_deletable(info: CacheInfo) -> None:
     if info.in_use_by:
         users = ", ".join(info.in_use_by)
         raise CacheError(
-            f"cache {cloud} {region} is in use by session stack {users}: `gpu-session down --stack {info.in_use_by[0]}` first "
+            f"cache {cloud} {region} is in use by session stack {users}: {our_command(f'down --stack {info.in_use_by[0]}')} first "
             "(nothing was deleted)"
         )
     if info.volume is not None and info.volume.in_use:
         raise CacheError(
             f"cache {cloud} {region} ({info.volume_id}) is attached to a running {cloud} instance that no session here "
-            "owns: end it first (`gpu-session sweep`; nothing was deleted)"
+            f"owns: end it first ({our_command('sweep')}; nothing was deleted)"
         )
     if info.volume is None and "did not answer" in info.note:
         raise CacheError(f"cannot delete the cache {cloud} {region}: {info.note}")
@@ -404,7 +433,7 @@ def rm(cloud: str, region: str, *, say: Say, on_event: OnEvent) -> CacheInfo:
     then ask the cloud that the volume is gone. What was deleted (its monthly cost is what stops)."""
     info = find(cloud, region)
     if info is None:
-        raise CacheError(f"no cache {cloud} {region} here: `gpu-session cache list` shows them")
+        raise CacheError(f"no cache {cloud} {region} here: {our_command('cache list')} shows them")
     check_deletable(info)
     stack = engine(info.stack, create=False, project=names.CACHE_PROJECT)
     config = stack.config()
@@ -414,7 +443,7 @@ def rm(cloud: str, region: str, *, say: Say, on_event: OnEvent) -> CacheInfo:
         left = info.volume_id and any(v.id == info.volume_id for v in _client(cloud, config).volumes())
     if left:
         raise CacheError(
-            f"{cloud} still lists volume {info.volume_id} after its stack was destroyed: `gpu-session sweep` deletes it"
+            f"{cloud} still lists volume {info.volume_id} after its stack was destroyed: {our_command('sweep')} deletes it"
         )
     Ledger().cache_deleted(cloud, region, info.volume_id, info.created_at, info.so_far_usd())  # `cost` still counts it
     say(f"deleted cache {cloud} {region}" + (f" (volume {info.volume_id})" if info.volume_id else "")
@@ -438,7 +467,7 @@ def orphan_volumes(clouds: list[str]) -> list[tuple[str, Volume]]:
         except StackError as e:
             raise CacheError(
                 f"cache stack {stack} cannot be read ({e}): sweep cannot tell its volume from an orphan, so it "
-                "deletes none; `gpu-session cache list` shows the caches"
+                f"deletes none; {our_command('cache list')} shows the caches"
             ) from None
         if outputs.get("volume_id"):
             owned.add(outputs["volume_id"])

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from gpu_session.clouds import API_KEY_ENV, Cloud, CloudError, Instance, NotFound, Volume
-from gpu_session.errors import GpuSessionError
+from gpu_session.errors import GpuSessionError, our_command
 from gpu_session.host import converge
 from gpu_session.host.ansible import ConfigureError, remove_orphaned_runs
 from gpu_session.local import tunnel
@@ -89,7 +89,7 @@ def remaining_caches(say: Say) -> list[dict]:
     try:
         return [c.as_json() for c in cache.caches()]
     except (GpuSessionError, OSError) as e:
-        say(f"could not list the cache volumes that remain: {e} (`gpu-session cache list`)")
+        say(f"could not list the cache volumes that remain: {e} ({our_command('cache list')})")
         return []
 
 
@@ -111,7 +111,7 @@ def scrub_half_configured(stack, recorded: list[dict], say: Say) -> None:
         converge.scrub(settings, dict(os.environ), tell=say)
     except ConfigureError as e:
         raise SessionError(
-            f"the scrub of {host['instance_id']} failed: {e}\nNothing was destroyed. Run `invoke down --stack {stack.stack}` "
+            f"the scrub of {host['instance_id']} failed: {e}\nNothing was destroyed. Run {our_command(f'down --stack {stack.stack}')} "
             f"again, or set {converge.SKIP_SCRUB}=1 to destroy without scrubbing."
         ) from None
 

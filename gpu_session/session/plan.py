@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from gpu_session import fit, sizing
-from gpu_session.clouds import API_BASE_ENV, API_KEY_CONFIG, CLOUDS, Cloud, Offer, get_cloud
+from gpu_session.clouds import API_KEY_CONFIG, CLOUDS, Cloud, Offer, get_cloud
 from gpu_session.clouds import API_KEY_ENV as KEY_ENV
-from gpu_session.errors import GpuSessionError
+from gpu_session.errors import GpuSessionError, our_command
 from gpu_session.local import record
 from gpu_session.stack.automation import StackNotFound, engine
 from gpu_session.stack.config import StackConfig, default_device
@@ -100,7 +100,7 @@ class Plan:
             f"(it costs ${c.monthly_usd:.2f}/month whether used or not)"
             if c.cloud_sized
             else f"(it bills what it holds, ${c.price_per_gb_month:.2f}/GB-month: ${c.monthly_usd:.2f}/month now, up to "
-            f"${up_to:.2f} once this session's {kept} on it)"
+            f"${up_to:.2f} if this session's {kept} not on it yet)"
         )
         weights = f"{self.weights_gb} GiB of weights" if self.weights_gb >= 0.1 else "weights (under 0.1 GiB)"
         warning = f"; {self.cache_note}" if self.cache_note else ""
@@ -142,7 +142,7 @@ def cloud_client(name: str) -> Cloud:
     """The client for a cloud, with its key from the environment; SessionError saying how to give one."""
     if not os.environ.get(KEY_ENV[name]):
         raise SessionError(
-            f'no {name} API key: export {KEY_ENV[name]}=... (or run against the simulator: eval "$(invoke sim --env)")'
+            f'no {name} API key: export {KEY_ENV[name]}=... (or run against the simulator: eval "$({our_command("sim --env", quoted=False)})")'
         )
     return get_cloud(name, api_key=os.environ[KEY_ENV[name]])
 
@@ -153,7 +153,7 @@ def clouds_for(choice: str) -> list[str]:
         found = [c for c in CLOUDS if os.environ.get(KEY_ENV[c])]
         if not found:
             raise SessionError(
-                f"no cloud API key: export {' or '.join(KEY_ENV.values())} (`gpu-session setup` saves them),"
+                f"no cloud API key: export {' or '.join(KEY_ENV.values())} ({our_command('setup')} saves them),"
                 " or pass --sim to use the simulator"
             )
         return found
@@ -184,7 +184,7 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     offers = [o for c in clouds_for(opts.cloud) for o in cloud_client(c).offers()]
     gpu = None if opts.gpu == "auto" else opts.gpu
     if gpu and not any(gpu in (o.instance_type, o.gpu_name) for o in offers):
-        raise SessionError(f"no GPU type {gpu!r} here; `invoke available` lists them")
+        raise SessionError(f"no GPU type {gpu!r} here; {our_command('available')} lists them")
     limits = dict(gpu_count=opts.gpus, max_price=opts.max_price, gpu_type=gpu)
     device = default_device()
     backend = info.backend(device) if opts.backend == "auto" else opts.backend
@@ -198,7 +198,17 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     if not found:
         why = sizing.explain_no_fit(offers, need, **limits)
         raise SessionError(f"{opts.model} {why} (for {context:,} tokens of context)")
-    return with_caches(found, clouds_for(opts.cloud)) if opts.cache else found
+    return with_caches(found, clouds_for(opts.cloud)) if opts.cache else without_caches(found, clouds_for(opts.cloud))
+
+
+def without_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
+    """The plans of `up --no-cache`: the first says which caches of `clouds` it leaves unused."""
+    from .cache import named
+
+    unused = named(clouds)
+    return (
+        [replace(found[0], cache_note=f"no cache: --no-cache leaves {', '.join(unused)} unused"), *found[1:]] if unused else found
+    )
 
 
 def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
@@ -208,12 +218,9 @@ def with_caches(found: list[Plan], clouds: list[str]) -> list[Plan]:
     when that data center has no capacity. The first plan says so when a cache goes unused. Only
     caches at the API this shell points at are offered: the simulator's volumes to a simulated up,
     the real clouds' to a real one."""
-    from .cache import caches  # the cache stacks: above plan in the session layer
+    from .cache import at_this_api, caches  # the cache stacks: above plan in the session layer
 
-    def here_api(c) -> bool:
-        return bool(c.endpoint) == bool(os.environ.get(API_BASE_ENV[c.cloud]))
-
-    ready = [c for c in caches() if c.cloud in clouds and c.volume is not None and here_api(c)]
+    ready = [c for c in caches() if c.cloud in clouds and c.volume is not None and at_this_api(c.cloud, c.endpoint)]
     # The model is the same in every plan. A cache whose size (RunPod's, or the soft cap a Lambda
     # filesystem was given) is less than the engine and the model keeps the engine alone (the weights
     # download to the host, as without a cache). One too small to build even the engine on (RunPod's
@@ -288,9 +295,9 @@ def _bigger(c: CacheInfo, need: int) -> str:
     """How to have a cache like `c` with room for `need` bytes and 1 GB to spare (in tens of GB)."""
     size = math.ceil((need / fit.GB + 1) / 10) * 10
     if c.cloud == "lambda":
-        return f"`gpu-session cache create --cloud lambda --region {c.region} --size {size}` raises its soft cap"
-    return (f"one of {size} GB would (`gpu-session cache rm --cloud {c.cloud} --region {c.region}`, then `gpu-session cache "
-            f"create --cloud {c.cloud} --region {c.region} --size {size}`: what this one holds goes)")  # fmt: skip
+        return f"{our_command(f'cache create --cloud lambda --region {c.region} --size {size}')} raises its soft cap"
+    return (f"one of {size} GB would ({our_command(f'cache rm --cloud {c.cloud} --region {c.region}')}, then "
+            f"{our_command(f'cache create --cloud {c.cloud} --region {c.region} --size {size}')}: what this one holds goes)")  # fmt: skip
 
 
 def stack_settings(opts: UpOptions, plan: Plan) -> dict[str, str]:

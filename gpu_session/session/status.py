@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from gpu_session import sizing
 from gpu_session.clouds import CloudError, NotFound, Offer
+from gpu_session.errors import our_command
 from gpu_session.local import record, tunnel
 from gpu_session.local.ledger import Ledger
 from gpu_session.paths import STACK_NAME, state_dir
@@ -32,7 +33,7 @@ def status() -> list[dict]:
                 row["cloud_status"] = f"unknown: {e}"
             if row["cloud_status"].startswith("gone"):
                 row["drift"] = (
-                    f"the instance ended outside this tool (lease end or console): `invoke down --stack {s.stack}` tidies up"
+                    f"the instance ended outside this tool (lease end or console): {our_command(f'down --stack {s.stack}')} tidies up"
                 )
             live = record.find(s.stack)
             left = live.lease_left_h() if live else None
@@ -70,7 +71,7 @@ def interrupted() -> list[dict]:
                 "stack": folder.name,
                 "resources": [f"{r['type']}" + (f" ({r['pending']})" if r["pending"] else "") for r in rows],
                 "drift": f"up did not finish (it failed, or was killed or interrupted) and may have launched a machine: "
-                         f"`invoke down --stack {folder.name}` ends what it made",
+                         f"{our_command(f'down --stack {folder.name}')} ends what it made",
             })  # fmt: skip
     return found
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from gpu_session.clouds import cloud_class
+from gpu_session.errors import our_command
 from gpu_session.host import converge
 from gpu_session.local import record, tunnel
 from gpu_session.local.ledger import Entry, Ledger
@@ -26,7 +27,7 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
     stack = engine(opts.stack)
     if stack.outputs(secrets=False).get("instance_id"):  # a plain output: nothing to decrypt
         raise SessionError(
-            f"stack {opts.stack} is already up: `invoke chat --stack {opts.stack}`, or `invoke down --stack {opts.stack}`"
+            f"stack {opts.stack} is already up: {our_command(f'chat --stack {opts.stack}')}, or {our_command(f'down --stack {opts.stack}')}"
         )
     opts, candidates = prepare(opts)
     if not confirm(candidates[0]):
@@ -46,7 +47,7 @@ def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: 
             if not isinstance(e, StackCancelled) and any(r["type"] == "GpuInstance" for r in stack.resources()):
                 raise SessionError(
                     f"{e}\nA machine of stack {opts.stack} is still up and bills (${plan.offer.price_per_hour:.2f}/h): "
-                    f"`invoke down --stack {opts.stack}` scrubs and ends it."
+                    f"{our_command(f'down --stack {opts.stack}')} scrubs and ends it."
                 ) from None
             raise
         launched = outputs.get("launched_at")
@@ -87,7 +88,9 @@ def reconfigure(stack_name: str, *, say: Say) -> None:
     use_session(stack_name, stack.config())
     inputs = next((r["outputs"] for r in stack.resources() if r["type"] == "Configure" and not r["pending"]), None)
     if not inputs:
-        raise SessionError(f"stack {stack_name} has no configured host (up with --no-configure?): `invoke up` configures one")
+        raise SessionError(
+            f"stack {stack_name} has no configured host (up with --no-configure?): {our_command('up')} configures one"
+        )
     env = configure.environment(inputs)
     settings = converge.HostSettings.from_env(env)
     if live.lease_expires_at:  # `extend` moved it (its up updates the state too, when it got that far)

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from gpu_session.errors import our_command
 from gpu_session.host.engines import venvs_dir, wheelhouse_dir
 from gpu_session.paths import state_dir
 
@@ -214,7 +215,7 @@ class Simulator:
                 running = ", ".join(f"{i['cloud']} {i['name']} ({i['id']}, {i['status']})" for i in live)
                 return json_response(
                     {"error": f"the simulator still runs {running}; stopping it would take their hosts from under "
-                     "their sessions: end them first (`invoke down`, or `invoke down --stack STACK` for each)"},
+                     f"their sessions: end them first ({our_command('down')}, or {our_command('down --stack STACK')} for each)"},
                     409,
                 )  # fmt: skip
             self.stop_requested.set()
@@ -245,6 +246,9 @@ class Simulator:
         self.server.close()
         self.world.close()
         (self.state_dir / "sim.json").unlink(missing_ok=True)
+        # Deleted volumes' folders go last: `invoke sim --stop` waits only for sim.json, and a big one
+        # takes a while. The trash never outlives the simulator (a killed one's: --cleanup, or the next start).
+        self.world.empty_trash()
 
     def __enter__(self) -> Simulator:
         return self

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import requests
 
+from gpu_session.errors import our_command
 from gpu_session.paths import write_private
 
 from . import SimConfig, Simulator, default_state_dir, hub_models
-from .world import FAULT_KINDS
+from .world import FAULT_KINDS, TRASH_DIR, remove_trash
 
 # The port this state dir's simulator last listened on. Sessions and cache stacks record the
 # simulator's addresses (their environment.json), so a restarted simulator (after --stop, a reboot)
@@ -85,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _info(state_dir: Path) -> dict:
     path = state_dir / "sim.json"
     if not path.exists():
-        sys.exit(f"no simulator is running for {state_dir} (start one with `invoke sim`)")
+        sys.exit(f"no simulator is running for {state_dir} (start one with {our_command('sim')})")
     return json.loads(path.read_text())
 
 
@@ -98,7 +99,9 @@ def _admin(state_dir: Path, method: str, path: str, body: dict | None = None) ->
     try:
         resp = requests.request(method, info["url"] + path, json=body, headers={"X-Sim-Admin": info["admin_token"]}, timeout=10)
     except requests.ConnectionError:
-        raise NotAnswering(f"the simulator at {info['url']} does not answer; if it died, run `invoke sim --cleanup`") from None
+        raise NotAnswering(
+            f"the simulator at {info['url']} does not answer; if it died, run {our_command('sim --cleanup')}"
+        ) from None
     if not resp.ok:
         sys.exit(f"simulator: {resp.status_code} {resp.text}")
     return resp.json()
@@ -121,7 +124,7 @@ def stop_running(state_dir: Path) -> int:
         resp = requests.post(info["url"] + "/_sim/stop", headers={"X-Sim-Admin": info["admin_token"]}, timeout=10)
     except requests.ConnectionError:
         info_file.unlink(missing_ok=True)
-        print(f"the simulator at {info['url']} had died: its sim.json is removed; `invoke sim --cleanup` removes the "
+        print(f"the simulator at {info['url']} had died: its sim.json is removed; {our_command('sim --cleanup')} removes the "
               "networks and hosts it left", file=sys.stderr)  # fmt: skip
         return 0
     if not resp.ok:
@@ -211,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         from .hosts import reclaim_networks
 
         reclaim_networks()
-        print("removed the networks and hosts of simulators that are no longer running", file=sys.stderr)
+        remove_trash(state_dir)  # deleted volumes' folders it was still removing (its volumes stay)
+        print(
+            f"removed the networks and hosts of simulators that are no longer running, and deleted volumes' "
+            f"leftovers in {state_dir / TRASH_DIR}",
+            file=sys.stderr,
+        )
         return 0
     faults = [parse_fault(f) for f in args.fault]
     capacity = [parse_capacity(c) for c in args.capacity]
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     print_exports(sim.env())
     print(
         f"# simulator on {sim.url} ({'isolated hosts' if sim.world.hosts.isolated else 'loopback hosts'}); "
-        "Ctrl-C (or `invoke sim --stop`) stops it and removes its hosts",
+        f"Ctrl-C (or {our_command('sim --stop')}) stops it and removes its hosts",
         file=sys.stderr,
     )
     sim.stoppable = True  # `invoke sim --stop` from another terminal, or from anywhere for a background one

@@ -44,7 +44,9 @@ def use(say: Callable[[str], None]) -> dict[str, str]:
     simulator does not start within START_TIMEOUT_S."""
     info = running()
     if info is None:
-        say("starting the cloud simulator in the background (the first start builds its small models)")
+        say(
+            "starting the cloud simulator in the background (seconds; a minute or more the first time, when it builds its small models)"
+        )
         log = daemon.log_path("sim", "simulator")
         write_private(log, "")
         with open(log, "ab") as out:

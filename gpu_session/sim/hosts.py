@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpu_session.errors import our_command
+
 log = logging.getLogger("gpu_session.sim.hosts")
 
 RUN_DIR = Path("/run/gpu-session-sim")
@@ -202,7 +204,7 @@ class Hosts:
                 _run("ip", "addr", "add", f"{self.gateway}/16", "dev", br)
                 _run("ip", "link", "set", br, "up")
                 return k
-        raise HostError("no free simulator network (50 in use): run `invoke sim --cleanup`")
+        raise HostError(f"no free simulator network (50 in use): run {our_command('sim --cleanup')}")
 
     @staticmethod
     def _free_id() -> int:

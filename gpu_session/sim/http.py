@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +105,16 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:  # a simulator bug must still answer, as a real API's 500 would
             log.exception("simulator error on %s %s", req.method, req.path)
             resp = json_response({"error": "simulator internal error"}, 500)
+        try:
+            self._answer(resp)
+        except ConnectionError as e:  # the client gave up (its timeout) or closed: one line, no traceback
+            self.close_connection = True
+            log.info(
+                "client %s hung up before the answer to %s %s was sent (%s)",
+                self.client_address[0], req.method, req.path, type(e).__name__,
+            )  # fmt: skip
+
+    def _answer(self, resp: Response) -> None:
         self.send_response(resp.status)
         streaming = callable(resp.body)
         for k, v in resp.headers.items():
@@ -121,6 +132,17 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A client that hung up anywhere else (reading its request, say) is one line too; other errors
+        keep the standard traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.info("client %s hung up (%s)", client_address[0], type(exc).__name__)
+        else:
+            super().handle_error(request, client_address)
+
+
 class Server:
     """Serves one router on one or more addresses, all on the same port."""
 
@@ -128,7 +150,7 @@ class Server:
         handler = type("Handler", (_Handler,), {"router": router})
         self._servers: list[ThreadingHTTPServer] = []
         for addr in addresses:
-            srv = ThreadingHTTPServer((addr, port), handler)
+            srv = _Server((addr, port), handler)
             srv.daemon_threads = True
             port = srv.server_address[1]
             self._servers.append(srv)

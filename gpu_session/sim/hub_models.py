@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from gpu_session.errors import our_command
+
 BUILTIN = Path(__file__).with_name("hub_models.yaml")
 KEYS = ("id", "gated", "private", "readers", "pipeline_tag", "tags", "files")
 # What huggingface_hub's validate_repo_id accepts, with the owner required: letters, digits, - _ .,
@@ -72,7 +74,9 @@ def parse(text: str, source: str) -> list[HubModel]:
         at = f" at line {where.line + 1}" if where else ""
         raise BadHubEntry(f"{source}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), list):
-        raise BadHubEntry(f"{source}: expected a top-level `models:` list of entries (see `invoke sim --help` and the README)")
+        raise BadHubEntry(
+            f"{source}: expected a top-level `models:` list of entries (see {our_command('sim --help')} and the README)"
+        )
     return [_entry(raw, f"{source}: models[{i}]") for i, raw in enumerate(doc["models"])]
 
 

@@ -23,6 +23,9 @@ from .hosts import HostError, Hosts, HostSpec
 
 log = logging.getLogger("gpu_session.sim")
 
+# In the state folder: deleted volumes' folders on their way out (World.delete_volume).
+TRASH_DIR = "trash"
+
 FAULT_KINDS = ("429", "500", "502", "503", "slow", "timeout", "capacity", "error_after_create", "drop")
 
 
@@ -185,6 +188,14 @@ class World:
         self.volumes_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.volumes_root.chmod(0o700)
         self.volumes: dict[str, SimVolume] = self._load_volumes()
+        # Deleted volumes' folders, renamed here at once and removed after the answer (delete_volume).
+        # Unlike volumes, the trash outlives neither the simulator nor a restart.
+        self.trash_root = state_dir / TRASH_DIR
+        self.trash_root.mkdir(mode=0o700, exist_ok=True)
+        self.trash_root.chmod(0o700)
+        self._removals: list[threading.Thread] = []
+        if any(self.trash_root.iterdir()):  # left by a simulator that was killed while removing
+            self._remove_later(*self.trash_root.iterdir())
 
     @property
     def lambda_keys(self) -> list[str]:
@@ -446,23 +457,57 @@ class World:
             ]
 
     def volume_bytes(self, vol: SimVolume) -> int:
-        """What the folder holds: the sizes of its files, in bytes."""
+        """What the folder holds: the sizes of its files, in bytes, each file once however many hard
+        links it has (uv links its cache into venvs), as a filesystem's usage counts its inodes.
+        Symlinks count their own size (lstat), not their target's; directories count nothing."""
         total = 0
+        seen: set[tuple[int, int]] = set()
         for root, _dirs, files in os.walk(self.volume_dir(vol)):
             for f in files:
                 try:
-                    total += os.lstat(os.path.join(root, f)).st_size
+                    st = os.lstat(os.path.join(root, f))
                 except OSError:
-                    pass
+                    continue
+                if st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
         return total
 
     def delete_volume(self, vol: SimVolume) -> None:
-        """Forget the volume and remove its files (callers check volume_users first)."""
+        """Forget the volume at once and free its storage after (callers check volume_users first),
+        as a cloud answers a delete: its folder leaves volumes/ by a rename into the trash (the same
+        filesystem) and is removed on a thread, so a big volume's delete answers before a client's
+        timeout. Both clouds' deletes come here."""
         with self.lock:
             self.volumes.pop(vol.id, None)
             self._save_volumes()
-        shutil.rmtree(self.volume_dir(vol), ignore_errors=True)
+            trash = self.trash_root / f"{vol.id}-{secrets.token_hex(4)}"
+            try:
+                self.volume_dir(vol).rename(trash)
+            except FileNotFoundError:
+                trash = None
+            except OSError as e:  # not renamed: removed where it is, still after the answer
+                log.warning("volume %s: could not move its folder to the trash (%s); removing it in place", vol.id, e)
+                trash = self.volume_dir(vol)
         self.record("volume_deleted", cloud=vol.cloud, id=vol.id, name=vol.name)
+        if trash is not None:
+            self._remove_later(trash)
+
+    def _remove_later(self, *paths: Path) -> None:
+        t = threading.Thread(target=_remove_trees, args=paths, daemon=True, name="sim-trash")
+        with self.lock:  # started before empty_trash can see it (it joins what it sees)
+            self._removals = [r for r in self._removals if r.is_alive()] + [t]
+            t.start()
+
+    def empty_trash(self) -> None:
+        """Finish removing deleted volumes' folders: what the threads are removing and anything left."""
+        with self.lock:
+            removals, self._removals = self._removals, []
+        for t in removals:
+            t.join()
+        remove_trash(self.state_dir)
 
     def _mounts(self, inst: SimInstance) -> list[tuple[str, str]]:
         """(folder on this machine, path in the host) per attached volume: Lambda mounts a filesystem at
@@ -552,6 +597,22 @@ class World:
         with self.lock:
             self._closed = True
         self.hosts.close()
+
+
+def _remove_trees(*paths: Path) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def remove_trash(state_dir: Path) -> None:
+    """Remove what is left of deleted volumes in state_dir's trash (Simulator.close through
+    World.empty_trash, `invoke sim --cleanup`); its volumes stay."""
+    trash = state_dir / TRASH_DIR
+    if trash.is_dir():
+        _remove_trees(*trash.iterdir())
 
 
 def _cloud_init_files(user_data: str | None) -> list[dict]:

@@ -75,7 +75,10 @@ def test_an_installed_package_rehearses_a_whole_session_outside_the_checkout(ins
         assert chat.returncode == 0 and "tokens/s" in chat.stderr, chat.stderr[-3000:]
 
         bad = command("tunnel.start", "--stack", "never-up")
-        assert bad.returncode == 1 and bad.stderr.strip() == "error: stack never-up is not up: `invoke up --stack never-up` first"
+        assert (
+            bad.returncode == 1
+            and bad.stderr.strip() == "error: stack never-up is not up: `gpu-session up --stack never-up` first"
+        )
 
         down = command("down", "--sim", "--stack", "installed")
         assert down.returncode == 0 and "stack installed: nothing left at the cloud" in down.stderr, down.stderr[-3000:]

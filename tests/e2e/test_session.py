@@ -585,6 +585,7 @@ def test_up_without_a_terminal_to_ask_says_pass_yes(sim, sim_env):
     out = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", "lambda", "--stack", "unasked", stdin=subprocess.DEVNULL)
     assert out.returncode == 1 and "no terminal to ask whether to launch: pass --yes" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and len(sim.world.instances) == before
+    assert not (Path(os.environ["XDG_STATE_HOME"]) / "gpu-session" / "stacks" / "unasked").exists()  # asked before anything
 
 
 def test_down_ends_only_its_own_stack_and_works_without_keys_in_the_shell(sim, sim_env, monkeypatch):
@@ -803,7 +804,7 @@ def test_sweep_ends_what_no_stack_owns_and_nothing_else(sim, sim_env, keypair):
     summary = json.loads(listed.stdout.strip().splitlines()[-1])
     assert listed.returncode == 0 and summary["kept"] == [ghost] and summary["terminated"] == [], listed.stdout
     told = invoke("sweep", "--dry-run").stderr  # a person is told what ends them
-    assert "1 orphan(s) left as they are" in told and "`gpu-session sweep --yes` ends them all" in told, told
+    assert "1 orphan(s) left as they are" in told and "`invoke sweep --yes` ends them all" in told, told
     assert len(alive(sim, "ghost")) == 1
     swept = invoke("sweep", "--yes")
     assert (

@@ -163,7 +163,7 @@ def test_rm_is_refused_while_a_session_records_the_volume(sim, clean):
         assert listed.in_use_by == ["uses-cache"]
         with pytest.raises(cache.CacheError, match="in use by session stack uses-cache") as e:
             cache.rm("lambda", "us-east-1", say=quiet, on_event=quiet)
-        assert "gpu-session down --stack uses-cache" in str(e.value)
+        assert "`invoke down --stack uses-cache`" in str(e.value)
         assert [v["id"] for v in volumes(sim, "lambda")] == [made.volume.id] and stack_exists(made.stack)
     finally:
         (state_dir() / "stacks" / "uses-cache" / record.FILE).unlink()
@@ -205,7 +205,7 @@ def test_down_reports_the_caches_that_remain(sim, clean):
     lines = _down_summary(summary)
     assert any(
         line.startswith("cache runpod EU-RO-1 kept: 25 GB, $")
-        and "`gpu-session cache rm --cloud runpod --region EU-RO-1` deletes it" in line
+        and "`invoke cache.rm --cloud runpod --region EU-RO-1` deletes it" in line
         for line in lines
     ), lines
 
@@ -251,7 +251,7 @@ def test_the_commands(sim, clean):
     missing = run(invoke, "cache.rm", "--cloud", "runpod", "--region", "EU-RO-1")  # none yet: said, not "pass --yes"
     assert (
         missing.returncode == 1
-        and missing.stderr.strip() == "error: no cache runpod EU-RO-1 here: `gpu-session cache list` shows them"
+        and missing.stderr.strip() == "error: no cache runpod EU-RO-1 here: `invoke cache.list` shows them"
     )
     refused = run(invoke, "cache.create", "--cloud", "runpod", "--region", "MARS-1")  # the cloud knows no such data center
     lines = refused.stderr.strip().splitlines()

@@ -2,9 +2,10 @@
 with a message that says what to do; then site.yml's early end for a converge that would change
 nothing; the download's progress on each try of its wait, and its job, which scrub ends when an
 interrupted converge left it running; the session's canaries, planted by site.yml and proven gone
-by scrub; each engine serving what the simulator taught its models, vLLM on 127.0.0.1 alone and
-only with the key. (transformers serve's privacy and idempotence are proven by the role's molecule
-scenario: converge, idempotence with every task run, testinfra.)"""
+by scrub; each engine serving what the simulator taught its models, vLLM on 127.0.0.1 alone, only
+with the key, and idempotent (a converge that runs every task again restarts nothing).
+(transformers serve's privacy and idempotence are proven by the role's molecule scenario: converge,
+idempotence with every task run, testinfra.)"""
 
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def test_an_unchanged_converge_ends_early_and_a_changed_one_runs_in_full(site, k
     assert expected <= {e.task for e in events if e.kind == "task"}, expected - {e.task for e in events}
     # A new API key (the secrets' task, whose result no_log hides, changed included) restarts the
     # running server: stopped, then started anew.
-    pid = on(target, keypair, "sudo cat /run/gpu-session/gpu-session-model-server.pid").strip()
+    pid = on(target, keypair, f"sudo cat {SERVER_PID}").strip()
     events, key = [], secrets.token_urlsafe(32)
     converge(events, model_server_backend="transformers", lease_check_interval_s=7, model_server_api_key=key)
     # The key is in the secrets file and nowhere else a converge writes (Ansible's temporary files,
@@ -148,9 +149,9 @@ def test_an_unchanged_converge_ends_early_and_a_changed_one_runs_in_full(site, k
     assert found.split()[2:] == ["/opt/gpu-session/model-server.env"], found
     changed = {e.task for e in events if e.kind == "changed"}
     assert {"Stop the session's daemons", "Start the model server as a daemon"} <= changed, changed
-    assert on(target, keypair, "sudo cat /run/gpu-session/gpu-session-model-server.pid").strip() != pid
+    assert on(target, keypair, f"sudo cat {SERVER_PID}").strip() != pid
     # A server that stopped answering is a reason to run everything too.
-    on(target, keypair, "sudo sh -c 'kill $(cat /run/gpu-session/gpu-session-model-server.pid)'")
+    on(target, keypair, f"sudo sh -c 'kill $(cat {SERVER_PID})'")
     events = []
     converge(events, model_server_backend="transformers", lease_check_interval_s=7)
     assert "Ask for one token" in [e.task for e in events]
@@ -210,6 +211,18 @@ def test_the_small_models_say_what_they_were_taught(site, keypair, model, backen
                 on(target, keypair, f"curl -s -o /dev/null -w '%{{http_code}}' {key} http://127.0.0.1:8000/v1/models").strip()
                 == "401"
             )
+        # Idempotent under vLLM too (molecule's idempotence step proves it of transformers): a
+        # converge whose one change is the lease's check interval runs every task again, and of
+        # the model server's none changes: the server is not restarted.
+        pid = on(target, keypair, f"sudo cat {SERVER_PID}").strip()
+        events = []
+        result = converge(events, model_server_model=model, model_server_backend=backend, lease_check_interval_s=7)
+        assert "Ask for one token" in {e.task for e in events}  # every role ran, the server's checks too
+        # Two changes: the lease's file (a no_log task: its event hides the change, the recap counts it)
+        # and the converge's digest.
+        assert [e.task for e in events if e.kind == "changed"] == ["Remember this converge's digest"]
+        assert result.changed == 2, result.changed
+        assert on(target, keypair, f"sudo cat {SERVER_PID}").strip() == pid
 
     def ask(*messages) -> str:
         """curl on the host (the port is reachable nowhere else): the whole reply, which the model ended."""
@@ -235,6 +248,7 @@ def test_the_small_models_say_what_they_were_taught(site, keypair, model, backen
 
 
 URL = "http://127.0.0.1:8000/v1/chat/completions"
+SERVER_PID = "/run/gpu-session/gpu-session-model-server.pid"
 
 
 def png(rgb: tuple[int, int, int]) -> str:

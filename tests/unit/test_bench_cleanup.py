@@ -41,7 +41,7 @@ def test_a_cache_that_cannot_go_is_said_and_the_first_error_stays(calls, monkeyp
     monkeypatch.setattr(cache, "rm", refused)
     with pytest.raises(SessionError, match="Wait for the download"):
         bench.run_cache("transformers", "runpod", say=said.append)
-    assert any("cache rm --cloud runpod --region EU-RO-1 --yes" in s and "in use" in s for s in said), said
+    assert any("cache.rm --cloud runpod --region EU-RO-1 --yes" in s and "in use" in s for s in said), said
 
 
 def test_a_down_that_fails_after_a_failed_up_is_said_and_the_first_error_stays(calls, monkeypatch):

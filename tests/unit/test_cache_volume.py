@@ -64,6 +64,7 @@ def test_a_cache_whose_cloud_does_not_answer_costs_unknown_never_nothing(cloud, 
     assert info.monthly_usd is None and info.so_far_usd() is None and info.volume is None
     assert info.note == f"{cloud} did not answer: ConnectionError (it was made at the simulator: `--sim` starts one)"
     assert "cost unknown" in info.describe() and info.as_json()["monthly_usd"] is None
+    assert info.as_json()["exists"] is None  # not known to be gone: a script tells it from a deleted one
     assert cache.total_text([1.5, None, 2.0]) == "at least 3.50 USD/month (1 cache's cost unknown: its cloud did not answer)"
     assert cache.total_text([1.5, 2.0]) == "3.50 USD/month" and cache.monthly_text(None) == "cost unknown"
     (tmp_path / "c" / cache.ENVIRONMENT_FILE).write_text("{}")  # made at the real API: no word of the simulator
@@ -160,7 +161,7 @@ def test_the_volume_provider_diff():
     assert not p.diff("v1", OLDS, {**OLDS, "size_gb": 20}).changes  # numbers cross gRPC as floats
     moved = p.diff("v1", OLDS, {**OLDS, "region": "US-KS-2", "name": "gpu-session-cache-us-ks-2"})
     assert moved.replaces == ["name", "region"] and moved.delete_before_replace
-    with pytest.raises(ValueError, match="its size is not changed here.*cache rm"):
+    with pytest.raises(ValueError, match="its size is not changed here.*cache.rm"):
         p.diff("v1", OLDS, {**OLDS, "size_gb": 40})
     lam = {**OLDS, "cloud": "lambda", "region": "us-east-1", "name": "gpu-session-cache-us-east-1", "size_gb": None}
     capped = p.diff("f1", lam, {**lam, "size_gb": 100})  # a Lambda soft cap: an update in place
@@ -168,7 +169,7 @@ def test_the_volume_provider_diff():
 
 
 def test_the_volume_provider_never_deletes_a_volume_in_use():
-    with pytest.raises(VolumeStillUsed, match="attached to a running instance, so it was not deleted.*gpu-session down"):
+    with pytest.raises(VolumeStillUsed, match="attached to a running instance, so it was not deleted.*`invoke down --stack S`"):
         provider(FakeCloud(in_use=True)).delete("v1", OLDS)
     provider(FakeCloud(gone=True)).delete("v1", OLDS)  # already gone: done
     assert provider(FakeCloud(gone=True)).read("v1", OLDS).id == ""  # gone: dropped from the state

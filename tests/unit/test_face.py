@@ -32,7 +32,7 @@ def invoke(*args: str) -> subprocess.CompletedProcess:
         (["up", "--model", "gpu-session/tiny-chat", "--stack", "no/such"], "error: invalid stack name 'no/such'"),
         (
             ["up", "--model", "gpu-session/tiny-chat", "--yes"],
-            "error: no cloud API key: export LAMBDA_API_KEY or RUNPOD_API_KEY (`gpu-session setup` saves them),"
+            "error: no cloud API key: export LAMBDA_API_KEY or RUNPOD_API_KEY (`invoke setup` saves them),"
             " or pass --sim to use the simulator",
         ),
         (["extend", "many"], "error: --hours takes a number (got 'many')"),
@@ -134,3 +134,35 @@ def test_up_json_ends_with_a_summary_of_plain_outputs_and_the_endpoint():
     assert summary == {"stack": "dev", "launched": True, "instance_id": "i-1", "cloud": "lambda", "model": "m",
                        "session_dir": "/s", "tunnel_port": 4242, "endpoint": "http://127.0.0.1:4242/v1",
                        "api_key_file": "/s/api_key"}  # fmt: skip
+
+
+def test_messages_name_our_commands_as_the_person_runs_them(monkeypatch):
+    """In a checkout `invoke X` (a collection's task dotted: Invoke takes no other form); where the
+    installed script ran (it sets GPU_SESSION_COMMAND for itself and its children) `gpu-session X`."""
+    from gpu_session.cli import tasks
+    from gpu_session.errors import COLLECTIONS, COMMAND_ENV, our_command
+
+    assert set(COLLECTIONS) == set(tasks.ns.collections)
+    monkeypatch.delenv(COMMAND_ENV, raising=False)
+    assert our_command("cache rm --cloud lambda --region us-east-1") == "`invoke cache.rm --cloud lambda --region us-east-1`"
+    assert our_command("down --stack dev", quoted=False) == "invoke down --stack dev"
+    assert our_command("cache list") == "`invoke cache.list`"
+    monkeypatch.setenv(COMMAND_ENV, "gpu-session")
+    assert our_command("cache rm --cloud lambda --region us-east-1") == "`gpu-session cache rm --cloud lambda --region us-east-1`"
+    assert our_command("sweep --sim --yes") == "`gpu-session sweep --sim --yes`"
+
+
+def test_the_installed_script_names_itself_in_its_messages():
+    script = [sys.executable, "-c", "from gpu_session.cli import main; main()"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAMBDA_", "RUNPOD_", "GPU_SESSION_COMMAND"))}
+    for argv, said in (
+        (
+            ["chat", "--stack", "never-up", "--prompt", "hi"],
+            "error: stack never-up is not up: `gpu-session up --stack never-up` first",
+        ),
+        (["cache", "rm", "--cloud", "runpod", "--region", "EU-RO-9"], "`gpu-session cache list` shows them"),
+    ):
+        done = subprocess.run(
+            [*script, *argv], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 1 and said in done.stderr, done.stderr

@@ -147,8 +147,8 @@ def test_the_plan_prices_a_cache_as_its_cloud_bills_it(caches):
     lambda_line = replace(plan, weights_gb=15.0).cache_line()
     # and what it may hold after this session: the engine (10 GiB) and 15 GiB of weights, 26.8 GB at $0.20
     assert (
-        "(it bills what it holds, $0.20/GB-month: $3.50/month now, up to $8.87 once this session's engine (about 10 GiB)"
-        " and weights are on it)"
+        "(it bills what it holds, $0.20/GB-month: $3.50/month now, up to $8.87 if this session's engine (about 10 GiB)"
+        " and weights are not on it yet)"
     ) in lambda_line, lambda_line
     runpod = SimpleNamespace(**{**vars(caches[1])})
     line = replace(with_caches(plans(A10), ["lambda"])[0], cache=runpod).cache_line()
@@ -167,8 +167,8 @@ def test_a_cache_too_small_for_the_engine_and_the_model_keeps_the_engine_and_the
     assert used.cache_line() == (
         "cache runpod EU-RO-1: the engine is kept on it, and taken from it where an earlier session left it (it costs "
         "$3.50/month whether used or not); the 14.9 GiB of weights are not: its 26 GB cannot hold them beside the engine "
-        "(26.7 GB together), so the host downloads them as without a cache; to keep both, one of 40 GB would (`gpu-session "
-        "cache rm --cloud runpod --region EU-RO-1`, then `gpu-session cache create --cloud runpod --region EU-RO-1 --size "
+        "(26.7 GB together), so the host downloads them as without a cache; to keep both, one of 40 GB would (`invoke "
+        "cache.rm --cloud runpod --region EU-RO-1`, then `invoke cache.create --cloud runpod --region EU-RO-1 --size "
         "40`: what this one holds goes)"
     ), used.cache_line()
     assert used.summary("o/m")["cache"]["weights"] is False and "cannot hold" in used.summary("o/m")["cache"]["weights_note"]
@@ -200,10 +200,10 @@ def test_a_cache_too_small_to_build_an_engine_on_goes_unused_and_the_plan_says_w
     assert [p.cache for p in got] == [None]
     assert got[0].cache_line() == (
         "no cache: too small for an engine: runpod CA-MTL-1 (15 GB), runpod EU-RO-1 (10 GB), where an engine takes 10.7 GB "
-        "(and 21.5 GB free to install it); to keep it and this model: one of 40 GB would (`gpu-session cache rm --cloud "
-        "runpod --region CA-MTL-1`, then `gpu-session cache create --cloud runpod --region CA-MTL-1 --size 40`: what this one "
-        "holds goes); one of 40 GB would (`gpu-session cache rm --cloud runpod --region EU-RO-1`, then `gpu-session cache "
-        "create --cloud runpod --region EU-RO-1 --size 40`: what this one holds goes)"
+        "(and 21.5 GB free to install it); to keep it and this model: one of 40 GB would (`invoke cache.rm --cloud "
+        "runpod --region CA-MTL-1`, then `invoke cache.create --cloud runpod --region CA-MTL-1 --size 40`: what this one "
+        "holds goes); one of 40 GB would (`invoke cache.rm --cloud runpod --region EU-RO-1`, then `invoke cache.create "
+        "--cloud runpod --region EU-RO-1 --size 40`: what this one holds goes)"
     ), got[0].cache_line()
 
 
@@ -234,10 +234,10 @@ def test_a_lambda_cache_under_its_soft_cap_keeps_the_engine_the_plan_says_raise_
         .cache_line()
         .endswith(
             "its soft cap of 22 GB cannot hold them beside the engine (23.6 GB together), so the host downloads them as without "
-            "a cache; to keep both, `gpu-session cache create --cloud lambda --region us-east-1 --size 40` raises its soft cap"
+            "a cache; to keep both, `invoke cache.create --cloud lambda --region us-east-1 --size 40` raises its soft cap"
         )
     ), got[0].cache_line()
-    assert "up to $5.65 once this session's engine (about 10 GiB) is on it" in got[0].cache_line()  # the weights are not
+    assert "up to $5.65 if this session's engine (about 10 GiB) is not on it yet" in got[0].cache_line()  # the weights are not
     small = [replace(p, weights_gb=2.0, download_bytes=2 * fit.GIB) for p in plans(A10)]  # 12.9 GB: under the cap
     assert with_caches(small, ["lambda"])[0].cache is caches[0] and "stops" not in with_caches(small, ["lambda"])[0].cache_line()
 
@@ -260,3 +260,35 @@ def test_the_hf_token_goes_in_the_stack_only_for_a_gated_or_private_model(caches
         assert plan.stack_settings(opts, first).get("hfToken") == ("hf_user_token" if needs else None), kind
     monkeypatch.delenv("HF_TOKEN")
     assert "hfToken" not in plan.stack_settings(opts, first)  # gated, but no token here: none in the stack
+
+
+def test_no_cache_says_which_caches_it_leaves_unused(tmp_path, monkeypatch):
+    """`up --no-cache` with caches here: the plan names those of its clouds at this shell's API,
+    read from the cache stacks' files (a simulator's cache is not the real cloud's, and back)."""
+    import json
+
+    from gpu_session.stack import names
+    from gpu_session.stack.automation import workspaces
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    for name in (name for names_ in API_BASE_ENVS.values() for name in names_):
+        monkeypatch.delenv(name, raising=False)
+    assert plan.without_caches(plans(A10), ["lambda"]) == plans(A10)  # none here: nothing said
+    for cloud, region, endpoint in (
+        ("lambda", "us-east-1", ""),
+        ("runpod", "EU-RO-1", ""),
+        ("lambda", "us-west-1", "http://sim"),
+    ):
+        stack = names.cache_stack(cloud, region)
+        folder = workspaces(names.CACHE_PROJECT) / stack
+        folder.mkdir(parents=True)
+        (folder / f"Pulumi.{stack}.yaml").write_text(f"config:\n  gpu-session:cloud: {cloud}\n  gpu-session:region: {region}\n")
+        recorded = {"LAMBDA_API_BASE": endpoint} if endpoint else {}
+        (folder / cache.ENVIRONMENT_FILE).write_text(json.dumps(recorded))
+    [first] = plan.without_caches(plans(A10)[:1], ["lambda"])
+    assert first.cache is None and first.cache_line() == "no cache: --no-cache leaves lambda us-east-1 unused"
+    [first] = plan.without_caches(plans(A10)[:1], ["lambda", "runpod"])
+    assert first.cache_line() == "no cache: --no-cache leaves lambda us-east-1, runpod EU-RO-1 unused"
+    monkeypatch.setenv("LAMBDA_API_BASE", "http://sim")  # a shell pointed at the simulator
+    [first] = plan.without_caches(plans(A10)[:1], ["lambda"])
+    assert first.cache_line() == "no cache: --no-cache leaves lambda us-west-1 unused"
