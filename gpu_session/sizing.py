@@ -355,6 +355,18 @@ def gib(n: int | float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def room_for(room: int, need: int) -> str:
+    """ "R GiB usable for N GiB needed" (room and need in bytes): the room rounded down and the need
+    up, neither said better than it is, to the fewest decimals (1 to 3) at which a room that holds
+    the need does not read smaller than it (18.75 for 18.71 is "18.75 … 18.71", not "18.7 … 18.8")."""
+    for digits in (1, 2, 3):
+        scale = 10**digits
+        shown_room, shown_need = room * scale // GIB / scale, -(-need * scale // GIB) / scale
+        if shown_room >= shown_need or room < need:
+            break
+    return f"{shown_room:.{digits}f} GiB usable for {shown_need:.{digits}f} GiB needed"
+
+
 def gib_up(n: int) -> float:
     """n bytes in GiB, rounded up to 0.1: a need is never said smaller than it is (the plan's, and why no offer fits)."""
     return -(-n * 10 // GIB) / 10

@@ -31,6 +31,7 @@ for var in (
     "PULUMI_CONFIG_PASSPHRASE_FILE",
     "PULUMI_ACCESS_TOKEN",
     "GPU_SESSION_COMMAND",  # messages name `invoke X` here unless a test sets it (errors.our_command)
+    "GPU_SESSION_SIM",  # nor with --sim, unless a test rehearses with it
 ):
     os.environ.pop(var, None)
 

@@ -17,7 +17,7 @@ import sys
 
 from invoke import Collection, Exit, Task, task
 
-from gpu_session.errors import GpuSessionError, our_command
+from gpu_session.errors import SIM_ENV, GpuSessionError, our_command
 
 STACK_HELP = "the session's name; default dev"
 
@@ -264,6 +264,7 @@ def _simulate(say) -> None:
         raise UsageError(f"the simulator needs its extra: pip install 'gpu-session[sim]' ({e})") from None
     pulumi_binary()  # a rehearsal runs the real engine: say how to get it before starting anything
     simulator.use(say)
+    os.environ[SIM_ENV] = "1"  # hints name --sim (errors.our_command), here and in the engine's processes
     say("rehearsing against the simulator")
 
 
@@ -410,6 +411,7 @@ def _dry_run(opts, as_json: bool, say) -> None:
     import json as jsonlib
 
     from gpu_session.session.plan import prepare
+    from gpu_session.session.up import is_up
 
     try:
         opts, plans = prepare(opts)
@@ -419,15 +421,14 @@ def _dry_run(opts, as_json: bool, say) -> None:
         print(jsonlib.dumps({"ok": False, "error": str(e)}))
         raise Exit(code=1) from None
     plan = plans[0]
+    already_up = is_up(opts.stack)  # what up itself refuses: said, not "would ask"
     if as_json:
-        print(jsonlib.dumps(plan.summary(opts.model)))
+        print(jsonlib.dumps({**plan.summary(opts.model), "stack": opts.stack, "already_up": already_up}))
         return
     _say_plan(plan, say)
     weights = f"{plan.weights_gb} GiB" if plan.weights_gb >= 0.1 else "under 0.1 GiB"
     say(f"{opts.model}: {weights} of weights, {plan.disk_gb} GiB of disk, served by {plan.backend}")
-    from gpu_session.local import record
-
-    if record.find(opts.stack) is not None:  # what up itself refuses (session.up): said, not "would ask"
+    if already_up:
         say(f"dry run: nothing launched (stack {opts.stack} is already up, so up would refuse: --stack NAME plans another)")
     else:
         say("dry run: nothing launched (without --dry-run, up would ask to launch this)")
@@ -618,14 +619,14 @@ def _down_summary(s: dict) -> list[str]:
 
 def _caches_kept(caches: list[dict]) -> list[str]:
     """The cache volumes that remain after `down`, and what each bills a month."""
-    from gpu_session.session.cache import monthly_text
+    from gpu_session.session.cache import monthly_text, rm_command
 
     lines = []
     for c in caches:
         what = _cache_size(c) if c["exists"] else c.get("note") or "gone at the cloud"  # or: the cloud did not answer
         lines.append(
             f"cache {c['cloud']} {c['region']} kept: {what}, {monthly_text(c['monthly_usd'])} — "
-            f"{our_command('cache rm --cloud {cloud} --region {region}'.format(**c))} deletes it"
+            f"{rm_command(c['cloud'], c['region'])} deletes it"
         )
     return lines
 
@@ -896,10 +897,9 @@ def sweep(c, yes=False, dry_run=False, json=False, sim=False):
         if deleted:
             say(f"{len(deleted)} orphan volume(s) deleted")
         if kept:
-            sim_flag = " --sim" if sim else ""
             # Still running or held, billing as before (a Lambda filesystem's may be $0): never "no orphans".
-            say(f"{len(kept)} orphan(s) left as they are, billing as before: {our_command(f'sweep{sim_flag} --yes')} ends them all, "
-                f"{our_command(f'sweep{sim_flag}')} asks of each")  # fmt: skip
+            say(f"{len(kept)} orphan(s) left as they are, billing as before: {our_command('sweep --yes')} ends them all, "
+                f"{our_command('sweep')} asks of each")  # fmt: skip
         if not found["instances"] and not found["volumes"]:
             say("no orphans")
 

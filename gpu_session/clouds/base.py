@@ -42,6 +42,25 @@ class CloudError(GpuSessionError):
             self.retryable = retryable
 
 
+def unreachable(what: str, e: Exception) -> CloudError:
+    """A request that got no answer (requests' ConnectionError or Timeout) as a CloudError naming
+    `what`: retryable (a dropped connection, a busy API), except a connection refused at this
+    machine's loopback, where only the simulator listens: nothing answers there until one is
+    started, so waiting through the retries would only hide that."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    url = urlsplit(getattr(getattr(e, "request", None), "url", None) or "")
+    try:
+        local = url.hostname == "localhost" or ipaddress.ip_address(url.hostname or "").is_loopback
+    except ValueError:
+        local = False
+    if local and "refused" in str(e).lower():
+        return CloudError(f"{what}: nothing listens at {url.netloc} (a simulator's address that is not running): "
+                          "start it again, or pass --sim to start one", retryable=False)  # fmt: skip
+    return CloudError(f"{what}: {type(e).__name__}", retryable=True)
+
+
 class AuthError(CloudError):
     """The API key is missing, wrong, or its account cannot act."""
 

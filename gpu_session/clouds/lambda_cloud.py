@@ -30,6 +30,7 @@ from .base import (
     Status,
     Volume,
     VolumeInUse,
+    unreachable,
     validate_name,
     with_retries,
 )
@@ -91,7 +92,7 @@ class LambdaCloud(Cloud):
         try:
             resp = self._http.request(method, self.base + path, json=body, timeout=self.timeout)
         except (requests.ConnectionError, requests.Timeout) as e:
-            raise CloudError(f"Lambda API {method} {path}: {type(e).__name__}", retryable=True) from None
+            raise unreachable(f"Lambda API {method} {path}", e) from None
         try:
             payload = resp.json()
         except ValueError:

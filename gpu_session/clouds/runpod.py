@@ -36,6 +36,7 @@ from .base import (
     Status,
     Volume,
     VolumeInUse,
+    unreachable,
     validate_name,
     with_retries,
 )
@@ -194,7 +195,7 @@ class RunpodCloud(Cloud):
             except runpod.error.QueryError as e:
                 raise _classify(str(e)) from None
             except (requests.ConnectionError, requests.Timeout) as e:
-                raise CloudError(f"RunPod API: {type(e).__name__}", retryable=True) from None
+                raise unreachable("RunPod API", e) from None
             except requests.exceptions.JSONDecodeError:  # a gateway's HTML error page
                 raise CloudError("RunPod API answered with an error page instead of JSON", retryable=True) from None
             except ValueError as e:  # the SDK's own checks, e.g. an unknown GPU id
@@ -367,7 +368,7 @@ class RunpodCloud(Cloud):
                 method, url, json=body, timeout=self.timeout, headers={"Authorization": f"Bearer {self._key}"}
             )
         except (requests.ConnectionError, requests.Timeout) as e:
-            raise CloudError(f"RunPod REST API {method} {path}: {type(e).__name__}", retryable=True) from None
+            raise unreachable(f"RunPod REST API {method} {path}", e) from None
         try:
             payload = resp.json() if resp.content else None
         except ValueError:

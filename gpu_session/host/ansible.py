@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpu_session.errors import GpuSessionError
+from gpu_session.errors import GpuSessionError, in_our_words
 from gpu_session.paths import ASSETS, private_dir, state_dir, write_private
 
 
@@ -132,7 +132,7 @@ class ConfigureError(GpuSessionError, RuntimeError):
     def __init__(self, result: RunResult):
         self.result = result
         detail = "; ".join(f"{f.task}: {f.message}" for f in result.failures) or "ansible-playbook failed"
-        super().__init__(detail)
+        super().__init__(in_our_words(detail))
 
 
 def inventory_yaml(target: Target) -> str:

@@ -72,6 +72,7 @@ class CacheInfo:
     created_at: str = ""  # when it began to bill (ISO, UTC)
     note: str = ""  # what is wrong, when something is: gone at the cloud, the cloud did not answer
     endpoint: str = ""  # the API address it was made at (the simulator's); "" for the cloud's real API
+    answered: bool = True  # whether its cloud said which volumes it has (False: not asked, or no answer)
 
     @property
     def bytes_used(self) -> int | None:
@@ -105,12 +106,12 @@ class CacheInfo:
 
     @property
     def rm_command(self) -> str:
-        return our_command(f"cache rm --cloud {self.cloud} --region {self.region}")
+        return rm_command(self.cloud, self.region)
 
     @property
     def exists(self) -> bool | None:
         """Whether its cloud has the volume; None when the cloud did not answer (its cost is unknown then)."""
-        return True if self.volume is not None else None if self.monthly_usd is None else False
+        return True if self.volume is not None else False if self.answered else None
 
     def as_json(self) -> dict:
         return {
@@ -121,6 +122,11 @@ class CacheInfo:
             "in_use_by": self.in_use_by, "monthly_usd": self.monthly_usd, "price_per_gb_month": self.price_per_gb_month,
             "so_far_usd": self.so_far_usd(), "created_at": self.created_at or None, "note": self.note or None,
         }  # fmt: skip
+
+
+def rm_command(cloud: str, region: str) -> str:
+    """The command that deletes the cache of `cloud` in `region`, as the person runs ours (our_command)."""
+    return our_command(f"cache rm --cloud {cloud} --region {region}")
 
 
 def monthly_text(usd: float | None) -> str:
@@ -267,7 +273,8 @@ def _info(stack: str, live: dict[str, list[Volume] | str], users: dict[str, list
     config, outputs = st.config(), st.outputs(secrets=False)  # a cache's outputs are all plain
     cloud, region = config.get("cloud") or outputs.get("cloud", ""), config.get("region") or outputs.get("region", "")
     if cloud not in CLOUDS:
-        return CacheInfo(cloud, region, stack, None, note="the stack names no cloud: `pulumi destroy` it in its workspace")
+        return CacheInfo(cloud, region, stack, None, monthly_usd=None, answered=False,
+                         note="the stack names no cloud: `pulumi destroy` it in its workspace")  # fmt: skip
     recorded = _recorded_environment(stack)
     endpoint = tuple(sorted(recorded.items()))  # caches of one cloud on two endpoints: asked apart
     if (cloud, endpoint) not in live:
@@ -290,6 +297,7 @@ def _info(stack: str, live: dict[str, list[Volume] | str], users: dict[str, list
         monthly_usd=monthly_usd(cloud, size, volume.bytes_used, price) if volume else None if isinstance(seen, str) else 0.0,
         price_per_gb_month=price, in_use_by=users.get(volume_id, []) if volume_id else [],
         created_at=outputs.get("created_at") or "", note=note, endpoint=recorded.get(API_BASE_ENV[cloud], ""),
+        answered=not isinstance(seen, str),
     )  # fmt: skip
 
 
@@ -331,7 +339,7 @@ def named(clouds: list[str]) -> list[str]:
             config = yaml.safe_load((workspaces(names.CACHE_PROJECT) / stack / f"Pulumi.{stack}.yaml").read_text())
             region = str(config["config"][f"{NAMESPACE}:region"])
         except (OSError, yaml.YAMLError, KeyError, TypeError):
-            region = stack.split("-", 1)[-1]  # the stack's name has it, lower-cased
+            continue  # no config: never created (`cache list` shows what it is); the stack's name has the region lower-cased only
         found.append(f"{cloud} {region}")
     return found
 
@@ -368,7 +376,7 @@ def create(cloud: str, region: str, size_gb: int | None = None, *, say: Say, on_
             raise CacheError(
                 f"{name} ({existing.id}) already exists at {cloud} with {existing.size_gb} GB, not {size}: "
                 f"{'no --size' if existing.size_gb < MIN_GB else f'--size {existing.size_gb}'} takes it as it is, "
-                f"or {our_command(f'cache rm --cloud {cloud} --region {region}')} first"
+                f"or {rm_command(cloud, region)} first"
             )
         size = size or (existing.size_gb if existing else cache_config.DEFAULT_RUNPOD_GB)
     stack_name = names.cache_stack(cloud, region)
@@ -423,7 +431,7 @@ def check_deletable(info: CacheInfo) -> None:
             f"cache {cloud} {region} ({info.volume_id}) is attached to a running {cloud} instance that no session here "
             f"owns: end it first ({our_command('sweep')}; nothing was deleted)"
         )
-    if info.volume is None and "did not answer" in info.note:
+    if info.volume is None and not info.answered:
         raise CacheError(f"cannot delete the cache {cloud} {region}: {info.note}")
 
 

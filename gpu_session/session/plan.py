@@ -58,7 +58,7 @@ class UpOptions:
 class Plan:
     offer: Offer
     region: str | None  # None: any
-    need_gb: float  # GiB of room the model needs at the asked context (weights and KV cache)
+    need_gb: float  # GiB of room the model needs at the asked context (weights and KV cache), up to 0.1
     hours: float
     budget: float | None = None  # USD: the watch ends the session when it is spent
     context: int = 0  # tokens this offer serves (the most its KV cache holds, capped at the model's own); 0: the engine's
@@ -74,6 +74,7 @@ class Plan:
     # them beside the engine ("" where it can). The stack's cacheWeights is false then.
     room_note: str = ""
     needs_token: bool = False  # the model is gated or private: the host downloads it with the HF token, and gets it only then
+    need_bytes: int = 0  # need_gb in bytes, unrounded (0: not known; need_gb stands for it)
 
     @property
     def weights_cached(self) -> bool:
@@ -117,11 +118,11 @@ class Plan:
     def describe(self) -> str:
         o = self.offer
         ends = (datetime.now(UTC) + timedelta(hours=self.hours)).strftime("%H:%M UTC")
-        room = sizing.gib(fit.room(o.memory_mib, o.gpu_count))
+        room = sizing.room_for(fit.room(o.memory_mib, o.gpu_count), self.need_bytes or int(self.need_gb * sizing.GIB))
         context = f"{self.context:,} tokens of context" if self.context else "the engine's context"
         if self.cpu_capped:
             context += " on this host's CPU engine, whose KV cache space caps it"
-        return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({room} usable for {self.need_gb} GiB needed; {context}) in "
+        return (f"{o.cloud}: {o.gpu_name} ×{o.gpu_count} ({room}; {context}) in "
                 f"{self.region or 'any region'}, ${o.price_per_hour:.2f}/h; {self.hours:g} h lease ≈ ${self.estimate:.2f}, ends {ends}"
                 + (f"; the ${self.budget:g} budget ends it after {self.budget / o.price_per_hour:.2g} h"
                    if self.budget is not None and self.budget < self.estimate else ""))  # fmt: skip
@@ -191,7 +192,7 @@ def plans(opts: UpOptions, info: sizing.ModelInfo, *, disk: int = 0) -> list[Pla
     found = [
         Plan(o, r, info.need_gb(context, opts.quantize), opts.hours, opts.budget, context=info.context_on(o, opts.quantize, device),
              weights_gb=round(info.weights_bytes / sizing.GIB, 1), download_bytes=info.download_bytes, disk_gb=disk, backend=backend,
-             cache_weights=info.may_cache(opts.cache_gated), needs_token=bool(info.gated or info.private),
+             cache_weights=info.may_cache(opts.cache_gated), needs_token=bool(info.gated or info.private), need_bytes=need,
              cpu_capped=info.context_on(o, opts.quantize, device) < info.context_on(o, opts.quantize))
         for o in sizing.fitting(offers, need, **limits) for r in o.launch_regions()
     ]  # fmt: skip
@@ -296,7 +297,7 @@ def _bigger(c: CacheInfo, need: int) -> str:
     size = math.ceil((need / fit.GB + 1) / 10) * 10
     if c.cloud == "lambda":
         return f"{our_command(f'cache create --cloud lambda --region {c.region} --size {size}')} raises its soft cap"
-    return (f"one of {size} GB would ({our_command(f'cache rm --cloud {c.cloud} --region {c.region}')}, then "
+    return (f"one of {size} GB would ({c.rm_command}, then "
             f"{our_command(f'cache create --cloud {c.cloud} --region {c.region} --size {size}')}: what this one holds goes)")  # fmt: skip
 
 

@@ -15,17 +15,36 @@ from gpu_session.host import converge
 from gpu_session.local import record, tunnel
 from gpu_session.local.ledger import Entry, Ledger
 from gpu_session.providers import configure
-from gpu_session.stack.automation import NoCapacity, OnEvent, StackCancelled, StackError, engine
+from gpu_session.stack.automation import (
+    NoCapacity,
+    OnEvent,
+    PulumiEngine,
+    StackCancelled,
+    StackError,
+    StackNotFound,
+    engine,
+)
 from gpu_session.stack.config import StackConfig
 
 from . import watch
 from .plan import Plan, Say, SessionError, UpOptions, prepare, stack_settings, use_session
 
 
+def is_up(stack: str, engine_stack: PulumiEngine | None = None) -> bool:
+    """Whether `stack` has an instance (its plain output instance_id: nothing to decrypt), which up
+    refuses to launch over; `engine_stack` when the caller has it. Creates no stack."""
+    if engine_stack is None:
+        try:
+            engine_stack = engine(stack, create=False)
+        except StackNotFound:
+            return False
+    return bool(engine_stack.outputs(secrets=False).get("instance_id"))
+
+
 def up(opts: UpOptions, *, confirm: Callable[[Plan], bool], say: Say, on_event: OnEvent) -> dict:
     """Plan, ask, bring the stack up (failing over on capacity), record it. The outputs, or {} if declined."""
     stack = engine(opts.stack)
-    if stack.outputs(secrets=False).get("instance_id"):  # a plain output: nothing to decrypt
+    if is_up(opts.stack, stack):
         raise SessionError(
             f"stack {opts.stack} is already up: {our_command(f'chat --stack {opts.stack}')}, or {our_command(f'down --stack {opts.stack}')}"
         )

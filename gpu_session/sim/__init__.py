@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-from gpu_session.errors import our_command
 from gpu_session.host.engines import venvs_dir, wheelhouse_dir
 from gpu_session.paths import state_dir
 
@@ -215,7 +214,7 @@ class Simulator:
                 running = ", ".join(f"{i['cloud']} {i['name']} ({i['id']}, {i['status']})" for i in live)
                 return json_response(
                     {"error": f"the simulator still runs {running}; stopping it would take their hosts from under "
-                     f"their sessions: end them first ({our_command('down')}, or {our_command('down --stack STACK')} for each)"},
+                     "their sessions: end them first (`gpu-session down`, or `gpu-session down --stack STACK` for each)"},
                     409,
                 )  # fmt: skip
             self.stop_requested.set()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from gpu_session.errors import our_command
+from gpu_session.errors import in_our_words, our_command
 from gpu_session.paths import write_private
 
 from . import SimConfig, Simulator, default_state_dir, hub_models
@@ -128,7 +128,8 @@ def stop_running(state_dir: Path) -> int:
               "networks and hosts it left", file=sys.stderr)  # fmt: skip
         return 0
     if not resp.ok:
-        sys.exit(resp.json().get("error") or f"simulator: {resp.status_code} {resp.text}")
+        # The simulator names the installed script (it cannot know how its client was run): in_our_words.
+        sys.exit(in_our_words(resp.json().get("error") or f"simulator: {resp.status_code} {resp.text}"))
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while info_file.exists():  # it removes sim.json last, once its hosts are gone
         if time.monotonic() > deadline:
@@ -213,13 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cleanup:
         from .hosts import reclaim_networks
 
-        reclaim_networks()
-        remove_trash(state_dir)  # deleted volumes' folders it was still removing (its volumes stay)
-        print(
-            f"removed the networks and hosts of simulators that are no longer running, and deleted volumes' "
-            f"leftovers in {state_dir / TRASH_DIR}",
-            file=sys.stderr,
-        )
+        networks, hosts = reclaim_networks()
+        removed = remove_trash(state_dir)  # deleted volumes' folders it was still removing (its volumes stay)
+        said = [f"{networks} network(s) and {hosts} host(s) of simulators that are no longer running"] if networks else []
+        said += [f"{removed} deleted volume(s)' leftovers in {state_dir / TRASH_DIR}"] if removed else []
+        print(f"removed {' and '.join(said)}" if said else "nothing to clean up: no simulator left networks, hosts or "
+              "deleted volumes behind", file=sys.stderr)  # fmt: skip
         return 0
     faults = [parse_fault(f) for f in args.fault]
     capacity = [parse_capacity(c) for c in args.capacity]

@@ -195,7 +195,7 @@ class Hosts:
         the networks' lock: another simulator starting at once never reads this one's pidfile
         before its pid is in it (and takes it for a dead one's)."""
         with _networks_locked():
-            for k, pidfile in _unowned_networks():
+            for k, pidfile, _ in _unowned_networks():
                 pidfile.write_text(str(os.getpid()))
                 pidfile.chmod(0o600)
                 self._net_index = k
@@ -533,27 +533,29 @@ def _owner_alive(pidfile: Path) -> bool:
 
 
 def _unowned_networks():
-    """Each network index no running simulator owns, (k, its pidfile), once its leftovers (a dead
-    simulator's, or ones with no pidfile at all) are removed. Under _networks_locked."""
+    """Each network index no running simulator owns, (k, its pidfile, the hosts removed of it), once
+    its leftovers (a dead simulator's, or ones with no pidfile at all) are removed. Under _networks_locked."""
     for k in range(50):
         pidfile = RUN_DIR / f"net{k}.pid"
         if _owner_alive(pidfile):
             continue
         pidfile.unlink(missing_ok=True)
-        cleanup_network(k)
-        yield k, pidfile
+        yield k, pidfile, cleanup_network(k)
 
 
-def reclaim_networks() -> None:
-    """Remove the networks and hosts of simulators that are no longer running (`invoke sim --cleanup`)."""
+def reclaim_networks() -> tuple[int, int]:
+    """Remove the networks and hosts of simulators that are no longer running (`invoke sim --cleanup`):
+    how many networks had leftovers, and how many hosts they had."""
     with _networks_locked():
-        for _ in _unowned_networks():
-            pass
+        removed = [hosts for _, _, hosts in _unowned_networks() if hosts is not None]
+    return len(removed), sum(removed)
 
 
-def cleanup_network(k: int) -> None:
-    """Remove every namespace and the bridge of simulator network k (a dead simulator's leftovers)."""
+def cleanup_network(k: int) -> int | None:
+    """Remove every namespace and the bridge of simulator network k (a dead simulator's leftovers):
+    how many hosts (namespaces) it had; None when nothing of it was there."""
     netns = Path("/run/netns")
+    hosts = 0
     for ns in netns.iterdir() if netns.exists() else []:
         if ns.name.startswith(f"{PREFIX}{k}-"):
             pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
@@ -563,10 +565,12 @@ def cleanup_network(k: int) -> None:
                 except ProcessLookupError:
                     pass
             subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+            hosts += 1
     # A veth can outlive its namespace's deletion for a while; its name would then block a new host.
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     for line in links.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         if name.startswith(f"{PREFIX}{k}v"):
             subprocess.run(["ip", "link", "del", name], capture_output=True)
-    subprocess.run(["ip", "link", "del", f"{PREFIX}{k}br"], capture_output=True)
+    bridge = subprocess.run(["ip", "link", "del", f"{PREFIX}{k}br"], capture_output=True).returncode == 0
+    return hosts if hosts or bridge else None

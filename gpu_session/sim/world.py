@@ -194,8 +194,11 @@ class World:
         self.trash_root.mkdir(mode=0o700, exist_ok=True)
         self.trash_root.chmod(0o700)
         self._removals: list[threading.Thread] = []
-        if any(self.trash_root.iterdir()):  # left by a simulator that was killed while removing
-            self._remove_later(*self.trash_root.iterdir())
+        # Left by a simulator killed while removing: its trash, and the folders of volumes it deleted
+        # where they were (delete_volume, when the rename failed), which volumes.json no longer lists.
+        leftovers = [*self.trash_root.iterdir(), *(d for d in self.volumes_root.iterdir() if d.name not in self.volumes)]
+        if leftovers:
+            self._remove_later(*leftovers)
 
     @property
     def lambda_keys(self) -> list[str]:
@@ -607,12 +610,13 @@ def _remove_trees(*paths: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def remove_trash(state_dir: Path) -> None:
+def remove_trash(state_dir: Path) -> int:
     """Remove what is left of deleted volumes in state_dir's trash (Simulator.close through
-    World.empty_trash, `invoke sim --cleanup`); its volumes stay."""
+    World.empty_trash, `invoke sim --cleanup`); its volumes stay. How many were there."""
     trash = state_dir / TRASH_DIR
-    if trash.is_dir():
-        _remove_trees(*trash.iterdir())
+    left = list(trash.iterdir()) if trash.is_dir() else []
+    _remove_trees(*left)
+    return len(left)
 
 
 def _cloud_init_files(user_data: str | None) -> list[dict]:

@@ -61,8 +61,10 @@ def test_the_plan_holds_the_context_and_says_what_the_offer_gives(no_launch):
     assert rc == 0 and plan["ok"] and plan["instance_type"] == "gpu_1x_a10", plan
     assert 25_000 < plan["context"] < 34_000 and plan["weights_gb"] == 15.0 and plan["backend"] == "vllm"
     assert set(plan) == {"ok", "model", "cloud", "instance_type", "gpu", "gpu_count", "region", "price_per_hour",
-                         "weights_gb", "need_gb", "context", "disk_gb", "backend", "cache", "cache_note"}  # fmt: skip
+                         "weights_gb", "need_gb", "context", "disk_gb", "backend", "cache", "cache_note", "stack",
+                         "already_up"}  # fmt: skip
     assert plan["cache"] is None and plan["cache_note"] is None  # no cache volume made here
+    assert plan["already_up"] is False  # up would ask to launch it (tests/e2e/test_session: one that is up)
     rc, whole = dry_run("--model", "llama-8b", "--cloud", "lambda", "--context", "131072")
     assert rc == 0 and whole["instance_type"] == "gpu_1x_a6000" and whole["context"] == 131072 and whole["need_gb"] > 30
     rc, refused = dry_run("--model", "llama-8b", "--context", "200000")

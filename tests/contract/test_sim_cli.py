@@ -146,5 +146,6 @@ def test_cleanup_reclaims_what_a_killed_simulator_left(tmp_path):
     stopped = run_cli("--stop", state=state)  # a dead one's sim.json goes, and --cleanup is named
     assert stopped.returncode == 0 and "had died" in stopped.stderr and "--cleanup" in stopped.stderr, stopped.stderr
     assert not (state / "sim.json").exists()
-    assert run_cli("--cleanup", state=state).returncode == 0
+    cleaned = run_cli("--cleanup", state=state)
+    assert cleaned.returncode == 0 and cleaned.stderr.startswith("removed ") and "network(s)" in cleaned.stderr, cleaned.stderr
     assert bridge not in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout

@@ -153,6 +153,8 @@ def test_up_then_down_leaves_nothing_and_records_the_cost(sim, sim_env, wheelhou
 
     again = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--stack", stack, "--yes")
     assert again.returncode == 1 and f"stack {stack} is already up" in again.stderr and len(alive(sim, stack)) == 1
+    planned = invoke("up", "--model", "gpu-session/tiny-chat", "--cloud", cloud, "--stack", stack, "--dry-run", "--json")
+    assert planned.returncode == 0 and json.loads(planned.stdout)["already_up"] is True, planned.stdout + planned.stderr
 
     down = invoke("down", "--stack", stack, "--json")
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]

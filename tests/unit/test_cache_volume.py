@@ -65,10 +65,16 @@ def test_a_cache_whose_cloud_does_not_answer_costs_unknown_never_nothing(cloud, 
     assert info.note == f"{cloud} did not answer: ConnectionError (it was made at the simulator: `--sim` starts one)"
     assert "cost unknown" in info.describe() and info.as_json()["monthly_usd"] is None
     assert info.as_json()["exists"] is None  # not known to be gone: a script tells it from a deleted one
+    with pytest.raises(cache.CacheError, match="cannot delete the cache .* did not answer"):
+        cache.check_deletable(info)  # it may be attached to a running instance: nobody can say
     assert cache.total_text([1.5, None, 2.0]) == "at least 3.50 USD/month (1 cache's cost unknown: its cloud did not answer)"
     assert cache.total_text([1.5, 2.0]) == "3.50 USD/month" and cache.monthly_text(None) == "cost unknown"
     (tmp_path / "c" / cache.ENVIRONMENT_FILE).write_text("{}")  # made at the real API: no word of the simulator
     assert cache._info("c", {}, {}).note == f"{cloud} did not answer: ConnectionError"
+    monkeypatch.setattr(cache, "_client", lambda *a: SimpleNamespace(volumes=lambda: []))
+    gone = cache._info("c", {}, {})  # the cloud answered without it: gone, bills nothing, deletable
+    assert gone.as_json()["exists"] is False and gone.monthly_usd == 0.0 and gone.note == "gone at the cloud"
+    cache.check_deletable(gone)
 
 
 @pytest.mark.parametrize(

@@ -140,7 +140,7 @@ def test_messages_name_our_commands_as_the_person_runs_them(monkeypatch):
     """In a checkout `invoke X` (a collection's task dotted: Invoke takes no other form); where the
     installed script ran (it sets GPU_SESSION_COMMAND for itself and its children) `gpu-session X`."""
     from gpu_session.cli import tasks
-    from gpu_session.errors import COLLECTIONS, COMMAND_ENV, our_command
+    from gpu_session.errors import COLLECTIONS, COMMAND_ENV, SIM_ENV, our_command
 
     assert set(COLLECTIONS) == set(tasks.ns.collections)
     monkeypatch.delenv(COMMAND_ENV, raising=False)
@@ -150,6 +150,32 @@ def test_messages_name_our_commands_as_the_person_runs_them(monkeypatch):
     monkeypatch.setenv(COMMAND_ENV, "gpu-session")
     assert our_command("cache rm --cloud lambda --region us-east-1") == "`gpu-session cache rm --cloud lambda --region us-east-1`"
     assert our_command("sweep --sim --yes") == "`gpu-session sweep --sim --yes`"
+    monkeypatch.setenv(SIM_ENV, "1")  # a rehearsal (--sim): the commands that take --sim name it, once
+    assert (
+        our_command("cache rm --cloud lambda --region us-east-1")
+        == "`gpu-session cache rm --cloud lambda --region us-east-1 --sim`"
+    )
+    assert our_command("sweep --sim --yes") == "`gpu-session sweep --sim --yes`"
+    assert our_command("chat --stack dev") == "`gpu-session chat --stack dev`"  # chat finds its session's simulator itself
+
+
+def test_the_roles_failures_name_our_commands_as_the_person_runs_them(monkeypatch):
+    """The roles name the installed script (a person running them by hand has it); their failures
+    reach a person of a checkout as `invoke X`. The text is the scrub role's own."""
+    import yaml
+
+    from gpu_session.errors import COMMAND_ENV
+    from gpu_session.host.ansible import ConfigureError, Event, RunResult
+
+    tasks = yaml.safe_load((ROOT / "roles" / "scrub" / "tasks" / "verify.yml").read_text())
+    said = next(t["ansible.builtin.fail"]["msg"] for t in tasks if t["name"] == "Fail when a canary survived on the cache volume")
+    failed = RunResult(ok=False, changed=0, failures=[Event("failed", "Fail when a canary survived", said)])
+    monkeypatch.delenv(COMMAND_ENV, raising=False)
+    words = str(ConfigureError(failed))
+    assert "`invoke ssh`" in words and "`invoke down`" in words and "`invoke cache.rm`" in words, words
+    assert "gpu-session" not in words, words
+    monkeypatch.setenv(COMMAND_ENV, "gpu-session")
+    assert "`gpu-session cache rm`" in str(ConfigureError(failed))
 
 
 def test_the_installed_script_names_itself_in_its_messages():

@@ -118,3 +118,34 @@ def test_ssh_banner_is_false_on_a_closed_port():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert ssh_banner("127.0.0.1", port, timeout=0.5) is False
+
+
+def test_a_stopped_simulator_is_said_at_once_a_dropped_connection_is_retried(monkeypatch):
+    """Nothing listens at a loopback address (a simulator that is not running): the clients say so
+    on the first refusal instead of retrying for half a minute. Elsewhere no answer is retried."""
+    import requests
+
+    from gpu_session.clouds.base import unreachable
+    from gpu_session.clouds.lambda_cloud import LambdaCloud
+    from gpu_session.clouds.runpod import RunpodCloud
+
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("RUNPOD_API_BASE_URL", base)  # the RunPod client sets it for the SDK: put back after
+        never = RetryPolicy(attempts=1)  # a retryable error would surface as retryable
+        for client, call in (
+            (LambdaCloud(api_key="k", base_url=f"{base}/api/v1", retry=never), "offers"),
+            (RunpodCloud(api_key="k", base_url=base, rest_base_url=f"{base}/v1", retry=never), "offers"),
+            (RunpodCloud(api_key="k", base_url=base, rest_base_url=f"{base}/v1", retry=never), "volumes"),
+        ):
+            with pytest.raises(CloudError, match=f"nothing listens at 127.0.0.1:{port}") as raised:
+                getattr(client, call)()
+            assert not raised.value.retryable
+    dropped = requests.ConnectionError(
+        "Connection aborted.", request=requests.Request("GET", "https://cloud.lambda.ai/api/v1/x").prepare()
+    )
+    assert unreachable("Lambda API GET /x", dropped).retryable
+    timed_out = requests.Timeout("read timed out", request=requests.Request("GET", f"{base}/x").prepare())
+    assert unreachable("Lambda API GET /x", timed_out).retryable  # a busy simulator: asked again

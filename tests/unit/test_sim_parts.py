@@ -189,7 +189,7 @@ def test_delete_answers_before_the_volume_folder_is_removed(world, cloud, monkey
     assert json.loads((world.state_dir / "volumes.json").read_text()) == []
 
 
-def test_trash_outlives_neither_the_simulator_nor_a_restart(world, tmp_path, monkeypatch):
+def test_trash_outlives_neither_the_simulator_nor_a_restart(world, tmp_path, monkeypatch, capsys):
     from gpu_session.sim import __main__ as sim_main
     from gpu_session.sim import hosts
 
@@ -203,15 +203,22 @@ def test_trash_outlives_neither_the_simulator_nor_a_restart(world, tmp_path, mon
     assert list((state / TRASH_DIR).iterdir()) == []
 
     (leftover / "d").mkdir(parents=True)
-    monkeypatch.setattr(hosts, "reclaim_networks", lambda: None)  # other simulators' networks are not this test's
+    monkeypatch.setattr(hosts, "reclaim_networks", lambda: (0, 0))  # other simulators' networks are not this test's
     assert sim_main.main(["--state-dir", str(state), "--cleanup"]) == 0
     assert list((state / TRASH_DIR).iterdir()) == []
+    assert capsys.readouterr().err.startswith("removed 1 deleted volume(s)' leftovers")
+    assert sim_main.main(["--state-dir", str(state), "--cleanup"]) == 0  # nothing left: not said to be removed
+    assert capsys.readouterr().err.startswith("nothing to clean up")
 
     (leftover / "d").mkdir(parents=True)
+    in_place = world.volumes_root / "vol-deleted-in-place"  # a delete whose rename failed, killed while removing
+    (in_place / "d").mkdir(parents=True)
     restarted = World(state, SimConfig(isolate_hosts=False))  # a restart removes the trash, keeps the volumes
     try:
-        restarted.empty_trash()
-        assert list((state / TRASH_DIR).iterdir()) == []
+        assert restarted._removals, "a restart with trash left did not start its removal"
+        for removal in list(restarted._removals):  # its own removal, not empty_trash's (which would remove it anyway)
+            removal.join(30)  # a hang guard
+        assert list((state / TRASH_DIR).iterdir()) == [] and not in_place.exists()
         assert list(restarted.volumes) == [kept.id] and (restarted.volume_dir(kept) / "f").read_text() == "stays"
     finally:
         restarted.close()

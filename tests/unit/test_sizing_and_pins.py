@@ -7,7 +7,7 @@ import math
 from gpu_session import fit
 from gpu_session.clouds import Offer
 from gpu_session.host.ssh import pin, pinned
-from gpu_session.sizing import ModelInfo, explain_no_fit, fitting
+from gpu_session.sizing import ModelInfo, explain_no_fit, fitting, room_for
 
 A10 = Offer("lambda", "A10", "gpu_1x_a10", 1, 24, 0.75, ("us-east-1",))
 A100 = Offer("lambda", "A100", "gpu_1x_a100", 1, 40, 1.29, ("us-west-1",))
@@ -66,6 +66,18 @@ def test_arm_machines_are_left_out_until_the_engines_install_there():
     assert "GH200 would hold it, but its machines are Arm (aarch64)" in why
     only_arm = explain_no_fit(OFFERS, 10 * GIB, gpu_count=None, max_price=None, gpu_type="GH200")
     assert "GH200 machines are Arm (aarch64)" in only_arm and "choose another --gpu" in only_arm
+
+
+def test_the_plan_never_says_a_fitting_room_is_smaller_than_the_need():
+    """The room rounds down and the need up (neither said better than it is), with the decimals
+    that keep their order: a room that holds the need never reads smaller."""
+    for room_gib, need_gib in ((18.75, 18.71), (18.75, 18.749), (24.0, 18.8), (18.7, 18.75)):
+        said = room_for(int(room_gib * GIB), int(need_gib * GIB))
+        room, need = (float(w) for w in said.replace(" GiB usable for", "").replace(" GiB needed", "").split())
+        assert (room >= need) == (room_gib >= need_gib), said  # a room that holds the need, said so
+        assert room <= room_gib and need >= need_gib - 1e-9, said  # neither better than it is
+    assert room_for(int(24.04 * GIB), int(18.71 * GIB)) == "24.0 GiB usable for 18.8 GiB needed"  # one decimal where that does
+    assert room_for(int(18.75 * GIB), int(18.71 * GIB)) == "18.75 GiB usable for 18.71 GiB needed"
 
 
 def test_why_nothing_fits_names_the_way_out():
