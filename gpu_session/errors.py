@@ -27,11 +27,12 @@ def our_command(args: str, quoted: bool = True) -> str:
     where they ran the installed script, "`invoke cache.rm --cloud lambda`" in a checkout; with
     " --sim" after one of SIM_COMMANDS when this is a rehearsal (SIM_ENV)."""
     program = os.environ.get(COMMAND_ENV) or "invoke"
-    words = args.split(" ", 2)
+    words = args.split()
     if os.environ.get(SIM_ENV) == "1" and words[0] in SIM_COMMANDS and "--sim" not in words:
-        args += " --sim"
+        words.append("--sim")
     if program == "invoke" and len(words) >= 2 and words[0] in COLLECTIONS:
-        args = " ".join([f"{words[0]}.{words[1]}", *words[2:]])
+        words[:2] = [f"{words[0]}.{words[1]}"]
+    args = " ".join(words)
     return f"`{program} {args}`" if quoted else f"{program} {args}"
 
 

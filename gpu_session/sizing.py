@@ -364,6 +364,8 @@ def room_for(room: int, need: int) -> str:
         shown_room, shown_need = room * scale // GIB / scale, -(-need * scale // GIB) / scale
         if shown_room >= shown_need or room < need:
             break
+    if room >= need:  # within 0.001 GiB of each other: said equal
+        shown_need = min(shown_need, shown_room)
     return f"{shown_room:.{digits}f} GiB usable for {shown_need:.{digits}f} GiB needed"
 
 

@@ -421,7 +421,10 @@ def _dry_run(opts, as_json: bool, say) -> None:
         print(jsonlib.dumps({"ok": False, "error": str(e)}))
         raise Exit(code=1) from None
     plan = plans[0]
-    already_up = is_up(opts.stack)  # what up itself refuses: said, not "would ask"
+    try:
+        already_up = is_up(opts.stack)  # what up itself refuses: said, not "would ask"
+    except GpuSessionError:  # no Pulumi here, or a stack it cannot read: the plan needs neither
+        already_up = None
     if as_json:
         print(jsonlib.dumps({**plan.summary(opts.model), "stack": opts.stack, "already_up": already_up}))
         return
@@ -431,7 +434,7 @@ def _dry_run(opts, as_json: bool, say) -> None:
     if already_up:
         say(f"dry run: nothing launched (stack {opts.stack} is already up, so up would refuse: --stack NAME plans another)")
     else:
-        say("dry run: nothing launched (without --dry-run, up would ask to launch this)")
+        say("dry run: nothing launched (without --dry-run, up would ask to launch this, or launch it with --yes)")
 
 
 @command(

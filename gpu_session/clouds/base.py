@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from gpu_session.errors import GpuSessionError
+from gpu_session.errors import GpuSessionError, our_command
 
 from . import gpus
 
@@ -56,9 +56,14 @@ def unreachable(what: str, e: Exception) -> CloudError:
     except ValueError:
         local = False
     if local and "refused" in str(e).lower():
-        return CloudError(f"{what}: nothing listens at {url.netloc} (a simulator's address that is not running): "
-                          "start it again, or pass --sim to start one", retryable=False)  # fmt: skip
+        return NoSimulator(
+            f"{what}: nothing listens at {url.netloc}: no simulator runs there now ({our_command('sim')} starts one)"
+        )
     return CloudError(f"{what}: {type(e).__name__}", retryable=True)
+
+
+class NoSimulator(CloudError):
+    """The API address is this machine's loopback and nothing listens there: a simulator that is not running."""
 
 
 class AuthError(CloudError):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from gpu_session import fit, progress
 from gpu_session.clouds import cloud_class
 from gpu_session.clouds.base import ssh_banner
+from gpu_session.errors import in_our_words
 from gpu_session.paths import write_private
 
 from .ansible import ConfigureError, Event, Target, run
@@ -187,7 +188,7 @@ def show(event: Event, tell: Callable[[str], None] = say) -> None:
     took = f" ({event.seconds:.1f}s)" if event.seconds >= 1 else ""
     line = f"  {event.kind:<7} {event.task}{took}"
     if event.kind == "failed" and event.message:
-        line += f": {event.message}"
+        line += f": {in_our_words(event.message)}"
     tell(line)
 
 

@@ -29,6 +29,7 @@ from gpu_session.clouds import (
     CLOUDS,
     Cloud,
     CloudError,
+    NoSimulator,
     Volume,
     cloud_class,
     get_cloud,
@@ -283,12 +284,14 @@ def _info(stack: str, live: dict[str, list[Volume] | str], users: dict[str, list
                 live[cloud, endpoint] = _client(cloud, config).volumes()
             except (CloudError, CacheError) as e:
                 live[cloud, endpoint] = f"{cloud} did not answer: {e}"
+                if recorded.get(API_BASE_ENV[cloud]) and not isinstance(
+                    e, NoSimulator
+                ):  # made at the simulator: it may just not run now
+                    live[cloud, endpoint] += " (it was made at the simulator: `--sim` starts one)"
     volume_id = outputs.get("volume_id") or ""
     seen = live[cloud, endpoint]
     volume = next((v for v in seen if v.id == volume_id), None) if volume_id and not isinstance(seen, str) else None
     note = seen if isinstance(seen, str) else "" if volume else ("gone at the cloud" if volume_id else "not created")
-    if isinstance(seen, str) and recorded.get(API_BASE_ENV[cloud]):  # made at the simulator, which may just not run now
-        note += " (it was made at the simulator: `--sim` starts one)"
     price = cloud_class(cloud).volume_price_per_gb_month
     size = volume.size_gb if volume and volume.size_gb is not None else _int(outputs.get("size_gb") or config.get("sizeGb"))
     return CacheInfo(

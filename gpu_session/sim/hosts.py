@@ -553,9 +553,9 @@ def reclaim_networks() -> tuple[int, int]:
 
 def cleanup_network(k: int) -> int | None:
     """Remove every namespace and the bridge of simulator network k (a dead simulator's leftovers):
-    how many hosts (namespaces) it had; None when nothing of it was there."""
+    how many hosts (namespaces) it removed; None when it removed nothing (nothing of it was there)."""
     netns = Path("/run/netns")
-    hosts = 0
+    hosts = removed_links = 0
     for ns in netns.iterdir() if netns.exists() else []:
         if ns.name.startswith(f"{PREFIX}{k}-"):
             pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
@@ -564,13 +564,12 @@ def cleanup_network(k: int) -> int | None:
                     os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
-            hosts += 1
+            hosts += subprocess.run(["ip", "netns", "del", ns.name], capture_output=True).returncode == 0
     # A veth can outlive its namespace's deletion for a while; its name would then block a new host.
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    for line in links.splitlines():
+    shown = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    for line in shown.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         if name.startswith(f"{PREFIX}{k}v"):
-            subprocess.run(["ip", "link", "del", name], capture_output=True)
-    bridge = subprocess.run(["ip", "link", "del", f"{PREFIX}{k}br"], capture_output=True).returncode == 0
-    return hosts if hosts or bridge else None
+            removed_links += subprocess.run(["ip", "link", "del", name], capture_output=True).returncode == 0
+    removed_links += subprocess.run(["ip", "link", "del", f"{PREFIX}{k}br"], capture_output=True).returncode == 0
+    return hosts if hosts or removed_links else None

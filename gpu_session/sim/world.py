@@ -194,11 +194,8 @@ class World:
         self.trash_root.mkdir(mode=0o700, exist_ok=True)
         self.trash_root.chmod(0o700)
         self._removals: list[threading.Thread] = []
-        # Left by a simulator killed while removing: its trash, and the folders of volumes it deleted
-        # where they were (delete_volume, when the rename failed), which volumes.json no longer lists.
-        leftovers = [*self.trash_root.iterdir(), *(d for d in self.volumes_root.iterdir() if d.name not in self.volumes)]
-        if leftovers:
-            self._remove_later(*leftovers)
+        if any(self.trash_root.iterdir()):  # left by a simulator that was killed while removing
+            self._remove_later(*self.trash_root.iterdir())
 
     @property
     def lambda_keys(self) -> list[str]:
@@ -488,6 +485,9 @@ class World:
             self._save_volumes()
             trash = self.trash_root / f"{vol.id}-{secrets.token_hex(4)}"
             try:
+                self.trash_root.mkdir(
+                    mode=0o700, exist_ok=True
+                )  # removed by hand since the start: not a reason to keep the folder
                 self.volume_dir(vol).rename(trash)
             except FileNotFoundError:
                 trash = None

@@ -157,6 +157,10 @@ def test_messages_name_our_commands_as_the_person_runs_them(monkeypatch):
     )
     assert our_command("sweep --sim --yes") == "`gpu-session sweep --sim --yes`"
     assert our_command("chat --stack dev") == "`gpu-session chat --stack dev`"  # chat finds its session's simulator itself
+    assert our_command("cache rm --cloud x --region y --sim") == "`gpu-session cache rm --cloud x --region y --sim`"
+    monkeypatch.delenv(COMMAND_ENV)  # a rehearsal in a checkout: dotted, and --sim kept
+    assert our_command("cache rm --cloud x --region y") == "`invoke cache.rm --cloud x --region y --sim`"
+    assert our_command("cache list") == "`invoke cache.list --sim`"
 
 
 def test_the_roles_failures_name_our_commands_as_the_person_runs_them(monkeypatch):

@@ -140,7 +140,7 @@ def test_a_stopped_simulator_is_said_at_once_a_dropped_connection_is_retried(mon
             (RunpodCloud(api_key="k", base_url=base, rest_base_url=f"{base}/v1", retry=never), "offers"),
             (RunpodCloud(api_key="k", base_url=base, rest_base_url=f"{base}/v1", retry=never), "volumes"),
         ):
-            with pytest.raises(CloudError, match=f"nothing listens at 127.0.0.1:{port}") as raised:
+            with pytest.raises(CloudError, match=f"nothing listens at 127.0.0.1:{port}: no simulator runs there now") as raised:
                 getattr(client, call)()
             assert not raised.value.retryable
     dropped = requests.ConnectionError(
