@@ -265,7 +265,9 @@ def test_a_full_volume_fails_before_any_download_saying_what_to_do(site, keypair
         converge(model_server_model=TINY_VISION, gpu_session_cache_size_gb=1)
     message = str(err.value)
     assert f"The cache volume at {VOLUME} has 0.0 GiB free" in message, message
-    assert "gpu-session cache rm" in message and "cache create --size" in message and "up --no-cache" in message
+    # The role's words name the script; they reach a checkout's user as invoke's (errors.in_our_words).
+    assert "`invoke cache.rm`" in message and "`invoke cache.create --size <GB>`" in message, message
+    assert "`invoke up --no-cache`" in message and "gpu-session cache" not in message, message
     assert sh(target, keypair, f"ls {CACHE}/hub | grep tiny-vision || echo none").strip() == "none"
     # A venv to rebuild on a full volume: refused before anything is removed or installed.
     sh(target, keypair, f"for lock in {CACHE}/venvs/hub-*/.gpu-session-lock; do echo tampered >> $lock; done")
@@ -273,7 +275,7 @@ def test_a_full_volume_fails_before_any_download_saying_what_to_do(site, keypair
         ConfigureError, match=rf"The cache volume at {VOLUME} has 0\.0 GiB free and installing hub needs 1 GiB"
     ) as err:
         converge(gpu_session_cache_size_gb=1)
-    assert "gpu-session cache rm" in str(err.value) and "up --no-cache" in str(err.value)
+    assert "`invoke cache.rm`" in str(err.value) and "`invoke up --no-cache`" in str(err.value)
     assert sh(target, keypair, f"tail -n 1 {CACHE}/venvs/hub-*/.gpu-session-lock").strip() == "tampered"  # left as it was
 
 
@@ -305,5 +307,6 @@ def test_a_canary_on_the_volume_fails_scrub_naming_where_not_what(site, keypair)
     sh(target, keypair, f'printf "\\000\\001{canary}" > {leak}')
     with pytest.raises(ConfigureError) as err:
         run(target, playbook="scrub.yml", extravars={"scrub_canaries": [canary], "gpu_session_cache_root": VOLUME})
-    assert leak in str(err.value) and canary not in str(err.value) and "cache rm" in str(err.value)
+    said = str(err.value)
+    assert leak in said and canary not in said and "`invoke cache.rm`" in said and "`invoke down`" in said, said
     sh(target, keypair, f"rm {leak}")
