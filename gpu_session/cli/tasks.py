@@ -1044,7 +1044,7 @@ def cost(c, json=False):
     import json as jsonlib
 
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from gpu_session.local.ledger import Ledger
     from gpu_session.session.cache import caches as cache_volumes
@@ -1067,7 +1067,8 @@ def cost(c, json=False):
                              "caches": kept, "caches_monthly_usd": monthly, "deleted_caches": deleted,
                              **({"caches_error": unknown} if unknown else {})}, indent=2))  # fmt: skip
         return
-    table = Table("stack", "cloud", "GPU", "model", "hours", "USD", "state")
+    # A model's whole name, folded on a narrow terminal: two models may differ only at its end.
+    table = Table("stack", "cloud", "GPU", Column("model", overflow="fold"), "hours", "USD", "state")
     for s in ledger.sessions():
         table.add_row(
             s.stack, s.cloud, s.gpu, s.model, f"{s.hours:.2f}", f"{s.cost:.4f}", "running" if s.ended_at is None else "ended"
