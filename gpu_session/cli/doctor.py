@@ -43,13 +43,15 @@ def _keys() -> list[Check]:
         if not os.environ.get(var):
             out.append(Check(f"{cloud} key", False, f"export {var}=... to use {cloud}"))
             continue
-        from gpu_session.clouds import CloudError, get_cloud
+        from gpu_session.clouds import AuthError, CloudError, get_cloud
 
         try:
             n = len(get_cloud(cloud, api_key=os.environ[var]).offers())
             out.append(Check(f"{cloud} key", True, f"{var} works ({n} offers)"))
-        except CloudError as e:
+        except AuthError as e:
             out.append(Check(f"{cloud} key", False, f"{var} was refused: {e}"))
+        except CloudError as e:  # no answer, or not one about the key
+            out.append(Check(f"{cloud} key", False, f"{var} could not be checked: {e}"))
     return out
 
 

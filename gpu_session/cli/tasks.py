@@ -972,7 +972,8 @@ def cache_list(c, json=False, sim=False):
     table = Table("cloud", "region", "size", "used", "USD/month", "in use by", "volume")
     for i in found:
         size = f"{i.size_gb} GB" if i.cloud_sized else (f"cap {i.size_gb} GB" if i.size_gb else "grows")
-        used = f"{i.bytes_used / GB:.1f} GB" if i.bytes_used is not None else "not reported"  # RunPod's API does not say
+        # RunPod's API does not say what a volume holds; a cloud that did not answer said nothing.
+        used = f"{i.bytes_used / GB:.1f} GB" if i.bytes_used is not None else "not reported" if i.answered else "unknown"
         users = ", ".join(i.in_use_by) or ("an instance" if i.in_use else "")
         usd = "unknown" if i.monthly_usd is None else f"{i.monthly_usd:.2f}"
         table.add_row(i.cloud, i.region, size, used, usd, users, i.volume_id)

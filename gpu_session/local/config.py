@@ -62,13 +62,15 @@ def check_key(key: str, value: str) -> str:
             return f"Hugging Face: {hub().whoami(token=value)['name']}"
         except (HfHubHTTPError, OSError) as e:
             raise ConfigFileError(f"the Hugging Face token was refused: {e}") from None
-    from gpu_session.clouds import CloudError, get_cloud
+    from gpu_session.clouds import AuthError, CloudError, get_cloud
 
     cloud = key.removesuffix("_api_key")
     try:
         return f"{cloud}: {len(get_cloud(cloud, api_key=value).offers())} offers"
-    except CloudError as e:
+    except AuthError as e:
         raise ConfigFileError(f"the {cloud} key was refused: {e}") from None
+    except CloudError as e:  # no answer, or not one about the key: nothing is saved unchecked
+        raise ConfigFileError(f"the {cloud} key could not be checked: {e}") from None
 
 
 def save(data: dict) -> Path:

@@ -95,7 +95,8 @@ class CacheInfo:
 
     def describe(self) -> str:
         """One line: `lambda us-east-1: 12.3 GB used, $2.46/month`."""
-        used = f"{self.bytes_used / GB:.1f} GB used" if self.bytes_used is not None else "use not reported"
+        used = (f"{self.bytes_used / GB:.1f} GB used" if self.bytes_used is not None
+                else "use not reported" if self.answered else "use unknown")  # fmt: skip
         size = f"{self.size_gb} GB" if self.cloud_sized else (f"soft cap {self.size_gb} GB" if self.size_gb else "grows with use")
         return f"{self.cloud} {self.region}: {size}, {used}, {monthly_text(self.monthly_usd)}" + (
             f" ({self.note})" if self.note else ""

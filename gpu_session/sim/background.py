@@ -58,5 +58,7 @@ def use(say: Callable[[str], None]) -> dict[str, str]:
                 raise SimulatorError(f"the simulator did not start: {log.read_text()[-500:]}")
             time.sleep(0.5)
     env = dict(info["env"])
+    if os.environ.get("GPU_SESSION_DEVICE"):  # said by the person (=cuda: a dry run plans for a real GPU): kept
+        env.pop("GPU_SESSION_DEVICE", None)
     os.environ.update(env)
     return env

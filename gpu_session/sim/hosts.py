@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpu_session.errors import our_command
+from gpu_session.local.daemon import alive
 
 log = logging.getLogger("gpu_session.sim.hosts")
 
@@ -103,16 +104,6 @@ def _wait_port(address: str, port: int, deadline: float, proc: subprocess.Popen 
             time.sleep(0.05)
     tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
     raise HostError(f"sshd on {address}:{port} did not come up:\n{tail}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def nvidia_smi_script(gpus: list[tuple[str, int]], driver: tuple[str, str]) -> str:
@@ -529,7 +520,7 @@ def _owner_alive(pidfile: Path) -> bool:
         owner = int(pidfile.read_text() or "0")
     except (OSError, ValueError):
         return False
-    return bool(owner) and _pid_alive(owner)
+    return alive(owner)  # a zombie (killed, not yet reaped) is not alive: its network is free
 
 
 def _unowned_networks():
