@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gpu_session import progress
-from gpu_session.stack.automation import StackEvent
+from gpu_session.stack.automation import StackEvent, brief
 
 UP = [
     ("plan", "plan"),
@@ -98,10 +98,11 @@ class SessionView:
         elif event.kind == "notice" or (event.kind == "log" and self.verbose and event.message):
             self._show(Text(event.message, "dim"))
         elif event.kind == "failed":
+            said = brief(event.message)  # a provider's traceback cut to its exception; the log has all of it
             running = [p for p in self.phases.values() if p.state == "running"]
             if running:
-                running[-1].failed = event.message.splitlines()[0] if event.message else "failed"
-            self._show(Text.assemble(("failed", "red"), f" {event.name}: {event.message}"))
+                running[-1].failed = said.splitlines()[0] if said else "failed"
+            self._show(Text.assemble(("failed", "red"), f" {event.name}: {said}"))
         elif event.kind in ("start", "done") and event.op != "same":
             self._step(event)
 

@@ -284,16 +284,17 @@ def site(settings: HostSettings, env: dict[str, str]) -> None:
     write_private(keys.dir / "configured.json", json.dumps(configured))
 
 
-def scrub(settings: HostSettings, env: dict[str, str], tell: Callable[[str], None] = say) -> None:
+def scrub(settings: HostSettings, env: dict[str, str], tell: Callable[[str], None] = say) -> str:
     """playbooks/scrub.yml on the host, its receipt written to the stack's folder; what it does goes
     to `tell` (this process's output, read by the Configure provider; `down`'s own say when it scrubs
-    a host an interrupted `up` left, so that `--json` stays JSON). ConfigureError when a task fails."""
+    a host an interrupted `up` left, so that `--json` stays JSON). Why the host was not scrubbed
+    ("" when it was). ConfigureError when a task fails."""
     if env.get(SKIP_SCRUB) == "1":
         tell(f"{SKIP_SCRUB}=1: destroying {settings.instance_id} without scrubbing it")
-        return
+        return f"not scrubbed: {SKIP_SCRUB}=1"
     if not ssh_banner(settings.host, settings.port, timeout=10):
         tell(f"{settings.host}:{settings.port} does not answer: nothing can be scrubbed; its disk goes with the instance")
-        return
+        return "not scrubbed: the host did not answer; its disk goes with the instance"
     keys = session_keys(settings.stack)
     tell(f"scrubbing {settings.cloud} instance {settings.instance_id}")
     found = saved_canaries(keys, settings.instance_id)  # none for a stack from before canaries
@@ -309,6 +310,7 @@ def scrub(settings: HostSettings, env: dict[str, str], tell: Callable[[str], Non
     receipt = {"instance_id": settings.instance_id, "scrubbed_at": time.time(), **(result.facts.get("scrub_receipt") or {})}
     write_private(keys.dir / RECEIPT, json.dumps(receipt, indent=2))
     tell(f"scrubbed: receipt in {keys.dir / RECEIPT}")
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     settings = HostSettings.from_env(env)
     try:
-        (site if argv[0] == "site" else scrub)(settings, env)
+        if argv[0] == "site":
+            site(settings, env)
+        elif unscrubbed := scrub(settings, env):  # the view's scrub phase says so, not "done"
+            say(progress.line("scrub", "done", seconds=0, note=unscrubbed))
     except ConfigureError as e:
         print(f"{argv[0]} failed on {settings.host}: {e}", file=sys.stderr)
         if argv[0] == "scrub":
