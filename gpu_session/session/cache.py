@@ -284,11 +284,9 @@ def _info(stack: str, live: dict[str, list[Volume] | str], users: dict[str, list
             try:
                 live[cloud, endpoint] = _client(cloud, config).volumes()
             except (CloudError, CacheError) as e:
-                live[cloud, endpoint] = f"{cloud} did not answer: {e}"
-                if recorded.get(API_BASE_ENV[cloud]) and not isinstance(
-                    e, NoSimulator
-                ):  # made at the simulator: it may just not run now
-                    live[cloud, endpoint] += " (it was made at the simulator: `--sim` starts one)"
+                # Made at the simulator, which may just not run now (NoSimulator says so itself).
+                hint = " (it was made at the simulator: `--sim` starts one)" if recorded.get(API_BASE_ENV[cloud]) else ""
+                live[cloud, endpoint] = f"{cloud} did not answer: {e}" + ("" if isinstance(e, NoSimulator) else hint)
     volume_id = outputs.get("volume_id") or ""
     seen = live[cloud, endpoint]
     volume = next((v for v in seen if v.id == volume_id), None) if volume_id and not isinstance(seen, str) else None

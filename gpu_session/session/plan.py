@@ -297,7 +297,9 @@ def _bigger(c: CacheInfo, need: int) -> str:
     size = math.ceil((need / fit.GB + 1) / 10) * 10
     if c.cloud == "lambda":
         return f"{our_command(f'cache create --cloud lambda --region {c.region} --size {size}')} raises its soft cap"
-    return (f"one of {size} GB would ({our_command(f'cache rm --cloud {c.cloud} --region {c.region}')}, then "
+    from .cache import rm_command
+
+    return (f"one of {size} GB would ({rm_command(c.cloud, c.region)}, then "
             f"{our_command(f'cache create --cloud {c.cloud} --region {c.region} --size {size}')}: what this one holds goes)")  # fmt: skip
 
 

@@ -69,6 +69,14 @@ def test_a_cache_whose_cloud_does_not_answer_costs_unknown_never_nothing(cloud, 
         cache.check_deletable(info)  # it may be attached to a running instance: nobody can say
     assert cache.total_text([1.5, None, 2.0]) == "at least 3.50 USD/month (1 cache's cost unknown: its cloud did not answer)"
     assert cache.total_text([1.5, 2.0]) == "3.50 USD/month" and cache.monthly_text(None) == "cost unknown"
+    stopped = "nothing listens at 127.0.0.1:9: no simulator runs there now (`invoke sim` starts one)"
+
+    def no_simulator(*a, **k):
+        raise cache.NoSimulator(stopped)
+
+    monkeypatch.setattr(cache, "_client", lambda *a: SimpleNamespace(volumes=no_simulator))
+    assert cache._info("c", {}, {}).note == f"{cloud} did not answer: {stopped}"  # how to start one said once, by the error
+    monkeypatch.setattr(cache, "_client", lambda *a: SimpleNamespace(volumes=no_answer))
     (tmp_path / "c" / cache.ENVIRONMENT_FILE).write_text("{}")  # made at the real API: no word of the simulator
     assert cache._info("c", {}, {}).note == f"{cloud} did not answer: ConnectionError"
     monkeypatch.setattr(cache, "_client", lambda *a: SimpleNamespace(volumes=lambda: []))
